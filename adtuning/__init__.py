@@ -1,0 +1,26 @@
+"""adtuning: CHILD-TUNING and AD-TUNING for self-supervised speech models.
+
+Core API:
+
+* :func:`estimate_fisher` — per-sample empirical Fisher of the upstream weights (eq. 6).
+* :class:`ChildNetwork` — the fixed child network as compressed index sets.
+* :class:`SparseAdamW` — AdamW with state only for child entries.
+* :func:`get_backend` — ``reference`` / ``native`` (C++ CPU) / ``triton`` (CUDA); ``fused``
+  picks the fast one for the device.
+"""
+from adtuning.backends import BackendUnavailableError, get_backend
+from adtuning.child import ChildNetwork
+from adtuning.fisher import estimate_fisher
+from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup, linear_warmup_decay
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "ChildNetwork",
+    "SparseAdamW",
+    "estimate_fisher",
+    "get_backend",
+    "get_linear_schedule_with_warmup",
+    "linear_warmup_decay",
+]

@@ -1,0 +1,337 @@
+"""Child networks: which entries of which tensors are trained, as compressed index sets.
+
+A :class:`ChildNetwork` maps each tensor name to a sorted, unique, flat ``int32`` index vector
+(``int64`` only for tensors of 2^31 entries or more). Task-driven children (CHILD-TUNING_D)
+keep the top ``k = round(P * N)`` Fisher scores over *all* scored entries together; ties are
+broken deterministically (earlier tensor in the score mapping's order, then lower flat index,
+wins), so the children for several P taken from one ranking are nested.
+
+Selection never sorts: it binary-searches the k-th largest score on the order-preserving
+integer image of the fp32 scores, counting per tensor, so the extra memory is one temporary
+the size of the largest tensor, not a sort of all N entries.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adtuning.atomic import atomic_write
+
+INT32_LIMIT = 2**31
+FORMAT_VERSION = 1
+_LAYER_PATTERN = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int64 if numel >= INT32_LIMIT else torch.int32
+
+
+def _check_p(p: float) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < float(p) <= 1) or math.isnan(float(p)):
+        raise ValueError(f"child network ratio p must be in (0, 1], got {p!r}")
+    return float(p)
+
+
+def _k_for(p: float, total: int) -> int:
+    return max(1, min(total, int(math.floor(p * total + 0.5))))
+
+
+def _order_key(scores: torch.Tensor) -> torch.Tensor:
+    """int32 whose signed order equals the float order of ``scores`` (-0.0 counted as 0.0)."""
+    s = scores.detach().reshape(-1)
+    if s.dtype != torch.float32:
+        s = s.float()
+    s = s + 0.0  # turns -0.0 into +0.0 so equal scores get equal keys
+    bits = s.view(torch.int32)
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+def _key_to_float(key: int) -> float:
+    bits = key if key >= 0 else key ^ 0x7FFFFFFF
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
+
+
+def _validated_scores(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not scores:
+        raise ValueError("child selection: the score set is empty")
+    checked = {}
+    for name, value in scores.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"child selection: score of {name!r} is not a tensor")
+        if value.numel() == 0:
+            raise ValueError(f"child selection: score tensor {name!r} is empty")
+        if not value.is_floating_point():
+            raise TypeError(f"child selection: score of {name!r} has dtype {value.dtype}; expected a float tensor")
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"child selection: score tensor {name!r} has {bad} NaN/inf entries")
+        checked[name] = value
+    return checked
+
+
+def _count_at_least(keys: Sequence[torch.Tensor], threshold: int) -> int:
+    return sum(int((k >= threshold).sum()) for k in keys)
+
+
+def _kth_largest_key(keys: Sequence[torch.Tensor], k: int) -> int:
+    """The largest v with count(key >= v) >= k, by bisection on the int32 key range."""
+    lo = min(int(key.min()) for key in keys)  # count(key >= lo) = N >= k
+    hi = max(int(key.max()) for key in keys)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _count_at_least(keys, mid) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _select(keys: dict[str, torch.Tensor], k: int, threshold: int) -> dict[str, torch.Tensor]:
+    """Indices of the top-k entries given the k-th largest key; ties go to earlier tensors/indices."""
+    above = sum(int((key > threshold).sum()) for key in keys.values())
+    ties_left = k - above
+    indices = {}
+    for name, key in keys.items():
+        chosen = key > threshold
+        if ties_left > 0:
+            tied = (key == threshold).nonzero().flatten()[:ties_left]
+            chosen[tied] = True
+            ties_left -= tied.numel()
+        flat = chosen.nonzero().flatten()
+        if flat.numel():
+            indices[name] = flat.to(_index_dtype(key.numel())).cpu()
+    return indices
+
+
+@dataclass
+class ChildNetwork:
+    """A fixed child network: per-tensor sorted unique flat indices of the trained entries.
+
+    Attributes:
+        indices: ``{name: 1-D int32 (int64 for >= 2^31-entry tensors) sorted unique indices}``;
+            tensors without child entries are absent.
+        shapes: ``{name: shape}`` of every tensor the child was chosen from (in ranking order).
+        p: the requested ratio (for Bernoulli children, the draw probability).
+        k: number of child entries.
+        threshold: the score of the k-th best entry (``None`` for Bernoulli children).
+        method: ``"fisher"`` (CHILD-TUNING_D) or ``"bernoulli"`` (CHILD-TUNING_F).
+        seed: the seed of a Bernoulli child.
+    """
+
+    indices: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    p: float
+    k: int
+    threshold: float | None = None
+    method: str = "fisher"
+    seed: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    # ---- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_scores(cls, scores: Mapping[str, torch.Tensor], p: float) -> "ChildNetwork":
+        """Keep the top ``k = round(p * N)`` (at least 1) entries over all tensors together."""
+        return cls.nested(scores, [p])[0]
+
+    @classmethod
+    def nested(cls, scores: Mapping[str, torch.Tensor], ps: Iterable[float]) -> list["ChildNetwork"]:
+        """Children for several ratios from one ranking; each contains every smaller one.
+
+        Returned in the order of ``ps``.
+        """
+        ps = [_check_p(p) for p in ps]
+        if not ps:
+            raise ValueError("child selection: no ratios given")
+        scores = _validated_scores(scores)
+        keys = {name: _order_key(value) for name, value in scores.items()}
+        shapes = {name: tuple(value.shape) for name, value in scores.items()}
+        total = sum(v.numel() for v in scores.values())
+        children = []
+        for p in ps:
+            k = _k_for(p, total)
+            threshold = _kth_largest_key(list(keys.values()), k)
+            indices = _select(keys, k, threshold)
+            children.append(cls(indices=indices, shapes=dict(shapes), p=p, k=k, threshold=_key_to_float(threshold)))
+        return children
+
+    @classmethod
+    def bernoulli(
+        cls, named_params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], p: float, seed: int = 0
+    ) -> "ChildNetwork":
+        """CHILD-TUNING_F: each entry joins the child independently with probability ``p``."""
+        p = _check_p(p)
+        named = dict(named_params)
+        if not named:
+            raise ValueError("bernoulli child: no parameters given")
+        generator = torch.Generator().manual_seed(seed)
+        indices, shapes, k = {}, {}, 0
+        for name, tensor in named.items():
+            shapes[name] = tuple(tensor.shape)
+            keep = torch.rand(tensor.numel(), generator=generator) < p
+            flat = keep.nonzero().flatten()
+            if flat.numel():
+                indices[name] = flat.to(_index_dtype(tensor.numel()))
+                k += flat.numel()
+        return cls(indices=indices, shapes=shapes, p=p, k=k, method="bernoulli", seed=seed)
+
+    # ---- statistics ---------------------------------------------------------------------
+
+    @property
+    def n(self) -> int:
+        """Number of entries the child was chosen from."""
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the tensors with at least one child entry."""
+        return list(self.indices)
+
+    def tensor_ratios(self) -> dict[str, float]:
+        """Fraction of each tensor's entries in the child."""
+        return {
+            name: (self.indices[name].numel() if name in self.indices else 0) / max(1, math.prod(shape))
+            for name, shape in self.shapes.items()
+        }
+
+    def layer_ratios(self, pattern: re.Pattern | str = _LAYER_PATTERN) -> dict[str, float]:
+        """Fraction of child entries per layer (paper Fig. 7).
+
+        Tensors whose name matches ``pattern`` (default ``layers.<i>.``) are grouped by the
+        captured layer number; everything else is grouped under ``"other"``.
+        """
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        chosen: dict[str, int] = {}
+        totals: dict[str, int] = {}
+        for name, shape in self.shapes.items():
+            match = regex.search(name)
+            layer = match.group(1) if match else "other"
+            totals[layer] = totals.get(layer, 0) + math.prod(shape)
+            chosen[layer] = chosen.get(layer, 0) + (self.indices[name].numel() if name in self.indices else 0)
+        ordered = sorted(totals, key=lambda s: (s == "other", int(s) if s.isdigit() else 0))
+        return {layer: chosen[layer] / totals[layer] for layer in ordered}
+
+    def contains(self, other: "ChildNetwork") -> bool:
+        """True when every entry of ``other`` is in this child."""
+        for name, idx in other.indices.items():
+            mine = self.indices.get(name)
+            if mine is None or not bool(torch.isin(idx.long(), mine.long()).all()):
+                return False
+        return True
+
+    def index_bytes(self) -> int:
+        """Bytes held by the index vectors."""
+        return sum(idx.numel() * idx.element_size() for idx in self.indices.values())
+
+    def __repr__(self) -> str:
+        threshold = "" if self.threshold is None else f", threshold={self.threshold:.4g}"
+        return f"ChildNetwork(method={self.method}, p={self.p}, k={self.k}, n={self.n}, tensors={len(self.indices)}/{len(self.shapes)}{threshold})"
+
+    # ---- validation ---------------------------------------------------------------------
+
+    def check_against(self, named_params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], where: str = "the model") -> None:
+        """Raise a clear error unless every child tensor exists in ``named_params`` with its shape."""
+        named = dict(named_params)
+        missing = [n for n in self.shapes if n not in named]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise KeyError(f"child network tensors not in {where}: {shown}")
+        for name, shape in self.shapes.items():
+            if tuple(named[name].shape) != tuple(shape):
+                raise ValueError(
+                    f"child network tensor {name!r} has shape {tuple(shape)} but {where} has {tuple(named[name].shape)}"
+                )
+
+    # ---- persistence --------------------------------------------------------------------
+
+    def metadata(self) -> dict:
+        """JSON-serialisable description (everything but the indices)."""
+        return {
+            "format": "adtuning.child",
+            "version": FORMAT_VERSION,
+            "method": self.method,
+            "p": self.p,
+            "k": self.k,
+            "n": self.n,
+            "threshold": self.threshold,
+            "seed": self.seed,
+            "shapes": {name: list(shape) for name, shape in self.shapes.items()},
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<path>.safetensors`` (indices) and ``<path>.json`` (metadata), atomically.
+
+        ``path`` may be given with or without the ``.safetensors`` suffix. Returns the
+        safetensors path.
+        """
+        base = Path(path)
+        if base.suffix == ".safetensors":
+            base = base.with_suffix("")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"indices.{name}": idx.contiguous() for name, idx in self.indices.items()}
+        meta = self.metadata()
+        tensor_path = base.with_suffix(".safetensors")
+        atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"adtuning": json.dumps(meta)}))
+        atomic_write(base.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        return tensor_path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        named_params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
+    ) -> "ChildNetwork":
+        """Read a child written by :meth:`save`; with ``named_params``, check names and shapes."""
+        base = Path(path)
+        if base.suffix in (".safetensors", ".json"):
+            base = base.with_suffix("")
+        tensor_path, meta_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+        for needed in (tensor_path, meta_path):
+            if not needed.is_file():
+                raise FileNotFoundError(f"child network file missing: {needed}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"child network metadata {meta_path} is not valid JSON: {err}") from err
+        if meta.get("format") != "adtuning.child":
+            raise ValueError(f"{meta_path} is not an adtuning child network (format={meta.get('format')!r})")
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"child network indices {tensor_path} could not be read: {err}") from err
+        shapes = {name: tuple(shape) for name, shape in meta["shapes"].items()}
+        indices = {}
+        for key, idx in tensors.items():
+            name = key[len("indices."):]
+            if name not in shapes:
+                raise ValueError(f"{tensor_path}: index tensor {name!r} has no shape in {meta_path}")
+            numel = math.prod(shapes[name])
+            if idx.dim() != 1 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel)):
+                raise ValueError(f"{tensor_path}: indices of {name!r} are out of range for shape {shapes[name]}")
+            indices[name] = idx
+        ordered = {name: indices[name] for name in shapes if name in indices}
+        child = cls(
+            indices=ordered,
+            shapes=shapes,
+            p=float(meta["p"]),
+            k=int(meta["k"]),
+            threshold=meta.get("threshold"),
+            method=meta.get("method", "fisher"),
+            seed=meta.get("seed"),
+            extra=meta.get("extra", {}),
+        )
+        if sum(i.numel() for i in ordered.values()) != child.k:
+            raise ValueError(f"{tensor_path}: holds {sum(i.numel() for i in ordered.values())} indices but k={child.k}")
+        if named_params is not None:
+            child.check_against(named_params)
+        return child
+

@@ -1,0 +1,19 @@
+"""Pure-PyTorch reference twins of every hot operation.
+
+Written for clarity, not speed. They define the contracts that the ``native`` (``csrc/``)
+and ``triton`` (``kernels/``) backends implement; tests and benchmarks import them from here
+and nobody copies them.
+"""
+from adtuning.reference.adamw import adamw_update_
+from adtuning.reference.gather import gather_ref
+from adtuning.reference.layernorm_fisher import layernorm_fisher_ref_
+from adtuning.reference.linear_fisher import linear_fisher_ref_
+from adtuning.reference.sparse_adamw import sparse_adamw_ref_
+
+__all__ = [
+    "adamw_update_",
+    "gather_ref",
+    "layernorm_fisher_ref_",
+    "linear_fisher_ref_",
+    "sparse_adamw_ref_",
+]

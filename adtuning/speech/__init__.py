@@ -1,0 +1,1 @@
+"""Speech side: upstreams, featurizer, SUPERB tasks, corpora, metrics."""

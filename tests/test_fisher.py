@@ -1,0 +1,169 @@
+"""Per-sample Fisher (eq. 6) against independent oracles."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from adtuning import estimate_fisher
+from adtuning.fisher import default_scored_parameter_names
+from tests.backends import ALL_BACKENDS, require_backend
+from tests.helpers import TinyMLP, TinyWav2Vec2Classifier, mlp_loss, padded_wav_batches, wav_loss
+
+
+def mlp_data(n, seed=0, d_in=7, classes=5):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+def func_oracle(model, x, y):
+    """Mean of squared per-sample gradients through torch.func (vmap over grad)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    return {k: v.square().mean(0) for k, v in per_sample.items()}
+
+
+def batches_of(x, y, size):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def assert_scores_close(got, expected, rtol=1e-5):
+    """Entry-wise comparison with an absolute floor relative to the largest score of the set
+    (some true scores are exactly 0 and computed as ~1e-20 round-off)."""
+    assert got.keys() == expected.keys()
+    scale = max(float(v.abs().max()) for v in expected.values())
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("n", [1, 7, 17])
+def test_reference_matches_torch_func_oracle(n):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    x, y = mlp_data(n)
+    scores = estimate_fisher(model, batches_of(x, y, 4), mlp_loss, progress=False)
+    assert_scores_close(scores, func_oracle(model, x, y))
+    assert all(v.dtype == torch.float32 and v.shape == p.shape for v, p in zip(scores.values(), model.parameters()))
+
+
+@pytest.mark.parametrize("algorithm", ["loop", "in-backward"])
+def test_per_sample_scores_do_not_depend_on_batching(algorithm):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    x, y = mlp_data(13)
+    results = [
+        estimate_fisher(model, batches_of(x, y, size), mlp_loss, progress=False, algorithm=algorithm)
+        for size in (1, 4, 13)
+    ]
+    for other in results[1:]:
+        assert_scores_close(other, results[0])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_in_backward_pass_matches_reference_on_mlp(backend):
+    require_backend(backend)
+    torch.manual_seed(0)
+    model = TinyMLP(d_in=17, d_hidden=33, classes=3)
+    x, y = mlp_data(11, d_in=17, classes=3)
+    expected = estimate_fisher(model, batches_of(x, y, 5), mlp_loss, progress=False)
+    got = estimate_fisher(model, batches_of(x, y, 5), mlp_loss, progress=False, backend=backend, algorithm="in-backward")
+    assert_scores_close(got, expected)
+
+
+@pytest.fixture(scope="module")
+def wav2vec2():
+    torch.manual_seed(0)
+    return TinyWav2Vec2Classifier()
+
+
+WAV_LENGTHS = [400, 531, 257, 613, 97 * 5]
+
+
+def test_wav2vec2_padded_batches_equal_unpadded_samples(wav2vec2):
+    solo = estimate_fisher(wav2vec2, padded_wav_batches(WAV_LENGTHS, batch_size=1), wav_loss, progress=False)
+    padded = estimate_fisher(wav2vec2, padded_wav_batches(WAV_LENGTHS, batch_size=3), wav_loss, progress=False)
+    one = estimate_fisher(wav2vec2, padded_wav_batches(WAV_LENGTHS), wav_loss, progress=False)
+    assert_scores_close(padded, solo)
+    assert_scores_close(one, solo)
+    assert set(solo) == set(default_scored_parameter_names(wav2vec2))
+    assert all(".encoder.layers." in name for name in solo)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_wav2vec2_in_backward_matches_reference(wav2vec2, backend):
+    require_backend(backend)
+    expected = estimate_fisher(wav2vec2, padded_wav_batches(WAV_LENGTHS, batch_size=1), wav_loss, progress=False)
+    got = estimate_fisher(
+        wav2vec2, padded_wav_batches(WAV_LENGTHS, batch_size=3), wav_loss, progress=False, backend=backend, algorithm="in-backward"
+    )
+    assert_scores_close(got, expected)
+
+
+def test_in_backward_falls_back_exactly_for_other_parameter_types(wav2vec2, caplog):
+    # The positional convolution is neither Linear nor LayerNorm: it takes the per-sample loop.
+    names = default_scored_parameter_names(wav2vec2) + [
+        n for n, _ in wav2vec2.named_parameters() if "pos_conv_embed" in n
+    ]
+    batches = padded_wav_batches(WAV_LENGTHS[:3], batch_size=2)
+    expected = estimate_fisher(wav2vec2, batches, wav_loss, params=names, progress=False)
+    with caplog.at_level("INFO", logger="adtuning"):
+        got = estimate_fisher(wav2vec2, batches, wav_loss, params=names, progress=False, algorithm="in-backward")
+    assert_scores_close(got, expected)
+    assert "per-sample fallback" in caplog.text and "pos_conv_embed" in caplog.text
+
+
+def test_model_state_is_restored(wav2vec2):
+    wav2vec2.train()
+    flags = {n: p.requires_grad for n, p in wav2vec2.named_parameters()}
+    before = {n: p.detach().clone() for n, p in wav2vec2.named_parameters()}
+    estimate_fisher(wav2vec2, padded_wav_batches(WAV_LENGTHS[:2]), wav_loss, progress=False, algorithm="in-backward")
+    assert wav2vec2.training
+    assert flags == {n: p.requires_grad for n, p in wav2vec2.named_parameters()}
+    assert all(torch.equal(before[n], p) for n, p in wav2vec2.named_parameters())
+    assert all(p.grad is None for p in wav2vec2.parameters())
+    assert "forward" not in vars(wav2vec2.upstream.encoder.layers[0].attention.q_proj)
+
+
+def test_batch_mode_is_mean_of_squared_batch_gradients():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    x, y = mlp_data(10)
+    batches = batches_of(x, y, 4)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for bx, by in batches:
+        grads = torch.autograd.grad(mlp_loss(model, (bx, by)).mean(), list(model.parameters()))
+        for (n, _), g in zip(model.named_parameters(), grads):
+            expected[n] += g.square() / len(batches)
+    got = estimate_fisher(model, batches, mlp_loss, mode="batch", progress=False)
+    assert_scores_close(got, expected)
+    clipped = estimate_fisher(model, batches, mlp_loss, mode="batch", clip_norm=1e-3, progress=False)
+    for name, value in clipped.items():
+        assert float(value.sum()) <= (1e-3) ** 2 * 1.0001
+
+
+def test_max_samples_truncates_the_last_batch():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    x, y = mlp_data(10)
+    got = estimate_fisher(model, batches_of(x, y, 4), mlp_loss, max_samples=6, progress=False)
+    assert_scores_close(got, func_oracle(model, x[:6], y[:6]))
+
+
+def test_bad_arguments_raise_clear_errors():
+    model = TinyMLP()
+    x, y = mlp_data(3)
+    with pytest.raises(ValueError, match="unknown mode"):
+        estimate_fisher(model, [(x, y)], mlp_loss, mode="diag")
+    with pytest.raises(KeyError, match="not in the model"):
+        estimate_fisher(model, [(x, y)], mlp_loss, params=["fc9.weight"])
+    with pytest.raises(ValueError, match=r"shape \[B\]"):
+        estimate_fisher(model, [(x, y)], lambda m, b: mlp_loss(m, b).mean(), progress=False)
+    with pytest.raises(ValueError, match="no samples"):
+        estimate_fisher(model, [], mlp_loss, progress=False)
+    with pytest.raises(ValueError, match="unknown backend"):
+        estimate_fisher(model, [(x, y)], mlp_loss, backend="gpu", progress=False)
