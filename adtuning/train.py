@@ -1,0 +1,550 @@
+"""``python -m adtuning.train``: AD-TUNING of a speech SSL upstream on a SUPERB task.
+
+A recipe in five steps — setup, Fisher, search, evaluate, save:
+
+1. **setup** — read the corpus, build the upstream and the task head, fingerprint the base.
+2. **Fisher** — one per-sample Fisher pass over training samples; nested child networks for
+   every candidate P from one global ranking.
+3. **search** — train every candidate for r*T steps on the one model copy, evaluate on dev,
+   continue the best c to T (:mod:`adtuning.search`).
+4. **evaluate** — dev (and test when present) metrics of the chosen candidate.
+5. **save** — the sparse delta + head, ``summary.json``, the config and PNG plots.
+
+Without ``--data-dir`` it runs the embedded default: keyword spotting on a small corpus
+synthesised with espeak-ng (cached) and a tiny random wav2vec2 — no downloads, a few minutes
+on two CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from adtuning.atomic import atomic_write
+from adtuning.backends import BackendUnavailableError, get_backend, resolve_backend_name
+from adtuning.checkpoint import save_delta, weights_fingerprint
+from adtuning.child import ChildNetwork
+from adtuning.fisher import estimate_fisher, fisher_summary
+from adtuning.search import AdaptiveSearch, SearchConfig, successive_halving
+
+log = logging.getLogger("adtuning")
+
+DEFAULT_CORPUS_CACHE = Path(os.environ.get("ADTUNING_CACHE", Path.home() / ".cache" / "adtuning")) / "corpora"
+EMBEDDED_CORPUS = "speech_commands_synth"
+
+
+class UsageError(Exception):
+    """A bad flag or input; reported as one line naming the flag, file or value (exit code 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m adtuning.train",
+        description="AD-TUNING: Fisher-selected child networks of a speech SSL upstream, with the adaptive early-stop search over P. "
+        "Without --data-dir, runs the embedded keyword-spotting default (generated corpus, tiny upstream).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = parser.add_argument_group("task and data")
+    g.add_argument("--task", default="ks", choices=["ks", "ic", "sid", "asr", "pr", "sf", "sd"], help="SUPERB task")
+    g.add_argument("--data-dir", type=Path, default=None, help="corpus root in its standard layout (default: generate the embedded KS corpus)")
+    g.add_argument("--corpus-cache", type=Path, default=DEFAULT_CORPUS_CACHE, help="where the embedded corpus is generated and cached")
+    g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra dataset/task option (repeatable), e.g. lexicon=/path/lexicon.txt for pr; values are parsed as JSON when possible")
+    g.add_argument("--max-train-hours", type=float, default=None, help="train on a fixed random subset of this many hours (low-resource runs)")
+    g.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+
+    g = parser.add_argument_group("upstream")
+    g.add_argument("--upstream", default="tiny-wav2vec2", help="hub id (already cached), local directory, or tiny-wav2vec2 / tiny-hubert / tiny-wavlm")
+    g.add_argument("--bf16", action="store_true", help="bf16 upstream weights (child entries keep an fp32 master copy)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute transformer layers in backward")
+
+    g = parser.add_argument_group("AD-TUNING search")
+    g.add_argument("--candidates", type=_floats, default=(0.001, 0.01, 0.1), help="child ratios P to search over")
+    g.add_argument("--r", type=float, default=0.2, help="early training ratio: candidates are compared after r*T steps")
+    g.add_argument("--c", type=int, default=1, help="how many candidates continue to T steps")
+    g.add_argument("--rungs", type=_floats, default=None, help="several rungs (fractions of T); overrides --r (needs --keep)")
+    g.add_argument("--keep", type=_ints, default=None, help="survivors after each of --rungs")
+    g.add_argument("--eta", type=float, default=None, help="successive halving with this reduction factor, first rung at --r, down to --c survivors")
+    g.add_argument("--child-method", choices=["fisher", "bernoulli"], default="fisher", help="CHILD-TUNING_D (Fisher) or CHILD-TUNING_F (Bernoulli)")
+
+    g = parser.add_argument_group("Fisher pass")
+    g.add_argument("--fisher-samples", type=int, default=512, help="training samples used for the Fisher pass")
+    g.add_argument("--fisher-mode", choices=["per-sample", "batch"], default="per-sample", help="eq. 6 per-sample scores, or the published code's squared batch gradients")
+    g.add_argument("--fisher-batch-size", type=int, default=None, help="batch size of the Fisher pass (default: --batch-size)")
+    g.add_argument("--fisher-clip", type=float, default=None, help="per-tensor gradient norm clip of --fisher-mode batch")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=150, help="T: optimizer steps of a full run")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the child entries")
+    g.add_argument("--head-lr", type=float, default=None, help="learning rate of the head and layer weights (default: --lr)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of --steps)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the child entries")
+    g.add_argument("--batch-size", type=int, default=16, help="utterances per micro-batch")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="utterances per evaluation batch (default: --batch-size)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    g.add_argument("--eval-interval", type=int, default=None, help="dev evaluation every N steps for the curves (default: T/10; 0: only at rungs)")
+
+    g = parser.add_argument_group("engine")
+    g.add_argument("--fused", action="store_true", help="fused kernels: Triton on CUDA, native C++ on CPU (same as --backend fused)")
+    g.add_argument("--backend", choices=["reference", "native", "triton", "fused"], default=None, help="kernel backend for the Fisher pass and the optimizer")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and dropout")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--output-dir", type=Path, default=Path("outputs/adtuning"), help="run folder (config, summary.json, delta, plots, checkpoints)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --output-dir")
+    g.add_argument("--overwrite", action="store_true", help="start afresh even if --output-dir holds a run")
+    g.add_argument("--checkpoint-interval", type=int, default=50, help="write a resumable checkpoint every N steps (segment ends always)")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    def bad(flag: str, why: str):
+        raise UsageError(f"{flag}: {why}")
+
+    if not args.candidates:
+        bad("--candidates", "at least one P is needed")
+    for p in args.candidates:
+        if not 0 < p <= 1:
+            bad("--candidates", f"every P must be in (0, 1], got {p}")
+    if len(set(args.candidates)) != len(args.candidates):
+        bad("--candidates", f"duplicate values in {args.candidates}")
+    if args.steps < 1:
+        bad("--steps", f"must be >= 1, got {args.steps}")
+    if not 0 < args.r < 1:
+        bad("--r", f"must be in (0, 1), got {args.r}")
+    if not 1 <= args.c <= len(args.candidates):
+        bad("--c", f"must be between 1 and the number of candidates ({len(args.candidates)}), got {args.c}")
+    if (args.rungs is None) != (args.keep is None):
+        bad("--rungs/--keep", "give both or neither")
+    if args.rungs is not None and args.eta is not None:
+        bad("--eta", "cannot be combined with --rungs/--keep")
+    for flag in ("batch_size", "grad_accum", "fisher_samples"):
+        if getattr(args, flag) < 1:
+            bad("--" + flag.replace("_", "-"), f"must be >= 1, got {getattr(args, flag)}")
+    for flag in ("lr", "weight_decay"):
+        if getattr(args, flag) < 0:
+            bad("--" + flag.replace("_", "-"), f"must be >= 0, got {getattr(args, flag)}")
+    if args.warmup_steps is not None and not 0 <= args.warmup_steps <= args.steps:
+        bad("--warmup-steps", f"must be in [0, --steps={args.steps}], got {args.warmup_steps}")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        bad("--data-dir", f"{args.data_dir} is not a directory")
+    if args.data_dir is None and args.task != "ks":
+        bad("--data-dir", f"task {args.task!r} needs its corpus; only ks has an embedded default")
+    if args.resume and args.overwrite:
+        bad("--resume", "cannot be combined with --overwrite")
+    if args.fused and args.backend not in (None, "fused"):
+        bad("--fused", f"conflicts with --backend {args.backend}")
+
+
+def _task_options(pairs: Sequence[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UsageError(f"--task-option: expected KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+# ---------------------------------------------------------------------------------------------
+# The problem the search trains
+
+class SpeechProblem:
+    """Adapts a :class:`adtuning.speech.SpeechModel` and its loaders to the search."""
+
+    def __init__(self, model, train_set, dev_set, test_set, args):
+        from adtuning.speech import make_loader
+
+        self.model = model
+        self.train_set, self.dev_set, self.test_set = train_set, dev_set, test_set
+        self.upstream_params = dict(model.upstream.named_parameters())
+        self.head_params = dict(model.task.named_parameters())
+        self.primary_metric = model.primary_metric
+        self.higher_is_better = model.higher_is_better
+        self._make_loader = make_loader
+        self.args = args
+
+    def train_batches(self, epoch: int, skip: int):
+        return iter(self._make_loader(
+            self.train_set, self.args.batch_size, shuffle=True, seed=self.args.seed, epoch=epoch, skip_batches=skip,
+            max_hours=self.args.max_train_hours, num_workers=self.args.num_workers,
+        ))
+
+    def fisher_batches(self):
+        return self._make_loader(
+            self.train_set, self.args.fisher_batch_size or self.args.batch_size, shuffle=True, seed=self.args.seed + 1,
+            epoch=0, balanced=False, max_hours=self.args.max_train_hours, num_workers=self.args.num_workers,
+        )
+
+    def loss(self, batch):
+        return self.model.loss(batch)
+
+    def has_split(self, split: str) -> bool:
+        return (self.dev_set if split == "dev" else self.test_set) is not None
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        dataset = self.dev_set if split == "dev" else self.test_set
+        loader = self._make_loader(dataset, self.args.eval_batch_size or self.args.batch_size, shuffle=False, seed=self.args.seed, num_workers=self.args.num_workers)
+        return self.model.evaluate(loader, progress=not self.args.no_progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+
+class Recipe:
+    """setup -> fisher -> search -> evaluate -> save, driven by parsed CLI arguments."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out: Path = args.output_dir
+        self.started = time.time()
+        self.summary: dict[str, Any] = {}
+        self.writer = None
+
+    # 1. setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        args = self.args
+        self._prepare_output_dir()
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        backend = "fused" if args.fused else (args.backend or "reference")
+        self.backend = resolve_backend_name(backend, self.device)
+        try:
+            get_backend(self.backend, self.device)
+        except BackendUnavailableError as err:
+            raise UsageError(f"--{'fused' if args.fused else 'backend'}: backend {self.backend!r} is not available: {err}") from err
+        log.info("backend: %s (device %s)", self.backend, self.device)
+
+        from adtuning.speech import SpeechModel, build_dataset, build_task, build_upstream
+
+        data_dir = args.data_dir or self._embedded_corpus()
+        options = _task_options(args.task_option)
+        dataset_options = {k: v for k, v in options.items() if k in _DATASET_OPTIONS.get(args.task, ())}
+        task_options = {k: v for k, v in options.items() if k not in dataset_options}
+        self.train_set = build_dataset(args.task, data_dir, "train", **dataset_options)
+        self.dev_set = build_dataset(args.task, data_dir, "dev", **dataset_options)
+        self.test_set = _optional_split(build_dataset, args.task, data_dir, dataset_options)
+        log.info("data: %s train / %s dev / %s test utterances from %s", len(self.train_set), len(self.dev_set),
+                 len(self.test_set) if self.test_set is not None else "no", data_dir)
+
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        upstream = build_upstream(args.upstream, dtype=dtype, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+        self.base_fingerprint = weights_fingerprint(dict(upstream.named_parameters()))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            task = build_task(args.task, upstream_dim=upstream.hidden_size, num_layers=upstream.num_layers,
+                              **{**getattr(self.train_set, "task_kwargs", {}), **task_options})
+        self.model = SpeechModel(upstream, task).to(self.device)
+        self.problem = SpeechProblem(self.model, self.train_set, self.dev_set, self.test_set, args)
+        self.upstream_entries = sum(p.numel() for p in upstream.parameters())
+        self.scored_names = list(upstream.default_scored_parameters())
+        self.data_dir = data_dir
+        self._write_config()
+        self._open_tensorboard()
+
+    def _prepare_output_dir(self) -> None:
+        args, out = self.args, self.out
+        has_run = (out / "config.json").is_file()
+        if has_run and not (args.resume or args.overwrite):
+            raise UsageError(f"--output-dir: {out} already holds a run; pass --resume to continue it or --overwrite to start afresh")
+        if args.resume and not has_run:
+            raise UsageError(f"--resume: {out} holds no run to continue (no config.json)")
+        if args.resume:
+            saved = json.loads((out / "config.json").read_text())["args"]
+            current = _comparable_args(args)
+            changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+            if changed:
+                raise UsageError("--resume: these flags differ from the interrupted run: "
+                                 + ", ".join(f"{k} (was {a!r}, now {b!r})" for k, (a, b) in changed.items()))
+        if args.overwrite and out.exists():
+            for sub in ("checkpoint", "children", "delta"):
+                for f in (out / sub).glob("*") if (out / sub).is_dir() else ():
+                    f.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+
+    def _embedded_corpus(self) -> Path:
+        from adtuning.speech.synth import generate_speech_commands
+
+        root = self.args.corpus_cache / EMBEDDED_CORPUS / "speech_commands_v0.01"
+        log.info("embedded default: keyword-spotting corpus synthesised with espeak-ng (cached in %s)", root.parent)
+        return generate_speech_commands(root, utterances_per_word=40, speakers=20, seed=0, progress=not self.args.no_progress)
+
+    def _write_config(self) -> None:
+        config = {"args": _comparable_args(self.args), "base_model": self.args.upstream, "base_fingerprint": self.base_fingerprint,
+                  "data_dir": str(self.data_dir), "backend": self.backend, "device": str(self.device)}
+        if not self.args.resume:
+            atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+
+    def _open_tensorboard(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard is optional
+            return
+        self.writer = SummaryWriter(str(self.out / "tensorboard"))
+
+    # 2. Fisher ------------------------------------------------------------------------------
+    def fisher(self) -> None:
+        args = self.args
+        children_dir = self.out / "children"
+        paths = [children_dir / f"p{p:g}.safetensors" for p in args.candidates]
+        upstream_params = self.problem.upstream_params
+        if args.resume and all(p.is_file() for p in paths):
+            self.children = [ChildNetwork.load(p, upstream_params) for p in paths]
+            self.fisher_info = json.loads((children_dir / "fisher.json").read_text())
+            log.info("resume: loaded %d child networks from %s", len(self.children), children_dir)
+            return
+        start = time.perf_counter()
+        if args.child_method == "bernoulli":
+            scored = {n: upstream_params[n] for n in self.scored_names}
+            self.children = [ChildNetwork.bernoulli(scored, p, seed=args.seed) for p in args.candidates]
+            self.fisher_info = {"method": "bernoulli"}
+        else:
+            scores = estimate_fisher(
+                self.model, self.problem.fisher_batches(), lambda model, batch: model.per_sample_nll(batch),
+                params=[f"upstream.{n}" for n in self.scored_names], mode=args.fisher_mode, backend=self.backend,
+                max_samples=args.fisher_samples, clip_norm=args.fisher_clip, progress=not args.no_progress,
+            )
+            scores = {name[len("upstream."):]: value for name, value in scores.items()}
+            self.children = ChildNetwork.nested(scores, args.candidates)
+            from adtuning.plots import log_score_histogram
+
+            self.fisher_info = {"method": "fisher", "mode": args.fisher_mode, "summary": fisher_summary(scores),
+                                "histogram": log_score_histogram(scores), "seconds": time.perf_counter() - start}
+            del scores
+        for child, path in zip(self.children, paths):
+            child.save(path)
+        atomic_write(children_dir / "fisher.json", lambda tmp: Path(tmp).write_text(json.dumps(self.fisher_info)))
+        for child in self.children:
+            log.info("P=%g  trainable params: %s || all upstream params: %s || trainable%%: %.4f  (threshold %s)",
+                     child.p, f"{child.k:,}", f"{self.upstream_entries:,}", 100.0 * child.k / self.upstream_entries,
+                     "n/a" if child.threshold is None else f"{child.threshold:.3e}")
+
+    # 3. search ------------------------------------------------------------------------------
+    def search(self) -> None:
+        args = self.args
+        if args.rungs is not None:
+            rungs, keep = args.rungs, args.keep
+        elif args.eta is not None:
+            rungs, keep = successive_halving(len(args.candidates), args.eta, args.r, args.c)
+        else:
+            rungs, keep = (args.r,), (args.c,)
+        eval_interval = args.eval_interval if args.eval_interval is not None else max(1, args.steps // 10)
+        self.config = SearchConfig(
+            total_steps=args.steps, rungs=rungs, keep=keep, lr=args.lr, head_lr=args.head_lr or args.lr,
+            warmup_steps=args.warmup_steps if args.warmup_steps is not None else int(0.05 * args.steps),
+            weight_decay=args.weight_decay, grad_accum=args.grad_accum,
+            max_grad_norm=args.max_grad_norm or None, eval_interval=eval_interval, backend=self.backend, seed=args.seed,
+            checkpoint_interval=args.checkpoint_interval,
+        )
+        self.searcher = AdaptiveSearch(self.problem, self.children, self.config, checkpoint_dir=self.out / "checkpoint",
+                                       progress=not args.no_progress, on_event=self._event)
+        if args.resume:
+            self.searcher.load_checkpoint()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.best = self.searcher.run()
+        log.info("chose P=%g after %d steps (exhaustive search: %d)", self.best.p, self.searcher.steps_spent(), self.searcher.steps_exhaustive())
+
+    def _event(self, kind: str, info: dict) -> None:
+        if self.writer is None:
+            return
+        tag = f"P={info.get('p', 0):g}"
+        if kind == "train":
+            self.writer.add_scalar(f"train_loss/{tag}", info["loss"], info["step"])
+            self.writer.add_scalar(f"lr/{tag}", info["lr"], info["step"])
+        elif kind == "dev":
+            for key, value in info.items():
+                if key not in ("candidate", "p", "step") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"dev_{key}/{tag}", value, info["step"])
+
+    # 4. evaluate ----------------------------------------------------------------------------
+    def evaluate(self) -> None:
+        self.searcher.apply(self.best)
+        rng = torch.get_rng_state()
+        self.final = {"dev": self.problem.evaluate("dev")}
+        if self.problem.has_split("test"):
+            self.final["test"] = self.problem.evaluate("test")
+        torch.set_rng_state(rng)
+        for split, metrics in self.final.items():
+            log.info("final %s (P=%g): %s", split, self.best.p, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    # 5. save --------------------------------------------------------------------------------
+    def save(self) -> dict:
+        args, best = self.args, self.best
+        delta_dir = save_delta(
+            self.out / "delta", self.problem.upstream_params, best.child, self.problem.head_params,
+            {"base_model": args.upstream, "base_fingerprint": self.base_fingerprint, "base_dtype": "bfloat16" if args.bf16 else "float32",
+             "base_seed": args.seed, "task": args.task, "task_options": _task_options(args.task_option),
+             "task_kwargs": _jsonable(getattr(self.train_set, "task_kwargs", {})), "metrics": self.final},
+        )
+        rung_steps = self.config.rung_steps()
+        candidates = []
+        for cand in self.searcher.candidates:
+            candidates.append({
+                "p": cand.p, "k": cand.child.k, "trainable_percent": 100.0 * cand.child.k / self.upstream_entries,
+                "threshold": cand.child.threshold, "steps": cand.step, "status": cand.status,
+                "dev_at_rungs": {str(rung_steps[i]): m for i, m in sorted(cand.rung_metrics.items())},
+                "curve": cand.curve, "train_loss": cand.train_losses,
+                "layer_ratios": cand.child.layer_ratios(),
+            })
+        self.summary = {
+            "task": args.task, "upstream": args.upstream, "base_fingerprint": self.base_fingerprint,
+            "primary_metric": self.problem.primary_metric, "higher_is_better": self.problem.higher_is_better,
+            "candidates": candidates, "chosen_p": best.p, "chosen_k": best.child.k, "final": self.final,
+            "steps_spent": self.searcher.steps_spent(), "steps_exhaustive": self.searcher.steps_exhaustive(),
+            "rungs": list(self.config.rungs), "keep": list(self.config.keep), "total_steps": self.config.total_steps,
+            "swap_seconds": self.searcher.swap_seconds, "train_seconds": self.searcher.train_seconds,
+            "eval_seconds": self.searcher.eval_seconds, "wall_seconds": time.time() - self.started,
+            "peak_memory": _peak_memory(self.device), "backend": self.backend, "device": str(self.device),
+            "fisher": {k: v for k, v in self.fisher_info.items() if k != "histogram"},
+            "delta_dir": str(delta_dir), "delta_bytes": sum(f.stat().st_size for f in delta_dir.iterdir()),
+            "versions": _versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        if not args.no_plots:
+            self.summary["plots"] = self._plots()
+        atomic_write(self.out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(self.summary, indent=2)))
+        if self.writer is not None:
+            self.writer.close()
+        return self.summary
+
+    def _plots(self) -> list[str]:
+        from adtuning import plots
+
+        files = []
+        metric = self.problem.primary_metric
+        if "histogram" in self.fisher_info:
+            thresholds = {c.p: c.threshold for c in self.children}
+            files.append(plots.plot_fisher_distribution(self.fisher_info["histogram"], thresholds, self.out / "fisher_distribution.png",
+                                                        title=f"Fisher scores ({self.args.task})"))
+        curves = {c.p: c.curve for c in self.searcher.candidates}
+        files.append(plots.plot_candidate_curves(curves, metric, self.out / "candidate_curves.png", self.config.rung_steps()[:-1],
+                                                 title=f"{self.args.task}: dev {metric} per candidate"))
+        files.append(plots.plot_layer_ratios({c.p: c.layer_ratios() for c in self.children}, self.out / "layer_ratios.png"))
+        return [str(f) for f in files]
+
+
+_DATASET_OPTIONS = {
+    "pr": ("lexicon",),
+    "sd": ("frame_shift",),
+    "ks": ("test_root",),
+}
+
+
+def _optional_split(build_dataset, task, data_dir, options):
+    from adtuning.speech import CorpusError
+
+    try:
+        return build_dataset(task, data_dir, "test", **options)
+    except (CorpusError, FileNotFoundError) as err:
+        log.info("no test split (%s)", err)
+        return None
+
+
+def _comparable_args(args: argparse.Namespace) -> dict:
+    """The flags that define a run (what --resume must not change)."""
+    skip = {"resume", "overwrite", "no_progress", "no_plots", "log_level", "num_workers", "checkpoint_interval"}
+    return {k: _jsonable(v) for k, v in vars(args).items() if k not in skip}
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _peak_memory(device: torch.device) -> dict:
+    info = {"cpu_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        info["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return info
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "transformers", "torchaudio"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:
+            versions[name] = None
+    return versions
+
+
+def _print_summary(summary: dict) -> None:
+    metric = summary["primary_metric"]
+    print(f"\nAD-TUNING on {summary['task']} with {summary['upstream']} (backend {summary['backend']})")
+    print(f"{'P':>8} {'k':>10} {'% upstream':>11} {'steps':>6}  dev {metric} at rungs")
+    for c in summary["candidates"]:
+        rungs = ", ".join(f"{step}: {m[metric]:.4f}" for step, m in c["dev_at_rungs"].items())
+        print(f"{c['p']:>8g} {c['k']:>10,} {c['trainable_percent']:>10.3f}% {c['steps']:>6}  {rungs}")
+    final = ", ".join(f"{split} {metric}={m[metric]:.4f}" for split, m in summary["final"].items())
+    print(f"chosen P={summary['chosen_p']:g}: {final}")
+    print(f"steps spent {summary['steps_spent']} vs {summary['steps_exhaustive']} for training every candidate; "
+          f"swap time {summary['swap_seconds']:.2f}s; wall {summary['wall_seconds']:.0f}s")
+    print(f"sparse delta: {summary['delta_dir']} ({summary['delta_bytes'] / 1024:.1f} KiB)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the recipe; returns the process exit code (0 ok, 2 usage/input error, 1 failure)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        _check_args(args)
+        recipe = Recipe(args)
+        recipe.setup()
+        recipe.fisher()
+        recipe.search()
+        recipe.evaluate()
+        summary = recipe.save()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    _print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

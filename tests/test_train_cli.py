@@ -1,0 +1,135 @@
+"""End to end: the CLI on the embedded default (small), resume, export/merge, bad flags."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adtuning import train
+from adtuning.export import load_finetuned, main as export_main, merge_delta
+from adtuning.search import AdaptiveSearch
+
+SMALL = ["--steps", "6", "--candidates", "0.01,0.1", "--r", "0.5", "--fisher-samples", "12", "--batch-size", "8",
+         "--eval-interval", "3", "--checkpoint-interval", "2", "--no-progress", "--log-level", "WARNING"]
+
+
+@pytest.fixture(scope="module")
+def corpus_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("corpora")
+
+
+def run_cli(out, corpus_cache, *extra):
+    return train.main([*SMALL, "--output-dir", str(out), "--corpus-cache", str(corpus_cache), *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus_cache):
+    out = tmp_path_factory.mktemp("run")
+    assert run_cli(out, corpus_cache) == 0
+    return out
+
+
+def test_embedded_default_runs_end_to_end(finished_run, capsys):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["task"] == "ks" and summary["chosen_p"] in (0.01, 0.1)
+    assert summary["steps_exhaustive"] == 12 and summary["steps_spent"] == 3 + 3 + 3
+    assert {c["p"] for c in summary["candidates"]} == {0.01, 0.1}
+    assert all(c["dev_at_rungs"] for c in summary["candidates"])
+    assert "accuracy" in summary["final"]["dev"] and "test" in summary["final"]
+    for name in ("fisher_distribution.png", "candidate_curves.png", "layer_ratios.png", "config.json"):
+        assert (finished_run / name).is_file(), name
+    delta = load_file(str(finished_run / "delta" / "delta.safetensors"))
+    k = sum(v.numel() for key, v in delta.items() if key.endswith(".indices"))
+    assert k == summary["chosen_k"]
+    assert summary["delta_bytes"] < 1_000_000
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, corpus_cache, finished_run, monkeypatch):
+    original = AdaptiveSearch._train
+    calls = {"n": 0}
+
+    def interrupted(self, cand, until):
+        calls["n"] += 1
+        if calls["n"] == 3:  # in the middle of the second segment of the plan
+            original(self, cand, until - 1)
+            raise KeyboardInterrupt
+        return original(self, cand, until)
+
+    monkeypatch.setattr(AdaptiveSearch, "_train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(tmp_path, corpus_cache)
+    monkeypatch.setattr(AdaptiveSearch, "_train", original)
+    assert not (tmp_path / "summary.json").exists()
+    assert run_cli(tmp_path, corpus_cache, "--resume") == 0
+    expected = load_file(str(finished_run / "delta" / "delta.safetensors"))
+    got = load_file(str(tmp_path / "delta" / "delta.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_export_merge_gives_the_same_outputs_as_base_plus_delta(finished_run, tmp_path):
+    from adtuning.speech import build_upstream
+
+    delta_dir = finished_run / "delta"
+    model = load_finetuned(delta_dir)
+    merged_dir = merge_delta(delta_dir, tmp_path / "merged")
+    merged = build_upstream(str(merged_dir)).eval()
+    wav = torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([16000, 12001])
+    with torch.no_grad():
+        expected, _ = model.upstream(wav, lengths)
+        got, _ = merged(wav, lengths)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    head = load_file(str(merged_dir / "adtuning_head.safetensors"))
+    assert all(torch.equal(head[n], p) for n, p in model.task.named_parameters())
+
+
+def test_export_refuses_another_base_model(finished_run, capsys):
+    assert export_main([str(finished_run / "delta"), "--evaluate", "--base", "tiny-hubert"]) == 2
+    assert "different base model" in capsys.readouterr().err
+
+
+def test_export_evaluates_with_the_run_data(finished_run, capsys):
+    assert export_main([str(finished_run / "delta"), "--evaluate", "--split", "test"]) == 0
+    summary = json.loads((finished_run / "summary.json").read_text())
+    printed = capsys.readouterr().out
+    assert f"accuracy={summary['final']['test']['accuracy']:.4f}" in printed
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--candidates", "0,0.1"], "--candidates"),
+        (["--candidates", "0.1,0.1"], "duplicate"),
+        (["--r", "1.5"], "--r"),
+        (["--c", "3", "--candidates", "0.1,0.01"], "--c"),
+        (["--task", "asr"], "--data-dir"),
+        (["--data-dir", "/nonexistent/corpus"], "/nonexistent/corpus"),
+        (["--rungs", "0.2"], "--rungs/--keep"),
+        (["--fused", "--backend", "native"], "--fused"),
+    ],
+)
+def test_bad_flags_give_clear_errors(tmp_path, capsys, flags, message):
+    assert train.main([*flags, "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_existing_run_needs_resume_or_overwrite(finished_run, capsys, corpus_cache):
+    assert run_cli(finished_run, corpus_cache) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_flags(finished_run, capsys, corpus_cache):
+    assert run_cli(finished_run, corpus_cache, "--resume", "--lr", "0.5") == 2
+    assert "lr" in capsys.readouterr().err
+
+
+def test_unparseable_flag_values_exit_with_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(["--candidates", "a,b"])
+    assert info.value.code == 2
+    assert "--candidates" in capsys.readouterr().err
