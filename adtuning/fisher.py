@@ -93,6 +93,8 @@ def note_sample_lengths(lengths: torch.Tensor) -> None:
     """
     if _ACTIVE_PASS is not None:
         _ACTIVE_PASS.lengths = lengths.detach()
+        # One host sync per batch here, instead of one per layer in backward.
+        _ACTIVE_PASS.max_length = int(lengths.max()) if lengths.numel() else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +120,7 @@ class _InBackwardPass:
     backend: Any
     anchor: torch.Tensor
     lengths: torch.Tensor | None = None
+    max_length: int = 0
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     # False while the fallback loop re-walks the graph for other parameters.
     accumulate: bool = True
@@ -127,7 +130,7 @@ class _InBackwardPass:
         lengths = self.lengths
         if lengths is None or x.dim() != 3 or lengths.shape[0] != x.shape[0]:
             return None
-        if int(lengths.max()) > x.shape[1]:
+        if self.max_length > x.shape[1]:
             return None
         return lengths
 

@@ -13,7 +13,7 @@ Kernels compile for CUDA, or run on CPU tensors in Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set *before* this package is first imported (Triton decides at
 decoration time). Use them through ``adtuning.backends.get_backend("triton")``.
 """
-from adtuning.kernels.gather import _gather_kernel, gather
+from adtuning.kernels.gather import gather
 from adtuning.kernels.linear_fisher import linear_fisher
 from adtuning.kernels.sparse_adamw import sparse_adamw
 
@@ -21,6 +21,8 @@ from adtuning.kernels.sparse_adamw import sparse_adamw
 def compiled_for_interpreter() -> bool:
     """True when the kernels were decorated under ``TRITON_INTERPRET=1`` (they run on CPU)."""
     from triton.runtime.interpreter import InterpretedFunction
+
+    from adtuning.kernels.gather import _gather_kernel
 
     return isinstance(_gather_kernel, InterpretedFunction)
 

@@ -1,0 +1,114 @@
+"""The ``triton`` backend: the Triton kernels of ``adtuning.kernels`` behind the backend contract.
+
+:func:`backend` returns a :class:`adtuning.backends.Backend` whose operations have exactly the
+signatures of the reference twins (:mod:`adtuning.reference`). Triton kernels run on CUDA
+tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, which must be
+set before ``adtuning.kernels`` is first imported; the tests do this). Anything else is a
+:class:`~adtuning.backends.BackendUnavailableError`, never a fallback to another backend.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from adtuning.backends import Backend, BackendUnavailableError
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load_kernels():
+    """Import ``adtuning.kernels`` or raise :class:`BackendUnavailableError` saying why not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install failing at import time
+        raise BackendUnavailableError(
+            f"backend 'triton' needs the triton package, which cannot be imported here "
+            f"({type(exc).__name__}: {exc}); install triton or choose backend='reference'/'native'"
+        ) from exc
+    interpret = _interpreting()
+    if not interpret and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            "backend 'triton' needs a CUDA device (torch.cuda.is_available() is False); "
+            "set TRITON_INTERPRET=1 to run the kernels on Triton's CPU interpreter, "
+            "or choose backend='native' (CPU) / 'reference'"
+        )
+    try:
+        from adtuning import kernels
+    except Exception as exc:
+        raise BackendUnavailableError(
+            f"backend 'triton': the kernels in adtuning.kernels failed to import "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if interpret and not torch.cuda.is_available() and not kernels.compiled_for_interpreter():
+        raise BackendUnavailableError(
+            "backend 'triton': adtuning.kernels was imported before TRITON_INTERPRET=1 was set, "
+            "so its kernels were compiled for CUDA, which is not available; set TRITON_INTERPRET=1 "
+            "before the first import of adtuning.kernels"
+        )
+    return kernels
+
+
+def _make_ops(kernels) -> Backend:
+    def gather(
+        grad: torch.Tensor,
+        indices: torch.Tensor,
+        out: torch.Tensor | None = None,
+        accumulate: bool = False,
+    ) -> torch.Tensor:
+        """Triton twin of :func:`adtuning.reference.gather_ref`."""
+        return kernels.gather(grad, indices, out, accumulate)
+
+    def sparse_adamw_(
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        indices: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        master: torch.Tensor | None,
+        *,
+        step: float,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+    ) -> None:
+        """Triton twin of :func:`adtuning.reference.sparse_adamw_ref_` (one fused launch)."""
+        kernels.sparse_adamw(
+            param, grad, indices, exp_avg, exp_avg_sq, master,
+            step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        )
+
+    def linear_fisher_(
+        x: torch.Tensor,
+        dy: torch.Tensor,
+        fisher_w: torch.Tensor,
+        fisher_b: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> None:
+        """Triton twin of :func:`adtuning.reference.linear_fisher_ref_` (one tiled launch)."""
+        kernels.linear_fisher(x, dy, fisher_w, fisher_b, lengths)
+
+    return Backend(
+        name="triton", gather=gather, sparse_adamw_=sparse_adamw_, linear_fisher_=linear_fisher_
+    )
+
+
+_BACKEND: Backend | None = None
+
+
+def backend() -> Backend:
+    """Return the ``triton`` :class:`~adtuning.backends.Backend`.
+
+    Raises:
+        BackendUnavailableError: triton cannot be imported, or there is no CUDA device and
+            ``TRITON_INTERPRET`` is not ``"1"`` (or was set only after the kernels were imported).
+    """
+    global _BACKEND
+    kernels = _load_kernels()  # checked on every call: CUDA / TRITON_INTERPRET may change
+    if _BACKEND is None:
+        _BACKEND = _make_ops(kernels)
+    return _BACKEND

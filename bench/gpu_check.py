@@ -1,0 +1,572 @@
+"""The one script to run on a lent GPU: correctness of every Triton kernel, then timings.
+
+Run from the repository root (adtuning need not be installed)::
+
+    python bench/gpu_check.py [--results-dir bench/results] [--quick]
+
+1. **Correctness** on CUDA: ``gather``, ``sparse_adamw_`` and ``linear_fisher_`` of the
+   ``triton`` backend against their reference twins (awkward sizes, every dtype), and the
+   whole Fisher pass of a small wav2vec2 with ``backend="triton"`` against the reference
+   kernels run inside the same backward.
+2. **Fisher pass** (``adtuning.fisher.estimate_fisher(..., backend="triton")``) against a
+   plain forward+backward of wav2vec2-base (random init, ``Wav2Vec2Model(Wav2Vec2Config())``,
+   layerdrop 0, eval mode, the same trainable set) on 8 x 4 s of 16 kHz audio: median time
+   and peak memory (``torch.cuda.max_memory_allocated``) of both. Targets: <= 1.3x time,
+   <= 1.1x memory.
+3. **Sparse AdamW** at P = 0.001, 0.01, 0.1 on one wav2vec2-base-sized tensor against
+   ``torch.optim.AdamW(fused=True)`` on the dense tensor, with the achieved GB/s on the bytes
+   actually touched (compact streams plus every 32-byte sector of the parameter that holds a
+   child entry, read and/or written) as a fraction of the nominal and of the measured copy
+   bandwidth (target: >= 60 % of HBM); then one step over all wav2vec2-base tensors, one
+   launch per tensor, against dense fused AdamW over the model.
+4. **Fisher kernel** per wav2vec2-base Linear shape: the kernel under a few tilings (TF32x3
+   and IEEE fp32 dots) against the ordinary weight-gradient GEMM it replaces, for tuning.
+
+Every time is the median of CUDA-event timings after warm-up (the first call compiles).
+The JSON written under ``bench/results/`` holds the device, versions, date and all figures,
+with ratios against baselines measured in the same run. Exit status: 0 when every
+correctness check passed (or when there is no CUDA device: the script then only says so),
+1 otherwise. Designed to finish within 5 minutes on one H100/H200.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import functools
+import importlib
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = ROOT / "bench" / "results"
+TIME_BUDGET_S = 270.0  # leave headroom under the 5-minute promise
+# Nominal HBM bandwidth (bytes/s) by device-name fragment; the measured copy rate is reported too.
+NOMINAL_HBM = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
+               "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12}
+WAV2VEC2_BASE_SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # (out, in) of its Linears
+FISHER_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages, input_precision)
+    None,  # the launcher's defaults
+    (64, 64, 32, 4, 3, "ieee"),
+    (128, 64, 32, 8, 3, "tf32x3"),
+    (64, 128, 32, 8, 3, "tf32x3"),
+    (128, 128, 32, 8, 3, "tf32x3"),
+    (32, 32, 32, 4, 3, "tf32x3"),
+    (64, 64, 64, 4, 2, "tf32x3"),
+]
+SPARSE_RATIOS = (0.001, 0.01, 0.1)
+# Correctness cases: awkward sizes (1, primes, 2^k + 1) up to wav2vec2-base's largest Linear.
+GATHER_CHECK_SIZES = [(1, 1), (4097, 1025), (278011, 27803)]  # (numel, k)
+ADAMW_CHECK_SIZES = [(1, 1), (4097, 2049), (278011, 2781)]  # (numel, k)
+FISHER_CHECK_SHAPES = [(1, 1, 1, 1), (3, 17, 31, 13), (2, 33, 65, 127), (5, 97, 257, 1025),
+                       (8, 199, 768, 3072)]  # (B, T, in, out)
+
+
+def _import_adtuning():
+    """Import adtuning from this checkout, mapping ``kernels/`` to ``adtuning.kernels`` when the
+    package is not installed (the GPU machine runs a bare copy of the working tree)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import adtuning
+
+    try:
+        importlib.import_module("adtuning.kernels")
+    except ModuleNotFoundError:
+        spec = importlib.util.spec_from_file_location(
+            "adtuning.kernels", ROOT / "kernels" / "__init__.py",
+            submodule_search_locations=[str(ROOT / "kernels")],
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["adtuning.kernels"] = module
+        spec.loader.exec_module(module)
+        adtuning.kernels = module
+    return adtuning
+
+
+# ---- measurement helpers ----------------------------------------------------------------
+
+def median_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20) -> float:
+    """Median of ``iters`` CUDA-event timings of ``fn`` (ms) after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """``torch.cuda.max_memory_allocated`` over one call of ``fn`` (memory held before counts)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (the scale of an accumulator)."""
+    scale = expected.abs().max().item()
+    return (actual.float() - expected.float()).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device-to-device copy rate in bytes/s (bytes read plus written)."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device).uniform_()  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), warmup=2, iters=10)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+# ---- 1. correctness ---------------------------------------------------------------------
+
+def check_kernels(tb, ref, device: torch.device) -> list[dict]:
+    """Every kernel against its reference twin on ``device``; one record per case."""
+    records = []
+
+    def record(op, case, err, tol, ok=None):
+        ok = (err <= tol) if ok is None else ok
+        records.append({"op": op, "case": case, "error": err, "tolerance": tol, "ok": bool(ok)})
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def indices(numel, k, dtype):
+        return torch.randperm(numel, generator=gen)[:k].sort().values.to(dtype).to(device)
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for index_dtype in (torch.int32, torch.int64):
+            for numel, k in GATHER_CHECK_SIZES:
+                grad = torch.randn(numel, device=device).to(dtype)
+                idx = indices(numel, k, index_dtype)
+                out = torch.full((k,), 7.0, device=device)
+                expected = out.clone()
+                tb.gather(grad, idx, out=out, accumulate=True)
+                ref.gather_ref(grad, idx, out=expected, accumulate=True)
+                exact = torch.equal(tb.gather(grad, idx), ref.gather_ref(grad, idx)) and torch.equal(out, expected)
+                record("gather", f"{dtype} idx={index_dtype} numel={numel} k={k}", 0.0 if exact else 1.0, 0.0)
+
+    hyper = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for index_dtype in (torch.int32, torch.int64):
+            for numel, k in ADAMW_CHECK_SIZES:
+                param = torch.randn(numel, device=device).to(dtype)
+                idx = indices(numel, k, index_dtype)
+                state = [torch.zeros(k, device=device), torch.zeros(k, device=device),
+                         param[idx.long()].float() if dtype != torch.float32 else None]
+                ours = [param.clone()] + [s.clone() if s is not None else None for s in state]
+                theirs = [param.clone()] + [s.clone() if s is not None else None for s in state]
+                for step in range(1, 6):
+                    grad = torch.randn(k, device=device)
+                    tb.sparse_adamw_(ours[0], grad, idx, *ours[1:], step=step, **hyper)
+                    ref.sparse_adamw_ref_(theirs[0], grad, idx, *theirs[1:], step=step, **hyper)
+                # fp32: the child entries of param; bf16/fp16: the fp32 masters (param = their rounding).
+                child = idx.long()
+                pairs = [(ours[1], theirs[1]), (ours[2], theirs[2])]
+                pairs.append((ours[3], theirs[3]) if dtype != torch.float32 else (ours[0][child], theirs[0][child]))
+                err = max(rel_err(a, b) for a, b in pairs)
+                untouched = torch.ones(numel, dtype=torch.bool, device=device)
+                untouched[child] = False
+                ok = err <= 1e-5 and torch.equal(ours[0][untouched], param[untouched])
+                if dtype != torch.float32:
+                    ok = ok and torch.equal(ours[0][child], ours[3].to(dtype))
+                record("sparse_adamw", f"{dtype} idx={index_dtype} numel={numel} k={k} 5 steps", err, 1e-5, ok)
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)):
+        for batch, frames, in_f, out_f in FISHER_CHECK_SHAPES:
+            for with_lengths in (False, True):
+                x = torch.randn(batch, frames, in_f, device=device).to(dtype)
+                dy = torch.randn(batch, frames, out_f, device=device).to(dtype)
+                lengths = (torch.randint(0, frames + 1, (batch,), generator=gen).to(device)
+                           if with_lengths else None)
+                fw, fb = torch.rand(out_f, in_f, device=device), torch.rand(out_f, device=device)
+                rw, rb = fw.clone(), fb.clone()
+                tb.linear_fisher_(x, dy, fw, fb, lengths)
+                ref.linear_fisher_ref_(x, dy, rw, rb, lengths)
+                err = max(rel_err(fw, rw), rel_err(fb, rb))
+                record("linear_fisher", f"{dtype} B,T,in,out={batch},{frames},{in_f},{out_f} "
+                       f"lengths={with_lengths}", err, tol)
+    return records
+
+
+def check_fisher_pass(adtuning, device: torch.device) -> dict:
+    """The whole Fisher pass of a small random wav2vec2: triton vs reference kernels in backward."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    fisher_mod = importlib.import_module("adtuning.fisher")
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=257, layerdrop=0.0)
+    probe = _Probe(Wav2Vec2Model(config), classes=7).to(device)
+    batch = _batch(3, 16000, 7, device)
+    names = probe.scored_names()
+    common = {"params": names, "progress": False}
+    ours = fisher_mod.estimate_fisher(probe, [batch], _probe_loss, backend="triton", **common)
+    try:
+        theirs = fisher_mod.estimate_fisher(probe, [batch], _probe_loss, backend="reference",
+                                            algorithm="in-backward", **common)
+        oracle = "reference kernels in backward"
+    except TypeError:  # no `algorithm` keyword: compare with the per-sample autograd loop
+        theirs = fisher_mod.estimate_fisher(probe, [batch], _probe_loss, backend="reference", **common)
+        oracle = "per-sample autograd loop"
+    # Per tensor, relative to its largest score, floored at 1e-6 of the largest score overall:
+    # some tensors have an exactly-zero true gradient (attention key biases: softmax is
+    # shift-invariant), so their scores are rounding noise that no two algorithms share.
+    floor = 1e-6 * max(v.abs().max().item() for v in theirs.values())
+    err = max((ours[n] - theirs[n]).abs().max().item() / max(theirs[n].abs().max().item(), floor)
+              for n in names)
+    return {"oracle": oracle, "tensors": len(names), "error": err, "tolerance": 1e-4, "ok": err <= 1e-4}
+
+
+# ---- wav2vec2 probe ---------------------------------------------------------------------
+
+class _Probe(torch.nn.Module):
+    """wav2vec2 upstream + mean pooling + linear head: a per-sample NLL for the Fisher pass."""
+
+    def __init__(self, upstream: torch.nn.Module, classes: int):
+        super().__init__()
+        self.upstream = upstream
+        self.head = torch.nn.Linear(upstream.config.hidden_size, classes)
+
+    def scored_names(self) -> list[str]:
+        """The transformer encoder layers' parameters (all Linear or LayerNorm), as in the paper."""
+        return [n for n, _ in self.named_parameters() if n.startswith("upstream.encoder.layers.")]
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        return self.head(self.upstream(wav).last_hidden_state.mean(1))
+
+
+def _probe_loss(model: _Probe, batch) -> torch.Tensor:
+    wav, labels = batch
+    return torch.nn.functional.cross_entropy(model(wav), labels, reduction="none")
+
+
+def _batch(size: int, samples: int, classes: int, device: torch.device):
+    gen = torch.Generator().manual_seed(size * samples)
+    wav = torch.randn(size, samples, generator=gen).to(device)
+    return wav, torch.randint(0, classes, (size,), generator=gen).to(device)
+
+
+# ---- 2. Fisher kernel against the weight-gradient GEMM ----------------------------------
+
+def bench_fisher_kernel(device: torch.device, batch: int = 8, frames: int = 199) -> list[dict]:
+    """Per wav2vec2-base Linear shape: dW GEMM vs the Fisher kernel under several tilings."""
+    from adtuning.kernels import linear_fisher
+
+    rows = []
+    for out_f, in_f in WAV2VEC2_BASE_SHAPES:
+        x = torch.randn(batch, frames, in_f, device=device)
+        dy = torch.randn(batch, frames, out_f, device=device)
+        dy2, x2 = dy.reshape(-1, out_f), x.reshape(-1, in_f)
+        gemm_ms = median_ms(functools.partial(_weight_grad, dy2, x2))
+        flops = 2.0 * batch * frames * in_f * out_f
+        exact_w = torch.zeros(out_f, in_f, device=device, dtype=torch.float64)
+        for n in range(batch):
+            exact_w += (dy[n].double().t() @ x[n].double()).square()
+        for cfg in FISHER_CONFIGS:
+            kwargs = {} if cfg is None else dict(
+                block_m=cfg[0], block_n=cfg[1], block_k=cfg[2], num_warps=cfg[3],
+                num_stages=cfg[4], input_precision=cfg[5])
+            fw, fb = torch.zeros(out_f, in_f, device=device), torch.zeros(out_f, device=device)
+            try:
+                linear_fisher(x, dy, fw, fb, **kwargs)
+                err = rel_err(fw, exact_w)
+                ms = median_ms(functools.partial(linear_fisher, x, dy, fw, fb, **kwargs))
+            except Exception as exc:  # a tiling may not compile on this GPU: record, go on
+                rows.append({"out": out_f, "in": in_f, "config": cfg or "default", "error": repr(exc)})
+                continue
+            rows.append({
+                "out": out_f, "in": in_f, "B": batch, "T": frames, "config": cfg or "default",
+                "ms": ms, "dw_gemm_ms": gemm_ms, "ratio_vs_dw_gemm": ms / gemm_ms,
+                "tflops": flops / (ms * 1e-3) / 1e12, "rel_err_vs_fp64": err,
+            })
+    return rows
+
+
+def _weight_grad(dy2: torch.Tensor, x2: torch.Tensor):
+    """The ordinary Linear weight and bias gradients the Fisher kernel replaces."""
+    return dy2.t() @ x2, dy2.sum(0)
+
+
+# ---- 3. Fisher pass against plain forward+backward ----------------------------------------
+
+def bench_fisher_pass(device: torch.device, batch: int = 8, seconds: float = 4.0, config=None) -> dict:
+    """wav2vec2-base (or ``config``), 8 x 4 s: estimate_fisher(backend='triton') vs plain fwd+bwd."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    fisher_mod = importlib.import_module("adtuning.fisher")
+    torch.manual_seed(0)
+    config = config or Wav2Vec2Config(layerdrop=0.0)
+    probe = _Probe(Wav2Vec2Model(config), classes=10).to(device).eval()
+    names = set(probe.scored_names())
+    data = _batch(batch, int(16000 * seconds), 10, device)
+
+    # Same model, mode and trainable set as the Fisher pass; the ordinary dW instead of F.
+    # (estimate_fisher restores these flags after each pass.)
+    scored = [p for n, p in probe.named_parameters() if n in names]
+    for name, p in probe.named_parameters():
+        p.requires_grad_(name in names)
+
+    def plain():
+        for p in scored:
+            p.grad = None  # fresh gradients each time, as the Fisher pass has fresh accumulators
+        _probe_loss(probe, data).sum().backward()
+
+    def fisher_pass():
+        return fisher_mod.estimate_fisher(probe, [data], _probe_loss, params=sorted(names),
+                                          backend="triton", progress=False)
+
+    result = {"model": f"Wav2Vec2Model, random init, eval mode, {config.num_hidden_layers} layers, "
+                       f"hidden {config.hidden_size}, layerdrop {config.layerdrop}",
+              "batch": f"{batch} x {seconds:g} s at 16 kHz", "scored_tensors": len(names),
+              "scored_entries": sum(p.numel() for n, p in probe.named_parameters() if n in names)}
+    result["plain_ms"] = median_ms(plain, warmup=2, iters=10)
+    for p in probe.parameters():
+        p.grad = None
+    result["fisher_ms"] = median_ms(fisher_pass, warmup=2, iters=10)
+    result["plain_peak_bytes"] = peak_bytes(plain)
+    for p in probe.parameters():
+        p.grad = None
+    result["fisher_peak_bytes"] = peak_bytes(fisher_pass)
+    result["time_ratio"] = result["fisher_ms"] / result["plain_ms"]
+    result["memory_ratio"] = result["fisher_peak_bytes"] / result["plain_peak_bytes"]
+    result["meets_time_target_1.3x"] = result["time_ratio"] <= 1.3
+    result["meets_memory_target_1.1x"] = result["memory_ratio"] <= 1.1
+    return result
+
+
+# ---- 4. sparse AdamW ----------------------------------------------------------------------
+
+BENCH_HYPER = {"lr": 1e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
+
+
+class _SparseSteps:
+    """Callable doing one sparse AdamW step (step count advancing) over a list of tensors."""
+
+    def __init__(self, tb, work: list[tuple]):
+        self.tb, self.work, self.step = tb, work, 0
+
+    def __call__(self) -> None:
+        self.step += 1
+        for param, grad, idx, exp_avg, exp_avg_sq, master in self.work:
+            self.tb.sparse_adamw_(param, grad, idx, exp_avg, exp_avg_sq, master, step=self.step, **BENCH_HYPER)
+
+
+def bench_sparse_adamw(tb, device: torch.device, numel: int, peak_bw: float | None, copy_bw: float) -> list[dict]:
+    """Sparse step at each P vs torch.optim.AdamW(fused=True) on the dense tensor."""
+    rows = []
+    dense = torch.nn.Parameter(torch.randn(numel, device=device))
+    dense.grad = torch.randn(numel, device=device)
+    fused = torch.optim.AdamW([dense], lr=1e-4, weight_decay=0.01, fused=True)
+    dense_ms = median_ms(fused.step, warmup=3, iters=20)
+    del fused, dense
+    for dtype in (torch.float32, torch.bfloat16):
+        param = torch.randn(numel, device=device).to(dtype)
+        for ratio in SPARSE_RATIOS:
+            k = round(ratio * numel)
+            idx = torch.randperm(numel, device=device)[:k].sort().values.to(torch.int32)
+            grad = torch.randn(k, device=device)
+            exp_avg, exp_avg_sq = torch.zeros(k, device=device), torch.zeros(k, device=device)
+            master = param[idx.long()].float() if dtype != torch.float32 else None
+            ms = median_ms(_SparseSteps(tb, [(param, grad, idx, exp_avg, exp_avg_sq, master)]), warmup=3, iters=20)
+            compact = k * (4 + 4 + 2 * 8 + (8 if master is not None else 0))  # idx, grad, m+v r/w, master r/w
+            # param: every sector holding a child entry is read (no master) and written.
+            passes = 1 if master is not None else 2
+            sectors = torch.unique(idx.long() // (32 // param.element_size())).numel()
+            touched = compact + passes * 32 * sectors
+            useful = compact + passes * k * param.element_size()
+            rate = touched / (ms * 1e-3)
+            rows.append({
+                "param_dtype": str(dtype).replace("torch.", ""), "P": ratio, "numel": numel, "k": k,
+                "ms": ms, "dense_fused_adamw_ms": dense_ms, "speedup_vs_dense_fused": dense_ms / ms,
+                "touched_bytes": touched, "useful_bytes": useful,
+                "touched_GBps": rate / 1e9, "useful_GBps": useful / (ms * 1e-3) / 1e9,
+                "fraction_of_nominal_hbm": rate / peak_bw if peak_bw else None,
+                "fraction_of_measured_copy": rate / copy_bw,
+                "meets_target_60pct_hbm": (rate / (peak_bw or copy_bw)) >= 0.6,
+            })
+    return rows
+
+
+def bench_model_step(tb, device: torch.device, config=None) -> list[dict]:
+    """One sparse step over every wav2vec2-base (or ``config``) tensor, one launch each, vs
+    dense fused AdamW over all of them."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    model = Wav2Vec2Model(config or Wav2Vec2Config())
+    params = [p.detach().clone().to(device) for p in model.parameters()]
+    del model
+    numel = sum(p.numel() for p in params)
+    dense = [torch.nn.Parameter(p.clone()) for p in params]
+    for p in dense:
+        p.grad = torch.randn_like(p)
+    fused = torch.optim.AdamW(dense, lr=1e-4, fused=True)
+    dense_ms = median_ms(fused.step, warmup=3, iters=10)
+    del fused, dense
+    rows = []
+    for ratio in SPARSE_RATIOS:
+        work = []
+        for p in params:
+            k = round(ratio * p.numel())
+            if k == 0:
+                continue
+            idx = torch.randperm(p.numel(), device=device)[:k].sort().values.to(torch.int32)
+            work.append((p, torch.randn(k, device=device), idx, torch.zeros(k, device=device),
+                         torch.zeros(k, device=device), None))
+        ms = median_ms(_SparseSteps(tb, work), warmup=2, iters=10)
+        rows.append({"P": ratio, "tensors": len(work), "numel": numel, "ms": ms,
+                     "dense_fused_adamw_ms": dense_ms, "speedup_vs_dense_fused": dense_ms / ms})
+    return rows
+
+
+# ---- driver -------------------------------------------------------------------------------
+
+def environment() -> dict:
+    """Device, versions and date recorded with every result."""
+    info = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "platform": platform.platform(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    }
+    for pkg in ("triton", "transformers"):
+        try:
+            info[pkg] = importlib.import_module(pkg).__version__
+        except Exception as exc:
+            info[pkg] = f"unavailable: {exc}"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, sm_count=props.multi_processor_count,
+                    memory_bytes=props.total_memory, capability=f"{props.major}.{props.minor}")
+    return info
+
+
+def _section(results: dict, name: str, fn: Callable[[], object], started: float) -> None:
+    """Run one section, storing its result or its error; sections past the budget are skipped."""
+    if time.monotonic() - started > TIME_BUDGET_S:
+        results[name] = {"skipped": f"time budget of {TIME_BUDGET_S:.0f} s spent"}
+        print(f"[gpu_check] {name}: skipped (time budget spent)", flush=True)
+        return
+    t0 = time.monotonic()
+    try:
+        results[name] = fn()
+        status = "done"
+    except Exception as exc:
+        results[name] = {"error": repr(exc), "traceback": traceback.format_exc()}
+        status = f"FAILED: {exc!r}"
+    print(f"[gpu_check] {name}: {status} in {time.monotonic() - t0:.1f} s", flush=True)
+
+
+def _summary(results: dict) -> list[str]:
+    lines = []
+    kernels = results.get("kernel_correctness")
+    if isinstance(kernels, list):
+        bad = [r for r in kernels if not r["ok"]]
+        worst = {}
+        for r in kernels:
+            worst[r["op"]] = max(worst.get(r["op"], 0.0), r["error"])
+        lines.append(f"kernels: {len(kernels) - len(bad)}/{len(kernels)} cases ok; worst error "
+                     + ", ".join(f"{op} {err:.2e}" for op, err in worst.items()))
+        lines += [f"  FAIL {r['op']} {r['case']}: {r['error']:.3e} > {r['tolerance']:.0e}" for r in bad]
+    fp = results.get("fisher_pass_correctness", {})
+    if "error" in fp and isinstance(fp["error"], float):
+        lines.append(f"Fisher pass vs {fp['oracle']}: error {fp['error']:.2e} ({'ok' if fp['ok'] else 'FAIL'})")
+    for row in results.get("fisher_kernel", []) if isinstance(results.get("fisher_kernel"), list) else []:
+        if "ms" in row:
+            lines.append(f"Fisher kernel {row['out']}x{row['in']} {row['config']}: {row['ms']:.3f} ms "
+                         f"({row['ratio_vs_dw_gemm']:.2f}x dW GEMM, {row['tflops']:.1f} TFLOP/s, err {row['rel_err_vs_fp64']:.1e})")
+    pass_ = results.get("fisher_pass", {})
+    if "time_ratio" in pass_:
+        lines.append(f"Fisher pass: {pass_['fisher_ms']:.1f} ms vs plain fwd+bwd {pass_['plain_ms']:.1f} ms "
+                     f"= {pass_['time_ratio']:.2f}x (target <= 1.3x); peak memory "
+                     f"{pass_['fisher_peak_bytes'] / 2**30:.2f} vs {pass_['plain_peak_bytes'] / 2**30:.2f} GiB "
+                     f"= {pass_['memory_ratio']:.2f}x (target <= 1.1x)")
+    for row in results.get("sparse_adamw", []) if isinstance(results.get("sparse_adamw"), list) else []:
+        frac = row["fraction_of_nominal_hbm"] or row["fraction_of_measured_copy"]
+        lines.append(f"sparse AdamW {row['param_dtype']} P={row['P']}: {row['ms']:.3f} ms vs dense fused "
+                     f"{row['dense_fused_adamw_ms']:.3f} ms; {row['touched_GBps']:.0f} GB/s touched "
+                     f"= {100 * frac:.0f}% of HBM (target >= 60%)")
+    for row in results.get("sparse_adamw_model", []) if isinstance(results.get("sparse_adamw_model"), list) else []:
+        lines.append(f"sparse AdamW whole model ({row['tensors']} launches) P={row['P']}: {row['ms']:.3f} ms "
+                     f"vs dense fused {row['dense_fused_adamw_ms']:.3f} ms")
+    return lines
+
+
+def _correctness_ok(results: dict) -> bool:
+    kernels = results.get("kernel_correctness")
+    fp = results.get("fisher_pass_correctness")
+    kernels_ok = isinstance(kernels, list) and all(r["ok"] for r in kernels)
+    pass_ok = isinstance(fp, dict) and (fp.get("ok", False) or "skipped" in fp)
+    return kernels_ok and pass_ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every check and benchmark; write the JSON; return the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS,
+                        help="folder for the JSON (default: bench/results)")
+    parser.add_argument("--quick", action="store_true",
+                        help="correctness only, no timings")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: skipped: no CUDA device (torch.cuda.is_available() is False); "
+              "the kernels are tested on the CPU by tests/test_triton_kernels.py under TRITON_INTERPRET=1")
+        return 0
+
+    started = time.monotonic()
+    device = torch.device("cuda")
+    adtuning = _import_adtuning()
+    from adtuning import reference
+    from adtuning.backends import get_backend
+
+    tb = get_backend("triton", device)
+    results: dict = {"environment": environment()}
+    print(f"[gpu_check] {results['environment'].get('device')} torch {torch.__version__} "
+          f"triton {results['environment']['triton']}", flush=True)
+    _section(results, "kernel_correctness", lambda: check_kernels(tb, reference, device), started)
+    _section(results, "fisher_pass_correctness", lambda: check_fisher_pass(adtuning, device), started)
+    if not args.quick:
+        # Most important figures first: later sections are skipped if the time budget runs out.
+        _section(results, "fisher_pass", lambda: bench_fisher_pass(device), started)
+        torch.cuda.empty_cache()
+        name = results["environment"].get("device", "")
+        peak = next((bw for key, bw in NOMINAL_HBM.items() if key in name), None)
+        _section(results, "bandwidth", lambda: {"nominal_hbm_Bps": peak,
+                                                "measured_copy_Bps": copy_bandwidth(device)}, started)
+        copy_bw = results["bandwidth"].get("measured_copy_Bps") or peak or 1.0
+        _section(results, "sparse_adamw",
+                 lambda: bench_sparse_adamw(tb, device, 94_371_712, peak, copy_bw), started)
+        torch.cuda.empty_cache()
+        _section(results, "sparse_adamw_model", lambda: bench_model_step(tb, device), started)
+        torch.cuda.empty_cache()
+        _section(results, "fisher_kernel", lambda: bench_fisher_kernel(device), started)
+    results["elapsed_s"] = time.monotonic() - started
+    ok = _correctness_ok(results)
+    results["correctness_ok"] = ok
+
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    slug = "".join(c if c.isalnum() else "-" for c in results["environment"].get("device", "cuda"))
+    path = args.results_dir / f"gpu_check_{stamp}_{slug}.json"
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print("\n".join(_summary(results)))
+    print(f"[gpu_check] {'all correctness checks passed' if ok else 'CORRECTNESS FAILURES'}; "
+          f"{results['elapsed_s']:.0f} s; wrote {path}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
