@@ -457,10 +457,14 @@ class Recipe:
         return [str(f) for f in files]
 
 
+# --task-option keys that configure the corpus reader; every other key goes to the task head.
 _DATASET_OPTIONS = {
-    "pr": ("lexicon",),
-    "sd": ("frame_shift",),
     "ks": ("test_root",),
+    "sid": ("split_file", "max_timestep"),
+    "asr": ("subsets",),
+    "pr": ("lexicon", "subsets"),
+    "sf": ("speakers",),
+    "sd": ("split_dirs", "chunk_size", "frame_shift", "num_speakers"),
 }
 
 

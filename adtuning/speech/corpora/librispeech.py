@@ -1,0 +1,124 @@
+"""ASR and PR: LibriSpeech as the SUPERB recipes read it.
+
+Layout: ``root/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt`` with lines
+``<utterance-id> <TRANSCRIPT>`` next to ``<utterance-id>.flac``. Default subsets: train
+``train-clean-100``, dev ``dev-clean``, test ``test-clean``; any folder with that structure
+(e.g. the Libri-Light ``librispeech_finetuning/1h``) can be passed with ``subsets``.
+
+PR maps words to phonemes with a lexicon in the s3prl format (one ``WORD PH1 PH2 ...`` per
+line, tab or spaces; the first pronunciation of a word wins), which the user provides.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from adtuning.speech.audio import CorpusError, read_audio, require_dir, require_file
+from adtuning.speech.data import SpeechDataset
+from adtuning.speech.tasks.text import CharacterVocab, PhonemeVocab
+
+DEFAULT_SUBSETS = {"train": ("train-clean-100",), "dev": ("dev-clean",), "test": ("test-clean",)}
+
+
+def read_librispeech(root: Path, subsets: Sequence[str]) -> list[tuple[str, Path, str]]:
+    """``(utterance id, audio path, transcript)`` of every utterance of ``subsets``, sorted by id."""
+    out = []
+    for subset in subsets:
+        folder = require_dir(root / subset, "LibriSpeech subset")
+        trans = sorted(folder.rglob("*.trans.txt"))
+        if not trans:
+            raise CorpusError(f"LibriSpeech: no *.trans.txt under {folder}")
+        for t in trans:
+            for n, line in enumerate(t.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                utt, _, text = line.strip().partition(" ")
+                if not text:
+                    raise CorpusError(f"{t} line {n}: no transcript for {utt!r}")
+                candidates = (t.parent / f"{utt}{ext}" for ext in (".flac", ".wav"))
+                audio = next((c for c in candidates if c.is_file()), None)
+                if audio is None:
+                    raise CorpusError(f"LibriSpeech: audio file not found: {t.parent / (utt + '.flac')} "
+                                      f"(listed in {t})")
+                out.append((utt, audio, text))
+    return sorted(out)
+
+
+def read_lexicon(paths: str | Path | Sequence[str | Path], vocab: PhonemeVocab) -> dict[str, list[str]]:
+    """Word -> phonemes from one or more s3prl-format lexicon files (first pronunciation wins)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    lexicon: dict[str, list[str]] = {}
+    for path in paths:
+        path = require_file(path, "PR lexicon")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            word, phonemes = parts[0], parts[1:]
+            if not phonemes:
+                raise CorpusError(f"{path} line {n}: word {word!r} has no phonemes")
+            bad = [p for p in phonemes if p not in vocab.index or vocab.index[p] < 3]
+            if bad:
+                raise CorpusError(f"{path} line {n}: unknown phoneme(s) {bad} for {word!r}")
+            lexicon.setdefault(word, phonemes)
+    if not lexicon:
+        raise CorpusError(f"PR lexicon {', '.join(map(str, paths))} is empty")
+    return lexicon
+
+
+class LibriSpeechDataset(SpeechDataset):
+    """LibriSpeech for ASR (characters) or PR (phonemes).
+
+    Args:
+        root: the ``LibriSpeech`` folder.
+        split: ``train``, ``dev`` or ``test``.
+        task: ``asr`` or ``pr``.
+        subsets: subset folders to read (default: :data:`DEFAULT_SUBSETS` of ``split``).
+        lexicon: PR only (required): lexicon file(s) in the s3prl format.
+
+    Raises:
+        CorpusError: a transcript character outside the ASR inventory, a word missing from
+            the lexicon, or a missing audio file (named).
+    """
+
+    def __init__(self, root: str | Path, split: str, *, task: str = "asr", subsets: str | Sequence[str] | None = None,
+                 lexicon: str | Path | Sequence[str | Path] | None = None):
+        super().__init__(split)
+        if task not in ("asr", "pr"):
+            raise ValueError(f"LibriSpeechDataset task must be 'asr' or 'pr', got {task!r}")
+        self.task = task
+        self.root = require_dir(root, "LibriSpeech")
+        if isinstance(subsets, str):
+            subsets = [subsets]
+        utts = read_librispeech(self.root, subsets or DEFAULT_SUBSETS[split])
+        self.items: list[tuple[str, Path, list[int]]] = []
+        if task == "asr":
+            vocab = CharacterVocab()
+            for utt, path, text in utts:
+                try:
+                    self.items.append((utt, path, vocab.encode(text)))
+                except KeyError as exc:
+                    raise CorpusError(f"LibriSpeech utterance {utt} ({path.parent}): {exc.args[0]}") from None
+        else:
+            if lexicon is None:
+                raise CorpusError("PR needs a lexicon (lexicon=path or list of paths, s3prl format: WORD PH1 PH2 ...)")
+            vocab = PhonemeVocab()
+            table = read_lexicon(lexicon, vocab)
+            for utt, path, text in utts:
+                missing = [w for w in text.split() if w not in table]
+                if missing:
+                    raise CorpusError(f"LibriSpeech utterance {utt} ({path.parent}): word(s) {missing} "
+                                      "not in the lexicon")
+                phonemes = [p for w in text.split() for p in table[w]]
+                self.items.append((utt, path, vocab.encode(phonemes)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def audio_path(self, index: int) -> str:
+        return str(self.items[index][1])
+
+    def load(self, index, rng=None):
+        utt, path, targets = self.items[index]
+        return {"wav": read_audio(path), "targets": targets, "id": utt}

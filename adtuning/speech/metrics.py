@@ -1,0 +1,181 @@
+"""Metrics of the SUPERB tasks, as s3prl computes them.
+
+Edit-distance rates are corpus level (total edits over total reference length). Slot-filling
+metrics follow ``s3prl/downstream/ctc/metric.py``: hypotheses and references are strings in
+which a slot value is written ``B-type value E-type``. Diarization error counts follow the
+EEND/s3prl frame-level scorer with the best speaker permutation per sample.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def edit_distance(hyp: Sequence, ref: Sequence) -> int:
+    """Levenshtein distance between two sequences (unit cost substitution/insertion/deletion)."""
+    if len(hyp) < len(ref):
+        hyp, ref = ref, hyp
+    prev = list(range(len(ref) + 1))
+    for i, h in enumerate(hyp, 1):
+        cur = [i] + [0] * len(ref)
+        for j, r in enumerate(ref, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (h != r))
+        prev = cur
+    return prev[-1]
+
+
+def _rate(pairs) -> float:
+    err = tot = 0
+    for h, r in pairs:
+        err += edit_distance(h, r)
+        tot += len(r)
+    if tot == 0:
+        raise ValueError("error rate of an empty reference set")
+    return err / tot
+
+
+def word_error_rate(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus WER: words are separated by single spaces (s3prl splits on ``' '``)."""
+    return _rate((h.split(" "), r.split(" ")) for h, r in zip(hypotheses, references, strict=True))
+
+
+def char_error_rate(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus CER over characters (spaces included), as s3prl's ``cer``."""
+    return _rate(zip(hypotheses, references, strict=True))
+
+
+def token_error_rate(hypotheses: Sequence[Sequence], references: Sequence[Sequence]) -> float:
+    """Corpus error rate over token sequences (PER over phoneme lists)."""
+    return _rate(zip(hypotheses, references, strict=True))
+
+
+_SLOT = re.compile(r"B\-(\S+) (.+?) E\-\1")
+
+
+def _clean(text: str) -> str:
+    text = re.sub(r"B\-(\S+) ", "", text)
+    return re.sub(r" E\-(\S+)", "", text)
+
+
+def _slots(text: str, clean_values: bool) -> dict[str, list[str]]:
+    text = re.sub(r" +", " ", text)
+    out: dict[str, list[str]] = {}
+    for slot_type, value in _SLOT.findall(text):
+        out.setdefault(slot_type, []).append(_clean(value) if clean_values else value)
+    return out
+
+
+def slot_type_f1(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """s3prl ``slot_type_f1``: per utterance, F1 between the sets of slot *types* in hypothesis
+    and reference (1 if both have none, 0 if only one has none), averaged over utterances."""
+    scores = []
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        h = _slots(hyp, True)
+        r = _slots(ref, False)
+        if not h and not r:
+            scores.append(1.0)
+        elif not h or not r:
+            scores.append(0.0)
+        else:
+            recall = sum(1 for k in r if k in h) / len(r)
+            precision = sum(1 for k in h if k in r) / len(h)
+            scores.append(2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0)
+    if not scores:
+        raise ValueError("slot_type_f1 of an empty set")
+    return sum(scores) / len(scores)
+
+
+def slot_value_cer(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """s3prl ``slot_value_cer``: for every reference slot value, the hypothesis value of the same
+    type with the lowest CER (empty if the type is absent); corpus CER over those pairs
+    (0 when the references hold no slot values)."""
+    pairs_h, pairs_r = [], []
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        h = _slots(hyp, True)
+        r = _slots(ref, False)
+        for slot_type, values in r.items():
+            for ref_v in values:
+                best = ""
+                if slot_type in h:
+                    best_cer = 100.0
+                    for hyp_v in h[slot_type]:
+                        c = edit_distance(hyp_v, ref_v) / len(ref_v)
+                        if best_cer > c:
+                            best_cer, best = c, hyp_v
+                pairs_h.append(best)
+                pairs_r.append(ref_v)
+    if not pairs_r:
+        return 0.0  # no reference slot values: nothing to get wrong
+    return char_error_rate(pairs_h, pairs_r)
+
+
+def strip_slot_tags(text: str) -> str:
+    """Remove ``B-type `` / `` E-type`` markers, leaving the words (for WER/CER of SF)."""
+    return _clean(re.sub(r" +", " ", text))
+
+
+@dataclass
+class DiarizationCounts:
+    """Frame-level diarization error counts (sums over frames and samples)."""
+
+    speaker_scored: float = 0.0
+    speaker_miss: float = 0.0
+    speaker_falarm: float = 0.0
+    speaker_error: float = 0.0
+    correct: float = 0.0
+    frames: float = 0.0
+
+    def __iadd__(self, other: DiarizationCounts) -> DiarizationCounts:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        return self
+
+    @property
+    def der(self) -> float:
+        """(miss + false alarm + confusion) / reference speaker frames."""
+        if self.speaker_scored == 0:
+            return 0.0
+        return (self.speaker_miss + self.speaker_falarm + self.speaker_error) / self.speaker_scored
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of (frame, speaker) activity decisions that are right."""
+        return self.correct / self.frames if self.frames else 0.0
+
+
+def diarization_counts(pred: torch.Tensor, label: torch.Tensor, lengths: torch.Tensor) -> DiarizationCounts:
+    """Counts for binary activities ``pred``/``label`` ``[B, T, S]`` (label already permuted to
+    match ``pred``), over the first ``lengths[b]`` frames of each sample (EEND scorer)."""
+    pred = pred.detach().cpu().numpy().astype(int)
+    label = label.detach().cpu().numpy().astype(int)
+    lengths = lengths.detach().cpu().numpy()
+    c = DiarizationCounts()
+    for b in range(pred.shape[0]):
+        p = pred[b, : lengths[b]]
+        t = label[b, : lengths[b]]
+        n_ref = t.sum(1)
+        n_sys = p.sum(1)
+        n_map = np.logical_and(t == 1, p == 1).sum(1)
+        c.speaker_scored += float(n_ref.sum())
+        c.speaker_miss += float(np.maximum(n_ref - n_sys, 0).sum())
+        c.speaker_falarm += float(np.maximum(n_sys - n_ref, 0).sum())
+        c.speaker_error += float((np.minimum(n_ref, n_sys) - n_map).sum())
+        c.correct += float((t == p).sum()) / t.shape[1]
+        c.frames += float(lengths[b])
+    return c
+
+
+def best_permutation_der(pred: np.ndarray, label: np.ndarray) -> float:
+    """DER of binary activities ``[T, S]`` under the speaker permutation of ``label`` that
+    gives the lowest DER (a scorer independent of the training loss, for checks)."""
+    best = None
+    for perm in itertools.permutations(range(label.shape[1])):
+        c = diarization_counts(torch.as_tensor(pred)[None], torch.as_tensor(label[:, list(perm)])[None],
+                               torch.tensor([pred.shape[0]]))
+        best = c.der if best is None else min(best, c.der)
+    return float(best)

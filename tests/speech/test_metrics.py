@@ -1,0 +1,127 @@
+"""Metric functions on hand-computed cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adtuning.speech import metrics as M
+from adtuning.speech.tasks.text import CharacterVocab, PhonemeVocab, SlotVocab, ctc_greedy
+
+
+@pytest.mark.parametrize("hyp, ref, d", [
+    ("", "", 0), ("abc", "abc", 0), ("abc", "", 3), ("", "abc", 3), ("kitten", "sitting", 3),
+    ("flaw", "lawn", 2), (["a", "b"], ["b"], 1), ("abcdef", "azced", 3),
+])
+def test_edit_distance(hyp, ref, d):
+    assert M.edit_distance(hyp, ref) == d
+    assert M.edit_distance(ref, hyp) == d
+
+
+def test_wer_is_corpus_level():
+    # 1 substitution over 3 words + 1 deletion over 2 words = 2 / 5
+    hyp = ["THE CAT SAT", "HELLO"]
+    ref = ["THE BAT SAT", "HELLO WORLD"]
+    assert M.word_error_rate(hyp, ref) == pytest.approx(2 / 5)
+
+
+def test_cer_counts_spaces():
+    assert M.char_error_rate(["AB C"], ["ABC"]) == pytest.approx(1 / 3)
+    assert M.char_error_rate(["XY"], ["AB"]) == pytest.approx(1.0)
+
+
+def test_per_on_phoneme_strings():
+    # PER is a WER over space-separated phonemes: one insertion, one substitution over 4
+    hyp = ["K AE1 T T", "D AO1 G"]
+    ref = ["K AE1 T", "D AH0 G"]
+    assert M.word_error_rate(hyp, ref) == pytest.approx(2 / 6)
+    assert M.token_error_rate([h.split() for h in hyp], [r.split() for r in ref]) == pytest.approx(2 / 6)
+
+
+def test_empty_reference_set_is_an_error():
+    with pytest.raises(ValueError):
+        M.char_error_rate([], [])
+
+
+def test_slot_type_f1_hand_computed():
+    ref = ["B-city paris E-city in B-date june E-date", "play music", "B-genre jazz E-genre"]
+    hyp = ["B-city paris E-city in june", "play music", "B-artist jazz E-artist"]
+    # utt 1: ref types {city, date}, hyp {city}: P = 1, R = 1/2, F1 = 2/3
+    # utt 2: no slots on either side: 1;  utt 3: disjoint types: P = R = 0 -> 0
+    assert M.slot_type_f1(hyp, ref) == pytest.approx((2 / 3 + 1 + 0) / 3)
+
+
+def test_slot_value_cer_hand_computed():
+    ref = ["B-city paris E-city and B-city rome E-city", "B-date june E-date"]
+    hyp = ["B-city pari E-city and B-city rime E-city", "nothing"]
+    # paris: best hyp 'pari' (1 edit / 5); rome: best 'rime' (1/4); june: missing type -> '' (4/4)
+    assert M.slot_value_cer(hyp, ref) == pytest.approx((1 + 1 + 4) / (5 + 4 + 4))
+    assert M.slot_value_cer(["x"], ["no slots here"]) == 0.0
+
+
+def test_strip_slot_tags():
+    assert M.strip_slot_tags("play B-genre jazz  music E-genre now") == "play jazz music now"
+
+
+def test_der_with_permutation():
+    # reference: speaker 0 active frames 0-3, speaker 1 frames 2-5 (8 speaker-frames)
+    ref = np.zeros((6, 2), dtype=int)
+    ref[0:4, 0] = 1
+    ref[2:6, 1] = 1
+    # prediction with swapped speaker order and one missed frame (frame 5 of speaker 1)
+    pred = np.zeros((6, 2), dtype=int)
+    pred[0:4, 1] = 1
+    pred[2:5, 0] = 1
+    assert M.best_permutation_der(pred, ref) == pytest.approx(1 / 8)
+    # without permuting, every reference frame is wrong somewhere
+    c = M.diarization_counts(torch.tensor(pred)[None], torch.tensor(ref)[None], torch.tensor([6]))
+    # frames 0,1: ref {0}, sys {1}: confusion 1 each; frames 2,3: both active: n_map = 2 -> 0;
+    # frame 4: ref {1}, sys {0}: confusion 1; frame 5: ref {1}, sys {}: miss 1
+    assert (c.speaker_miss, c.speaker_falarm, c.speaker_error, c.speaker_scored) == (1, 0, 3, 8)
+    assert c.der == pytest.approx(4 / 8)
+
+
+def test_der_ignores_padding_and_counts_false_alarm():
+    ref = torch.tensor([[[1, 0], [0, 0], [9, 9]]])  # third frame is padding
+    pred = torch.tensor([[[1, 0], [1, 1], [1, 1]]])
+    c = M.diarization_counts(pred, ref, torch.tensor([2]))
+    assert (c.speaker_scored, c.speaker_falarm, c.speaker_miss, c.speaker_error) == (1, 2, 0, 0)
+    assert c.der == pytest.approx(2.0)
+    assert c.accuracy == pytest.approx(2 / 4)  # frame 0: both decisions right, frame 1: none
+
+
+def test_ctc_greedy():
+    assert ctc_greedy([0, 3, 3, 0, 3, 4, 4, 0]) == [3, 3, 4]
+    assert ctc_greedy([]) == []
+    assert ctc_greedy([0, 0]) == []
+
+
+def test_character_vocab_round_trip():
+    v = CharacterVocab()
+    ids = v.encode("IT'S A DOG")
+    assert [v.tokens[i] for i in ids] == list("IT'S|A|DOG|")
+    assert v.decode(ids) == "IT'S A DOG"
+    with pytest.raises(KeyError, match="3"):
+        v.encode("ROOM 3")
+
+
+def test_phoneme_vocab_appends_eos():
+    v = PhonemeVocab()
+    ids = v.encode(["K", "AE1", "T"])
+    assert ids[-1] == 1 and len(ids) == 4 and len(v) == 74
+    assert v.decode(ids + [5, 6]) == "K AE1 T"
+
+
+def test_slot_vocab_matches_s3prl_encoding():
+    v = SlotVocab(["genre", "city"])
+    ids, unk = v.encode(["PLAY", "JAZZ", "MUSIC", "?"], ["O", "genre", "genre", "O"])
+    # s3prl: B- before the first word of a run, E- after its last, a space after every word;
+    # a trailing punctuation word is skipped, so the last token is the space (no <eos>)
+    assert v.decode(ids) == "PLAY B-genre JAZZ MUSIC E-genre "
+    assert unk == 0
+    ids, unk = v.encode(["IN", "PARIS"], ["O", "city"])
+    assert ids[-1] == 1 and v.decode(ids) == "IN B-city PARIS E-city"
+    _, unk = v.encode(["CAFÉ"], ["O"])
+    assert unk == 1
+    with pytest.raises(KeyError, match="B-artist"):
+        v.encode(["X"], ["artist"])
