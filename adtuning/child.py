@@ -6,9 +6,9 @@ keep the top ``k = round(P * N)`` Fisher scores over *all* scored entries togeth
 broken deterministically (earlier tensor in the score mapping's order, then lower flat index,
 wins), so the children for several P taken from one ranking are nested.
 
-Selection never sorts: it binary-searches the k-th largest score on the order-preserving
-integer image of the fp32 scores, counting per tensor, so the extra memory is one temporary
-the size of the largest tensor, not a sort of all N entries.
+Selection never sorts: a radix select finds the k-th largest score on the order-preserving
+integer image of the fp32 scores in four histogram passes, tensor by tensor, so the extra
+memory is a few temporaries the size of the largest tensor, not a sort of all N entries.
 """
 from __future__ import annotations
 
@@ -45,12 +45,17 @@ def _k_for(p: float, total: int) -> int:
 
 
 def _order_key(scores: torch.Tensor) -> torch.Tensor:
-    """int32 whose signed order equals the float order of ``scores`` (-0.0 counted as 0.0)."""
+    """int32 whose signed order equals the float order of ``scores`` (-0.0 counted as 0.0).
+
+    For fp32 scores without negative values or -0.0 (squared gradients) this is a zero-copy view.
+    """
     s = scores.detach().reshape(-1)
     if s.dtype != torch.float32:
         s = s.float()
-    s = s + 0.0  # turns -0.0 into +0.0 so equal scores get equal keys
     bits = s.view(torch.int32)
+    if not bool((bits < 0).any()):
+        return bits
+    bits = (s + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: equal scores, equal keys
     return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
@@ -77,20 +82,31 @@ def _validated_scores(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return checked
 
 
-def _count_at_least(keys: Sequence[torch.Tensor], threshold: int) -> int:
-    return sum(int((k >= threshold).sum()) for k in keys)
-
-
 def _kth_largest_key(keys: Sequence[torch.Tensor], k: int) -> int:
-    """The largest v with count(key >= v) >= k, by bisection on the int32 key range."""
-    lo = min(int(key.min()) for key in keys)  # count(key >= lo) = N >= k
-    hi = max(int(key.max()) for key in keys)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _count_at_least(keys, mid) >= k:
-            lo = mid
-        else:
-            hi = mid - 1
+    """The k-th largest key (k >= 1), by a most-significant-byte-first radix select.
+
+    Four passes, one per byte of the int32 key: each histograms the next byte of the keys in
+    the range chosen so far and narrows the range to the byte holding the k-th largest key.
+    Temporaries are per tensor, never of all N entries.
+    """
+    lo, remaining = None, k
+    for shift in (24, 16, 8, 0):
+        counts = torch.zeros(256, dtype=torch.int64)
+        for key in keys:
+            if lo is None:
+                digits = (key >> 24) + 128  # top byte, signed order mapped to 0..255
+            else:
+                inside = key[(key >= lo) & (key <= lo + (1 << (shift + 8)) - 1)]
+                digits = (inside - lo) >> shift  # < 256: the range spans 2**(shift+8) keys
+            if digits.numel():
+                counts += torch.bincount(digits.cpu(), minlength=256)
+        above = 0
+        for digit in range(255, -1, -1):
+            if above + int(counts[digit]) >= remaining:
+                break
+            above += int(counts[digit])
+        remaining -= above
+        lo = ((digit - 128) << 24) if lo is None else lo + (digit << shift)
     return lo
 
 

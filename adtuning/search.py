@@ -254,8 +254,15 @@ class AdaptiveSearch:
             self._optimizer.load_state_dict(cand.optimizer_state)
             self._scheduler.load_state_dict(cand.scheduler_state)
         torch.set_rng_state(cand.rng_state)
+        self._drop_snapshot(cand)
         self.active = cand
         self.swap_seconds += time.perf_counter() - start
+
+    @staticmethod
+    def _drop_snapshot(cand: Candidate) -> None:
+        # While a candidate is active the model and the live optimizer hold its state; keeping
+        # the paused copy too would double its optimizer state in memory.
+        cand.values, cand.head, cand.optimizer_state = {}, {}, None
 
     def _capture(self, cand: Candidate) -> None:
         """Copy the live state of the active candidate into ``cand`` (model left as is)."""
@@ -441,6 +448,8 @@ class AdaptiveSearch:
         for old in self.checkpoint_dir.glob("search-*.safetensors"):
             if old.name != tensor_name:
                 old.unlink(missing_ok=True)
+        if self.active is not None:
+            self._drop_snapshot(self.active)
         return path
 
     def load_checkpoint(self) -> bool:
