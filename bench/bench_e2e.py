@@ -1,0 +1,284 @@
+"""End-to-end: one training step of wav2vec2-base, full fine-tuning against CHILD-TUNING.
+
+Model: ``Wav2Vec2Model(Wav2Vec2Config())`` with random weights (transformers defaults: 12
+layers, 768 wide, 94.4M parameters), wrapped by :class:`adtuning.speech.Upstream` (CNN
+feature encoder frozen, layerdrop 0, all hidden states), with the SUPERB KS head (weighted
+sum of hidden states, ``Linear(768, 256)``, mean pooling, 12 classes). Input: random 16 kHz
+waveforms with random labels. One step is forward, backward, optimizer step, zero_grad.
+
+Configurations, each in its own fresh process (so that its peak memory is its own):
+
+* ``full fp32`` — every trainable parameter (all but the CNN) with ``torch.optim.AdamW``
+  (``fused=True``, the fastest torch implementation on both CPU and CUDA). The baseline.
+* ``child P=... fp32`` — CHILD-TUNING at P = 0.001, 0.01, 0.1: a child network chosen by
+  :meth:`ChildNetwork.from_scores` from random scores over ``upstream.default_scored_parameters()``
+  (the encoder layers); :class:`SparseAdamW` over the upstream (tensors without child entries
+  get ``requires_grad=False``; the hook gathers and frees dense gradients) plus a dense group
+  for the head. Random scores spread the child over every tensor, so every weight gradient is
+  still computed: the worst case for step time (a Fisher-chosen child leaves some tensors out).
+* ``child P=... bf16`` — the same with the upstream weights in bf16 (frozen entries stay
+  bf16; the optimizer keeps an fp32 master copy of the child entries only).
+
+Figures: median step time (pytest-benchmark, one warm-up step that also allocates the
+optimizer state) and peak memory over the warm-up and the timed steps (see
+``bench/memory.py``: CUDA max allocated; on CPU peak RSS minus the RSS after imports, reset
+after the model is built). Both are reported as ratios to ``full fp32`` of the same session.
+Targets: memory <= 0.5x at P=0.01 fp32 and <= 0.35x at P=0.01 bf16; time <= 0.8x at P=0.001.
+
+Size: ``ADTUNING_BENCH_E2E`` = ``full`` (8 x 4 s, the realistic batch; default on CUDA) or
+``cpu`` (2 x 1 s, default on CPU: a step of the full size takes minutes on two cores, and the
+whole CPU suite must fit in ~15 minutes); or
+``key=value,...`` overrides of ``layers, batch, seconds, rounds, backend, device``.
+Activations shrink with the batch while weights and optimizer state do not, so memory ratios
+at the CPU size are *lower* (better) than at the realistic size; the README says which size
+each table used.
+
+A worker can be run by hand: ``python bench/bench_e2e.py --worker '{"kind": "full"}'``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import memory as bench_memory  # noqa: E402  (bench/memory.py)
+
+GROUP = "e2e wav2vec2-base train step"
+FRACTIONS = (0.001, 0.01, 0.1)
+SIZES = {
+    "full": dict(layers=12, batch=8, seconds=4.0, rounds=5),
+    "cpu": dict(layers=12, batch=2, seconds=1.0, rounds=3),
+}
+TARGETS = {  # (config name, figure) -> largest acceptable ratio to full fine-tuning
+    ("child P=0.01 fp32", "memory"): 0.5,
+    ("child P=0.01 bf16", "memory"): 0.35,
+    ("child P=0.001 fp32", "time"): 0.8,
+}
+BASELINE = "full fp32"
+
+
+def settings() -> dict:
+    """The size and options of this session (see the module docstring)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = os.environ.get("ADTUNING_BENCH_E2E", "")
+    size = "full" if device == "cuda" else "cpu"
+    overrides = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if "=" in item:
+            key, value = item.split("=", 1)
+            overrides[key.strip()] = value.strip()
+        else:
+            size = item
+    if size not in SIZES:
+        raise ValueError(f"ADTUNING_BENCH_E2E: unknown size {size!r}; choose {', '.join(SIZES)}")
+    out = dict(SIZES[size], size=size, device=device, backend="fused")
+    for key, value in overrides.items():
+        if key not in out:
+            raise ValueError(f"ADTUNING_BENCH_E2E: unknown key {key!r}")
+        out[key] = type(out[key])(value) if not isinstance(out[key], str) else value
+    return out
+
+
+def configurations() -> list[dict]:
+    """Full fine-tuning first (the baseline), then CHILD-TUNING for each P and weight dtype."""
+    configs = [dict(name=BASELINE, kind="full", dtype="fp32")]
+    for dtype in ("fp32", "bf16"):
+        for p in FRACTIONS:
+            configs.append(dict(name=f"child P={p} {dtype}", kind="child", p=p, dtype=dtype))
+    return configs
+
+
+# ------------------------------------------------------------------------------ the worker
+
+
+def _build(config: dict):
+    """Model, batch and optimizer of one configuration (runs inside the worker)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from adtuning import BackendUnavailableError, ChildNetwork, SparseAdamW
+    from adtuning.speech import SpeechModel, build_task
+    from adtuning.speech.upstream import Upstream
+
+    device = torch.device(config["device"])
+    dtype = torch.bfloat16 if config["dtype"] == "bf16" else torch.float32
+    torch.manual_seed(0)
+    model_config = Wav2Vec2Config(num_hidden_layers=config["layers"])
+    upstream = Upstream(Wav2Vec2Model(model_config).to(device=device, dtype=dtype))
+    task = build_task("ks", upstream_dim=upstream.hidden_size, num_layers=upstream.num_layers)
+    model = SpeechModel(upstream, task.to(device)).to(device)
+    model.train()
+
+    gen = torch.Generator().manual_seed(1)
+    samples = int(config["seconds"] * 16000)
+    batch = {
+        "wav": torch.randn(config["batch"], samples, generator=gen).to(device),
+        "wav_lengths": torch.full((config["batch"],), samples, dtype=torch.long).to(device),
+        "label": torch.randint(0, 12, (config["batch"],), generator=gen).to(device),
+    }
+    info = {"upstream_params": sum(p.numel() for p in upstream.parameters()), "dtype": config["dtype"]}
+    if config["kind"] == "full":
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        try:
+            optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
+            info["optimizer"] = "torch.optim.AdamW(fused=True)"
+        except (RuntimeError, TypeError):
+            optimizer = torch.optim.AdamW(trainable, lr=1e-5, foreach=True)
+            info["optimizer"] = "torch.optim.AdamW(foreach=True)"
+        info["trained_entries"] = sum(p.numel() for p in trainable)
+    else:
+        scored = upstream.default_scored_parameters()
+        named = dict(upstream.named_parameters())
+        score_gen = torch.Generator().manual_seed(2)
+        scores = {n: torch.rand(named[n].shape, generator=score_gen) for n in scored}
+        child = ChildNetwork.from_scores(scores, config["p"])
+        del scores
+        backend = config["backend"]
+        try:
+            optimizer = SparseAdamW(
+                [{"named_params": upstream.named_parameters(), "child": child},
+                 {"params": model.head_parameters(), "lr": 1e-3}],
+                lr=1e-5, weight_decay=0.0, backend=backend,
+            )
+        except BackendUnavailableError as exc:
+            # Recorded in the results, never silent: the reference update is slower.
+            info["backend_note"] = f"{backend} unavailable ({str(exc).splitlines()[0]}); used reference"
+            optimizer = SparseAdamW(
+                [{"named_params": upstream.named_parameters(), "child": child},
+                 {"params": model.head_parameters(), "lr": 1e-3}],
+                lr=1e-5, weight_decay=0.0, backend="reference",
+            )
+        info.update(
+            optimizer=f"SparseAdamW(backend={optimizer.backend_name})",
+            k=child.k, scored_entries=child.n,
+            tensors_with_child=len(child.indices), scored_tensors=len(child.shapes),
+            trained_entries=child.k + sum(p.numel() for p in model.head_parameters()),
+        )
+    return model, batch, optimizer, info
+
+
+def _worker(config: dict) -> None:
+    torch.set_num_threads(int(config.get("threads") or torch.get_num_threads()))
+    # Everything imported or loaded before the baseline reading counts as runtime, not as
+    # memory of the configuration: transformers' wav2vec2 modelling module (lazily imported,
+    # ~200 MB of RSS) and the compiled ops of the backend.
+    from transformers import Wav2Vec2Config, Wav2Vec2Model  # noqa: F401
+
+    import adtuning.speech  # noqa: F401
+    from adtuning import BackendUnavailableError, get_backend
+
+    try:
+        get_backend(config["backend"], config["device"])
+    except BackendUnavailableError:
+        pass  # _build records the fallback
+
+    device = torch.device(config["device"])
+    bench_memory.release_free_memory()
+    runtime_rss = bench_memory.rss_bytes()
+    model, batch, optimizer, info = _build(config)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    region = bench_memory.PeakMemory(device, in_process=False).__enter__()
+    steps = []
+
+    def step() -> None:
+        loss = model.loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def handle(request: dict) -> dict:
+        if request["cmd"] == "step":
+            start = time.perf_counter()
+            step()
+            steps.append(time.perf_counter() - start)
+            return {"seconds": steps[-1]}
+        if request["cmd"] == "report":
+            region.__exit__(None, None, None)
+            peak = region.result
+            if device.type == "cuda":
+                total = peak.peak  # live tensor bytes, weights included
+            else:
+                total = peak.peak - runtime_rss  # everything above the bare runtime
+            report = dict(info, steps=len(steps), step_seconds=steps, peak_bytes=total,
+                          resident_before_steps=peak.start - (0 if device.type == "cuda" else runtime_rss),
+                          runtime_rss=runtime_rss if device.type != "cuda" else None,
+                          memory_method=peak.method, reset_ok=not peak.approximate)
+            if hasattr(optimizer, "memory_report"):
+                report["optimizer_memory"] = optimizer.memory_report()
+            else:
+                report["optimizer_memory"] = {"state_bytes": sum(
+                    t.numel() * t.element_size() for s in optimizer.state.values()
+                    for t in s.values() if torch.is_tensor(t))}
+            return report
+        raise ValueError(f"unknown request {request}")
+
+    bench_memory.serve(handle, ready=info)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+_RESULTS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def e2e_settings() -> dict:
+    return settings()
+
+
+@pytest.mark.parametrize("config", configurations(), ids=lambda c: c["name"].replace(" ", "-"))
+def test_train_step(benchmark, measure, ratios, e2e_settings, config):
+    """Median step time and peak memory of one configuration, in a fresh process."""
+    s = e2e_settings
+    if config["name"] != BASELINE and BASELINE not in _RESULTS:
+        pytest.skip("the full fine-tuning baseline did not run in this session; no ratio possible")
+    worker_config = dict(config, **{k: s[k] for k in ("layers", "batch", "seconds", "device", "backend")},
+                         threads=torch.get_num_threads())
+    load_before = os.getloadavg()[0]
+    with bench_memory.Worker(__file__, worker_config) as worker:
+        info = worker.ready
+        measure(GROUP, config["name"], lambda: worker.call({"cmd": "step"}), rounds=s["rounds"],
+                size=s["size"], layers=s["layers"], batch=s["batch"], seconds_of_audio=s["seconds"],
+                **{k: v for k, v in info.items() if not isinstance(v, dict)})
+        report = worker.call({"cmd": "report"})
+    # The worker's own clock, without the pipe round trip (warm-up step excluded).
+    own_median = statistics.median(report["step_seconds"][1:]) if len(report["step_seconds"]) > 1 else None
+    result = dict(report, name=config["name"], median_step_s=own_median, size=s["size"])
+    _RESULTS[config["name"]] = result
+    extra = dict(peak_bytes=report["peak_bytes"], worker_median_step_s=own_median,
+                 loadavg_1min_before_after=[load_before, os.getloadavg()[0]],
+                 memory_method=report["memory_method"],
+                 optimizer_state_bytes=report["optimizer_memory"].get("state_bytes"))
+    base = _RESULTS.get(BASELINE)
+    if base is not None and config["name"] != BASELINE:
+        extra["memory_ratio_to_full"] = report["peak_bytes"] / base["peak_bytes"]
+        if own_median and base["median_step_s"]:
+            extra["time_ratio_to_full"] = own_median / base["median_step_s"]
+        for figure in ("memory", "time"):
+            target = TARGETS.get((config["name"], figure))
+            if target is not None and f"{figure}_ratio_to_full" in extra:
+                extra[f"{figure}_target"] = target
+                extra[f"{figure}_target_met"] = extra[f"{figure}_ratio_to_full"] <= target
+        ratios.want(f"e2e step {config['name']} vs {BASELINE}", GROUP, BASELINE, config["name"])
+        ratios.note(f"e2e peak memory {config['name']} / {BASELINE}",
+                    f"{extra['memory_ratio_to_full']:.3f}x ({bench_memory.mib(report['peak_bytes'])} vs "
+                    f"{bench_memory.mib(base['peak_bytes'])})")
+    else:
+        ratios.note(f"e2e peak memory {BASELINE} ({s['size']}: {s['batch']} x {s['seconds']} s, "
+                    f"{s['layers']} layers)", bench_memory.mib(report["peak_bytes"]))
+    result.update(extra)
+    benchmark.extra_info.update(extra)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        _worker(json.loads(sys.argv[2]))
+    else:
+        print(__doc__)
