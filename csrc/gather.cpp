@@ -14,9 +14,9 @@ namespace adtuning {
 namespace {
 
 constexpr int64_t kPrefetchDistance = 32;  // entries ahead: ~32 misses in flight per thread
-// Entries per parallel task (~1 ms of scattered loads): a parallel region only pays off
-// well above its fork/join cost, which grows sharply when the cores are shared.
-constexpr int64_t kGrain = 1 << 16;
+// Entries per parallel task (~0.1 ms of scattered loads): per-tensor child sets of a few
+// thousand entries must still split across cores; a fork/join costs a few microseconds.
+constexpr int64_t kGrain = 1 << 12;
 
 template <typename src_t, typename index_t, bool kAccumulate>
 void gather_kernel(const src_t* grad, int64_t numel, const index_t* idx, float* out, int64_t k,
