@@ -229,9 +229,15 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # ---- persistence --------------------------------------------------------------------
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict, *, adopt: bool = False) -> None:
         """Load a :meth:`state_dict`, keeping compact fp32 state in fp32 (unlike the base class,
-        which would cast it to the parameter dtype) and checking it fits this optimizer."""
+        which would cast it to the parameter dtype) and checking it fits this optimizer.
+
+        Args:
+            state_dict: from :meth:`state_dict`.
+            adopt: use the given state tensors themselves instead of copies (no transient second
+                copy of the moments); the caller must not use them afterwards.
+        """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -254,7 +260,8 @@ class SparseAdamW(torch.optim.Optimizer):
                 if name == "step":
                     restored[name] = value.detach().clone().to(torch.float32).cpu()
                 elif isinstance(value, torch.Tensor):
-                    restored[name] = value.detach().clone().to(p.device)
+                    value = value.detach().to(p.device)
+                    restored[name] = value if adopt else value.clone()
                 else:
                     restored[name] = value
             if p in self._indices and restored["exp_avg"].numel() != self._indices[p].numel():

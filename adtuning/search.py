@@ -251,7 +251,8 @@ class AdaptiveSearch:
         )
         self._scheduler = get_linear_schedule_with_warmup(self._optimizer, cfg.warmup_steps, cfg.total_steps)
         if cand.optimizer_state is not None:
-            self._optimizer.load_state_dict(cand.optimizer_state)
+            # The paused state becomes the live state: no second copy of the moments.
+            self._optimizer.load_state_dict(cand.optimizer_state, adopt=True)
             self._scheduler.load_state_dict(cand.scheduler_state)
         torch.set_rng_state(cand.rng_state)
         self._drop_snapshot(cand)
@@ -264,15 +265,20 @@ class AdaptiveSearch:
         # the paused copy too would double its optimizer state in memory.
         cand.values, cand.head, cand.optimizer_state = {}, {}, None
 
-    def _capture(self, cand: Candidate) -> None:
-        """Copy the live state of the active candidate into ``cand`` (model left as is)."""
+    def _capture(self, cand: Candidate, *, keep_live: bool = True) -> None:
+        """Copy the live state of the active candidate into ``cand`` (model left as is).
+
+        With ``keep_live=False`` (the optimizer is about to be discarded) its state tensors are
+        taken over rather than cloned, so swapping out never holds the moments twice.
+        """
         upstream, head = self.problem.upstream_params, self.problem.head_params
         cand.values = {
             name: upstream[name].detach().reshape(-1).index_select(0, idx.to(upstream[name].device).long()).clone()
             for name, idx in cand.child.indices.items()
         }
         cand.head = {n: p.detach().clone() for n, p in head.items()}
-        cand.optimizer_state = _clone_state_dict(self._optimizer.state_dict())
+        state = self._optimizer.state_dict()
+        cand.optimizer_state = _clone_state_dict(state) if keep_live else state
         cand.scheduler_state = dict(self._scheduler.state_dict())
         cand.rng_state = torch.get_rng_state()
 
@@ -282,7 +288,7 @@ class AdaptiveSearch:
         if cand is None:
             return
         start = time.perf_counter()
-        self._capture(cand)
+        self._capture(cand, keep_live=False)
         upstream = self.problem.upstream_params
         for name, idx in cand.child.indices.items():
             flat = upstream[name].data.view(-1)
