@@ -25,7 +25,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -243,18 +243,6 @@ def _patched_modules(linear, layernorm, state: _InBackwardPass):
 
 
 # ---------------------------------------------------------------------------------------------
-
-def _batch_size(batch: Any) -> int | None:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, Mapping):
-        for value in batch.values():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                return value.shape[0]
-    if isinstance(batch, Sequence) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0].shape[0]
-    return None
-
 
 @contextlib.contextmanager
 def _grad_and_eval_state(model: nn.Module, trainable: Iterable[nn.Parameter]):

@@ -16,12 +16,10 @@ the vector of those entries alone; every other entry stays bit-identical.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any, Iterable, Mapping
 
 import torch
-from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from adtuning.backends import get_backend, resolve_backend_name
