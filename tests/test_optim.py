@@ -249,3 +249,19 @@ def test_bad_groups_raise_clear_errors():
         SparseAdamW([{"named_params": params, "child": bad_shape}])
     with pytest.raises(ValueError, match="unknown backend"):
         SparseAdamW([{"named_params": params, "child": random_child(0.1)}], backend="cuda-magic")
+
+
+@pytest.mark.parametrize("adopt", [False, True])
+def test_bf16_state_survives_a_round_trip_in_fp32(adopt):
+    child = random_child(0.3)
+    params = make_params(torch.bfloat16)
+    opt = run_sparse(params, child, nn.Parameter(torch.randn(3)), steps=2, backend="reference")
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = SparseAdamW([{"named_params": params, "child": child}, {"params": [nn.Parameter(torch.randn(3))], "lr": 1e-2}], **HYPER)
+    fresh.load_state_dict(saved, adopt=adopt)
+    for name in child.indices:
+        state = fresh.state[params[name]]
+        assert state["master"].dtype == torch.float32 and state["exp_avg"].dtype == torch.float32
+        assert torch.equal(state["master"], opt.state[params[name]]["master"])
+        original = saved["state"][list(child.indices).index(name)]["master"]
+        assert (state["master"].data_ptr() == original.data_ptr()) == adopt
