@@ -82,8 +82,9 @@ def _validated_scores(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return checked
 
 
-def _kth_largest_key(keys: Sequence[torch.Tensor], k: int) -> int:
-    """The k-th largest key (k >= 1), by a most-significant-byte-first radix select.
+def _kth_largest_key(keys: Sequence[torch.Tensor], k: int) -> tuple[int, int]:
+    """The k-th largest key (k >= 1) and how many entries equal to it belong to the top k,
+    by a most-significant-byte-first radix select.
 
     Four passes, one per byte of the int32 key: each histograms the next byte of the keys in
     the range chosen so far and narrows the range to the byte holding the k-th largest key.
@@ -107,13 +108,13 @@ def _kth_largest_key(keys: Sequence[torch.Tensor], k: int) -> int:
             above += int(counts[digit])
         remaining -= above
         lo = ((digit - 128) << 24) if lo is None else lo + (digit << shift)
-    return lo
+    # Every key above ``lo`` was counted in some pass; ``remaining`` are ties at ``lo``.
+    return lo, remaining
 
 
-def _select(keys: dict[str, torch.Tensor], k: int, threshold: int) -> dict[str, torch.Tensor]:
-    """Indices of the top-k entries given the k-th largest key; ties go to earlier tensors/indices."""
-    above = sum(int((key > threshold).sum()) for key in keys.values())
-    ties_left = k - above
+def _select(keys: dict[str, torch.Tensor], threshold: int, ties_left: int) -> dict[str, torch.Tensor]:
+    """Indices of all entries above ``threshold`` plus the first ``ties_left`` entries equal to it
+    (earlier tensors, then lower flat indices, win ties)."""
     indices = {}
     for name, key in keys.items():
         chosen = key > threshold
@@ -174,8 +175,8 @@ class ChildNetwork:
         children = []
         for p in ps:
             k = _k_for(p, total)
-            threshold = _kth_largest_key(list(keys.values()), k)
-            indices = _select(keys, k, threshold)
+            threshold, ties = _kth_largest_key(list(keys.values()), k)
+            indices = _select(keys, threshold, ties)
             children.append(cls(indices=indices, shapes=dict(shapes), p=p, k=k, threshold=_key_to_float(threshold)))
         return children
 
@@ -250,6 +251,23 @@ class ChildNetwork:
     def __repr__(self) -> str:
         threshold = "" if self.threshold is None else f", threshold={self.threshold:.4g}"
         return f"ChildNetwork(method={self.method}, p={self.p}, k={self.k}, n={self.n}, tensors={len(self.indices)}/{len(self.shapes)}{threshold})"
+
+    # ---- values of the child entries ----------------------------------------------------
+
+    def gather(self, named_params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Current values of the child entries: ``{name: 1-D tensor}`` in the parameter's
+        dtype and device (a copy, independent of later updates)."""
+        return {
+            name: named_params[name].detach().reshape(-1).index_select(0, idx.to(named_params[name].device).long())
+            for name, idx in self.indices.items()
+        }
+
+    @torch.no_grad()
+    def scatter_(self, named_params: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> None:
+        """Write ``values`` (as returned by :meth:`gather`) into the child entries, in place."""
+        for name, idx in self.indices.items():
+            flat = named_params[name].data.view(-1)
+            flat.index_copy_(0, idx.to(flat.device).long(), values[name].to(flat.device, flat.dtype))
 
     # ---- validation ---------------------------------------------------------------------
 
