@@ -71,10 +71,10 @@ def save_delta(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
+    values = child.gather(upstream_params)
     for name, idx in child.indices.items():
-        values = upstream_params[name].detach().reshape(-1).index_select(0, idx.to(upstream_params[name].device).long())
-        tensors[f"upstream.{name}.indices"] = idx.to(torch.int32 if idx.dtype == torch.int32 else torch.int64).cpu().contiguous()
-        tensors[f"upstream.{name}.values"] = values.cpu().contiguous()
+        tensors[f"upstream.{name}.indices"] = idx.cpu().contiguous()
+        tensors[f"upstream.{name}.values"] = values[name].cpu().contiguous()
     for name, value in head_params.items():
         tensors[f"head.{name}"] = value.detach().cpu().contiguous()
     meta = {

@@ -214,9 +214,7 @@ class AdaptiveSearch:
         initial_rng = torch.Generator().manual_seed(config.seed).get_state()
         self.candidates = []
         for i, child in enumerate(children):
-            base = {n: upstream[n].detach().reshape(-1).index_select(0, idx.to(upstream[n].device).long()).clone()
-                    for n, idx in child.indices.items()}
-            self.candidates.append(Candidate(index=i, child=child, base_values=base, rng_state=initial_rng.clone()))
+            self.candidates.append(Candidate(index=i, child=child, base_values=child.gather(upstream), rng_state=initial_rng.clone()))
         self.active: Candidate | None = None
         self._optimizer: SparseAdamW | None = None
         self._scheduler = None
@@ -235,10 +233,7 @@ class AdaptiveSearch:
             self._deactivate()
         start = time.perf_counter()
         upstream, head = self.problem.upstream_params, self.problem.head_params
-        values = cand.values or cand.base_values
-        for name, idx in cand.child.indices.items():
-            flat = upstream[name].data.view(-1)
-            flat.index_copy_(0, idx.to(flat.device).long(), values[name].to(flat.device, flat.dtype))
+        cand.child.scatter_(upstream, cand.values or cand.base_values)
         for name, param in head.items():
             param.data.copy_(cand.head.get(name, self.initial_head[name]))
         cfg = self.config
@@ -272,10 +267,7 @@ class AdaptiveSearch:
         taken over rather than cloned, so swapping out never holds the moments twice.
         """
         upstream, head = self.problem.upstream_params, self.problem.head_params
-        cand.values = {
-            name: upstream[name].detach().reshape(-1).index_select(0, idx.to(upstream[name].device).long()).clone()
-            for name, idx in cand.child.indices.items()
-        }
+        cand.values = cand.child.gather(upstream)
         cand.head = {n: p.detach().clone() for n, p in head.items()}
         state = self._optimizer.state_dict()
         cand.optimizer_state = _clone_state_dict(state) if keep_live else state
@@ -289,10 +281,7 @@ class AdaptiveSearch:
             return
         start = time.perf_counter()
         self._capture(cand, keep_live=False)
-        upstream = self.problem.upstream_params
-        for name, idx in cand.child.indices.items():
-            flat = upstream[name].data.view(-1)
-            flat.index_copy_(0, idx.to(flat.device).long(), cand.base_values[name].to(flat.device, flat.dtype))
+        cand.child.scatter_(self.problem.upstream_params, cand.base_values)
         self._optimizer.remove_hooks()
         self._optimizer = self._scheduler = None
         self.active = None
