@@ -53,17 +53,16 @@ def load_finetuned(delta_dir: str | Path, base: str | None = None, *, device: st
     meta = read_delta_config(delta_dir)
     upstream = build_upstream(base or meta["base_model"], dtype=_DTYPES[meta.get("base_dtype", "float32")], seed=meta.get("base_seed", 0))
     task = build_task(meta["task"], upstream_dim=upstream.hidden_size, num_layers=upstream.num_layers,
-                      **{**meta.get("task_kwargs", {}), **_task_only(meta)})
+                      **{**meta.get("task_kwargs", {}), **_split_options(meta)[1]})
     model = SpeechModel(upstream, task)
     apply_delta(delta_dir, dict(model.upstream.named_parameters()), dict(model.task.named_parameters()))
     return model.to(device).eval()
 
 
-def _task_only(meta: dict) -> dict:
-    from adtuning.train import _DATASET_OPTIONS
+def _split_options(meta: dict) -> tuple[dict, dict]:
+    from adtuning.train import split_task_options
 
-    dataset_keys = _DATASET_OPTIONS.get(meta["task"], ())
-    return {k: v for k, v in meta.get("task_options", {}).items() if k not in dataset_keys}
+    return split_task_options(meta["task"], meta.get("task_options", {}))
 
 
 def merge_delta(delta_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
@@ -89,13 +88,10 @@ def evaluate_delta(delta_dir: str | Path, data_dir: str | Path, split: str = "te
                    batch_size: int = 16, device: str | torch.device = "cpu", progress: bool = True) -> dict[str, float]:
     """Metrics of base + delta on ``split`` of the corpus at ``data_dir``."""
     from adtuning.speech import build_dataset, make_loader
-    from adtuning.train import _DATASET_OPTIONS
 
     meta = read_delta_config(delta_dir)
     model = load_finetuned(delta_dir, base, device=device)
-    dataset_keys = _DATASET_OPTIONS.get(meta["task"], ())
-    options = {k: v for k, v in meta.get("task_options", {}).items() if k in dataset_keys}
-    dataset = build_dataset(meta["task"], data_dir, split, **options)
+    dataset = build_dataset(meta["task"], data_dir, split, **_split_options(meta)[0])
     return model.evaluate(make_loader(dataset, batch_size, shuffle=False), progress=progress)
 
 

@@ -252,9 +252,7 @@ class Recipe:
         from adtuning.speech import SpeechModel, build_dataset, build_task, build_upstream
 
         data_dir = args.data_dir or self._embedded_corpus()
-        options = _task_options(args.task_option)
-        dataset_options = {k: v for k, v in options.items() if k in _DATASET_OPTIONS.get(args.task, ())}
-        task_options = {k: v for k, v in options.items() if k not in dataset_options}
+        dataset_options, task_options = split_task_options(args.task, _task_options(args.task_option))
         self.train_set = build_dataset(args.task, data_dir, "train", **dataset_options)
         self.dev_set = build_dataset(args.task, data_dir, "dev", **dataset_options)
         self.test_set = _optional_split(build_dataset, args.task, data_dir, dataset_options)
@@ -455,6 +453,13 @@ class Recipe:
                                                  title=f"{self.args.task}: dev {metric} per candidate"))
         files.append(plots.plot_layer_ratios({c.p: c.layer_ratios() for c in self.children}, self.out / "layer_ratios.png"))
         return [str(f) for f in files]
+
+
+def split_task_options(task: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split task options into (corpus-reader options, task-head options) for ``task``."""
+    dataset_keys = _DATASET_OPTIONS.get(task, ())
+    dataset = {k: v for k, v in options.items() if k in dataset_keys}
+    return dataset, {k: v for k, v in options.items() if k not in dataset_keys}
 
 
 # --task-option keys that configure the corpus reader; every other key goes to the task head.
