@@ -101,7 +101,7 @@ def note_sample_lengths(lengths: torch.Tensor) -> None:
 # Reference: one autograd.grad per sample.
 
 def _per_sample_reference(
-    model: nn.Module, losses: torch.Tensor, params: dict[str, nn.Parameter], fisher: dict[str, torch.Tensor], count: int
+    losses: torch.Tensor, params: dict[str, nn.Parameter], fisher: dict[str, torch.Tensor], count: int
 ) -> None:
     names = list(params)
     tensors = [params[n] for n in names]
@@ -360,10 +360,10 @@ def estimate_fisher(
                     torch.autograd.backward(used, inputs=[anchor], retain_graph=bool(fallback_params))
                     if fallback_params:
                         state.accumulate = False
-                        _per_sample_reference(model, losses, fallback_params, fisher, count)
+                        _per_sample_reference(losses, fallback_params, fisher, count)
                         state.accumulate = True
                 else:
-                    _per_sample_reference(model, losses, scored, fisher, count)
+                    _per_sample_reference(losses, scored, fisher, count)
                 samples += count
                 num_batches += 1
                 bar.set_postfix(samples=samples)

@@ -105,8 +105,8 @@ class CTCTask(Task):
         return [self.decode(t[b, : n[b]].tolist()) for b in range(t.shape[0])]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of a collapsed id sequence (each CTC task decodes with its vocabulary)."""
-        raise NotImplementedError
+        """Text of a collapsed id sequence, in the task's vocabulary (``self.vocab``)."""
+        return self.vocab.decode(ids)
 
     def new_eval_state(self):
         return {**super().new_eval_state(), "hyp": [], "ref": []}
@@ -136,9 +136,6 @@ class ASRTask(CTCTask):
                          project_dim=project_dim, rnn_dim=rnn_dim, rnn_layers=rnn_layers, dropout=dropout,
                          normalize_features=normalize_features, specaug=ASR_SPECAUG if specaug is True else specaug)
 
-    def decode(self, ids):
-        return self.vocab.decode(ids)
-
     def eval_compute(self, state):
         out = super().eval_compute(state)
         out["wer"] = M.word_error_rate(state["hyp"], state["ref"])
@@ -159,9 +156,6 @@ class PRTask(CTCTask):
         super().__init__(upstream_dim=upstream_dim, num_layers=num_layers, vocab_size=len(self.vocab),
                          project_dim=project_dim, rnn_dim=None, rnn_layers=0, dropout=0.0,
                          normalize_features=normalize_features)
-
-    def decode(self, ids):
-        return self.vocab.decode(ids)
 
     def eval_compute(self, state):
         out = super().eval_compute(state)
@@ -192,9 +186,6 @@ class SFTask(CTCTask):
         super().__init__(upstream_dim=upstream_dim, num_layers=num_layers, vocab_size=len(self.vocab),
                          project_dim=project_dim, rnn_dim=rnn_dim, rnn_layers=rnn_layers, dropout=dropout,
                          normalize_features=normalize_features, specaug=SF_SPECAUG if specaug is True else specaug)
-
-    def decode(self, ids):
-        return self.vocab.decode(ids)
 
     def eval_compute(self, state):
         out = super().eval_compute(state)
