@@ -46,6 +46,18 @@ def check_compact(op: str, name: str, t: torch.Tensor, k: int) -> None:
 
 
 _SM_COUNT: dict[int, int] = {}
+_CAPABILITY: dict[int, int] = {}
+
+
+def cuda_capability(device: torch.device) -> int | None:
+    """Compute capability of a CUDA device as ``10 * major + minor`` (90 for H100/H200), else None."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(index)
+        _CAPABILITY[index] = 10 * major + minor
+    return _CAPABILITY[index]
 
 
 def elementwise_block(k: int, device: torch.device, largest: int = 1024, smallest: int = 128) -> int:

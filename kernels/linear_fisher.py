@@ -17,24 +17,38 @@ import torch
 import triton
 import triton.language as tl
 
-from adtuning.kernels._common import check_device, interpreting
+from adtuning.kernels._common import check_device, cuda_capability, interpreting
 
 # tl.dot needs every tile dimension >= 16; smaller layers are handled by masking.
 MIN_BLOCK = 16
-# 64x64 Fisher tiles: two fp32 [64, 64] register tiles (per-sample gradient and Fisher) fit
-# 4 warps without spilling, and the 768/3072-wide layers of speech SSL models give >= 144 tiles.
+# 64x64 Fisher tiles: the 768/3072-wide layers of speech SSL models give >= 144 tiles.
 MAX_BLOCK_MN = 64
-# Frames per tl.dot: 32 for fp32 (register budget of the 3-pass TF32 product), 64 for 16-bit.
-MAX_BLOCK_K_FP32 = 32
-MAX_BLOCK_K_16BIT = 64
+# 32 frames per tl.dot for every dtype on Hopper (fp32 dots run as three TF32 wgmma products).
+# Before Hopper the mma operands live in registers, and fp32 tiles need 16 frames to fit.
+MAX_BLOCK_K = 32
+MAX_BLOCK_K_FP32_PRE_HOPPER = 16
 # fp32 inputs: three TF32 tensor-core products recover fp32 accuracy (rel. error ~1e-6);
 # plain TF32 (~1e-3) would not meet the reference's 1e-5. bf16/fp16 values are exact in TF32,
 # so upcast 16-bit tiles need one pass (and native 16-bit dots ignore the setting).
 FP32_INPUT_PRECISION = "tf32x3"
 LOW_INPUT_PRECISION = "tf32"
-# 4 warps per 64x64 tile; 3 stages pipeline the frame loop's loads behind the dots.
-NUM_WARPS = 4
+# 8 warps per 64x64 tile: with 4 warps the fp32 (TF32x3) and bf16 tiles need more than 255
+# registers per thread and spill, under Triton 3.6 and 3.8 alike; with 8 nothing spills on
+# sm_80 or sm_90 (``python -m adtuning.triton_compile``). Smaller tiles use 4.
+NUM_WARPS = 8
+SMALL_TILE_NUM_WARPS = 4
+# 3 stages pipeline the frame loop's loads behind the dots.
 NUM_STAGES = 3
+# Tilings worth timing on a new GPU (bench/gpu_check.py times each against the defaults):
+# (block_m, block_n, block_k, num_warps, num_stages, input_precision).
+TUNING_CANDIDATES = (
+    (64, 64, 16, 4, 3, "tf32x3"),
+    (64, 64, 32, 4, 3, "tf32x3"),
+    (128, 64, 16, 8, 3, "tf32x3"),
+    (64, 128, 16, 8, 3, "tf32x3"),
+    (64, 64, 32, 8, 3, "ieee"),
+    (32, 32, 32, 4, 3, "tf32x3"),
+)
 
 
 @triton.jit
@@ -82,7 +96,10 @@ def _linear_fisher_kernel(
         else:
             valid = frames
         grad_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        grad_b = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # Bias gradient summed element-wise over frame tiles and reduced once per sample: no
+        # cross-thread reduction inside the frame loop (Triton 3.6 fails to compile a
+        # loop-carried tl.sum whose result is squared).
+        grad_b_tile = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         # The loop stops at the sample's length: padded frames cost no loads and no FLOPs.
         for t0 in range(0, valid, BLOCK_K):
             t = t0 + offs_k
@@ -104,9 +121,10 @@ def _linear_fisher_kernel(
                 xt = xt.to(tl.float32)
             grad_w = tl.dot(dyt, xt, grad_w, input_precision=INPUT_PRECISION)
             if HAS_BIAS:
-                grad_b += tl.sum(dyt.to(tl.float32), axis=1)
+                grad_b_tile += dyt.to(tl.float32)
         fisher += grad_w * grad_w
         if HAS_BIAS:
+            grad_b = tl.sum(grad_b_tile, axis=1)
             fisher_b += grad_b * grad_b
         dy_base += stride_db
         x_base += stride_xb
@@ -137,8 +155,8 @@ def linear_fisher(
     block_n: int | None = None,
     block_k: int | None = None,
     input_precision: str | None = None,
-    num_warps: int = NUM_WARPS,
-    num_stages: int = NUM_STAGES,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> None:
     """Accumulate ``fisher_w += sum_n (dy_n^T x_n)^2`` and ``fisher_b += sum_n (sum_t dy_n,t)^2``.
 
@@ -149,7 +167,8 @@ def linear_fisher(
         fisher_b: contiguous fp32 [out] accumulator, or None.
         lengths: optional int [B]; only frames ``t < lengths[n]`` of sample n count.
         block_m, block_n, block_k, input_precision, num_warps, num_stages: tiling overrides
-            for benchmarks (block sizes are powers of two >= 16); the defaults are tuned.
+            for benchmarks (block sizes are powers of two >= 16). The defaults are chosen
+            to compile without register spills; they have not been timed on a GPU yet.
     """
     if x.dim() != 3 or dy.dim() != 3 or x.shape[:2] != dy.shape[:2]:
         raise ValueError(
@@ -186,13 +205,13 @@ def linear_fisher(
     if batch == 0 or frames == 0 or in_features == 0 or out_features == 0:
         return
 
-    is_fp32 = x.dtype == torch.float32 or dy.dtype == torch.float32
-    block_m = block_m or _block(out_features, MAX_BLOCK_MN)
-    block_n = block_n or _block(in_features, MAX_BLOCK_MN)
-    block_k = block_k or _block(frames, MAX_BLOCK_K_FP32 if is_fp32 else MAX_BLOCK_K_16BIT)
-    if input_precision is None:
-        input_precision = FP32_INPUT_PRECISION if is_fp32 else LOW_INPUT_PRECISION
-    grid = (triton.cdiv(out_features, block_m), triton.cdiv(in_features, block_n))
+    config = kernel_config(
+        x.dtype, dy.dtype, out_features, in_features, frames,
+        capability=cuda_capability(x.device), interpreted=interpreting(),
+        block_m=block_m, block_n=block_n, block_k=block_k, input_precision=input_precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    grid = (triton.cdiv(out_features, config["BLOCK_M"]), triton.cdiv(in_features, config["BLOCK_N"]))
     _linear_fisher_kernel[grid](
         x, dy, fisher_w,
         # Never read without HAS_BIAS / HAS_LENGTHS; any tensor stands in for the pointer.
@@ -203,13 +222,50 @@ def linear_fisher(
         dy.stride(0), dy.stride(1), dy.stride(2),
         HAS_BIAS=fisher_b is not None,
         HAS_LENGTHS=lengths is not None,
+        **config,
+    )
+
+
+def kernel_config(
+    x_dtype: torch.dtype,
+    dy_dtype: torch.dtype,
+    out_features: int,
+    in_features: int,
+    frames: int,
+    *,
+    capability: int | None = None,
+    interpreted: bool = False,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    input_precision: str | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> dict:
+    """The compile-time constants and launch options :func:`linear_fisher` uses for a layer.
+
+    ``capability`` is the GPU's compute capability as ``10 * major + minor`` (None: Hopper's
+    defaults, as under the interpreter). ``HAS_BIAS`` and ``HAS_LENGTHS`` are left out (they
+    follow the arguments). :mod:`adtuning.triton_compile` uses this too, to compile exactly
+    the specialisations the launcher makes.
+    """
+    is_fp32 = torch.float32 in (x_dtype, dy_dtype)
+    block_m = block_m or _block(out_features, MAX_BLOCK_MN)
+    block_n = block_n or _block(in_features, MAX_BLOCK_MN)
+    pre_hopper = capability is not None and capability < 90
+    block_k = block_k or _block(frames, MAX_BLOCK_K_FP32_PRE_HOPPER if is_fp32 and pre_hopper else MAX_BLOCK_K)
+    if input_precision is None:
+        input_precision = FP32_INPUT_PRECISION if is_fp32 else LOW_INPUT_PRECISION
+    if num_warps is None:
+        num_warps = NUM_WARPS if block_m * block_n >= MAX_BLOCK_MN * MAX_BLOCK_MN else SMALL_TILE_NUM_WARPS
+    return {
         # The interpreter's tl.dot (numpy matmul) cannot multiply bf16/fp16 tiles; upcasting is
         # exact and keeps the fp32 accumulation, so interpreted results stay comparable.
-        UPCAST=x.dtype != dy.dtype or (interpreting() and not is_fp32),
-        INPUT_PRECISION=input_precision,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+        "UPCAST": x_dtype != dy_dtype or (interpreted and not is_fp32),
+        "INPUT_PRECISION": input_precision,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "num_warps": num_warps,
+        "num_stages": NUM_STAGES if num_stages is None else num_stages,
+    }
