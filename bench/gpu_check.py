@@ -2,7 +2,7 @@
 
 Run from the repository root (adtuning need not be installed)::
 
-    python bench/gpu_check.py [--results-dir bench/results] [--quick]
+    python bench/gpu_check.py [--results-dir bench/results] [--quick] [--dry-run]
 
 1. **Correctness** on CUDA: ``gather``, ``sparse_adamw_`` and ``linear_fisher_`` of the
    ``triton`` backend against their reference twins (awkward sizes, every dtype), and the
@@ -22,6 +22,10 @@ Run from the repository root (adtuning need not be installed)::
 4. **Fisher kernel** per wav2vec2-base Linear shape: the kernel under a few tilings (TF32x3
    and IEEE fp32 dots) against the ordinary weight-gradient GEMM it replaces, for tuning.
 
+``--dry-run`` runs every section on the CPU instead, under ``TRITON_INTERPRET=1`` with tiny
+sizes and wall-clock timings, so that the script itself is tested before the scarce GPU run
+(``tests/test_gpu_check.py``); its figures mean nothing.
+
 Every time is the median of CUDA-event timings after warm-up (the first call compiles).
 The JSON written under ``bench/results/`` holds the device, versions, date and all figures,
 with ratios against baselines measured in the same run. Exit status: 0 when every
@@ -36,6 +40,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -53,21 +58,29 @@ TIME_BUDGET_S = 270.0  # leave headroom under the 5-minute promise
 NOMINAL_HBM = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
                "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12}
 WAV2VEC2_BASE_SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # (out, in) of its Linears
-FISHER_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages, input_precision)
-    None,  # the launcher's defaults
-    (64, 64, 32, 4, 3, "ieee"),
-    (128, 64, 32, 8, 3, "tf32x3"),
-    (64, 128, 32, 8, 3, "tf32x3"),
-    (128, 128, 32, 8, 3, "tf32x3"),
-    (32, 32, 32, 4, 3, "tf32x3"),
-    (64, 64, 64, 4, 2, "tf32x3"),
-]
 SPARSE_RATIOS = (0.001, 0.01, 0.1)
+SPARSE_BENCH_NUMEL = 94_371_712  # wav2vec2-base's parameter count, as one tensor
 # Correctness cases: awkward sizes (1, primes, 2^k + 1) up to wav2vec2-base's largest Linear.
 GATHER_CHECK_SIZES = [(1, 1), (4097, 1025), (278011, 27803)]  # (numel, k)
 ADAMW_CHECK_SIZES = [(1, 1), (4097, 2049), (278011, 2781)]  # (numel, k)
 FISHER_CHECK_SHAPES = [(1, 1, 1, 1), (3, 17, 31, 13), (2, 33, 65, 127), (5, 97, 257, 1025),
                        (8, 199, 768, 3072)]  # (B, T, in, out)
+# --dry-run: the CPU interpreter stands in for the GPU; tiny sizes keep it to seconds.
+DRY_RUN = False
+DRY_CHECK_CASES = 3  # the first (smallest) cases of each correctness list above
+
+
+def _tiny_wav2vec2_config():
+    """A wav2vec2 small enough for the CPU interpreter (dry runs only)."""
+    from transformers import Wav2Vec2Config
+
+    return Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=37, conv_dim=(16,) * 7, layerdrop=0.0,
+                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+
+
+def _check_cases(cases: list) -> list:
+    return cases[:DRY_CHECK_CASES] if DRY_RUN else cases
 
 
 def _import_adtuning():
@@ -95,6 +108,14 @@ def _import_adtuning():
 
 def median_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20) -> float:
     """Median of ``iters`` CUDA-event timings of ``fn`` (ms) after ``warmup`` calls."""
+    if DRY_RUN:  # wall clock, one warm-up and three calls: the figure only has to exist
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -111,6 +132,9 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20) -> flo
 
 def peak_bytes(fn: Callable[[], object]) -> int:
     """``torch.cuda.max_memory_allocated`` over one call of ``fn`` (memory held before counts)."""
+    if DRY_RUN:  # no allocator statistics on the CPU
+        fn()
+        return 0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
@@ -126,7 +150,8 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def copy_bandwidth(device: torch.device) -> float:
     """Measured device-to-device copy rate in bytes/s (bytes read plus written)."""
-    src = torch.empty(1 << 28, dtype=torch.float32, device=device).uniform_()  # 1 GiB
+    numel = 1 << 16 if DRY_RUN else 1 << 28  # 1 GiB on the GPU
+    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), warmup=2, iters=10)
     return 2 * src.numel() * 4 / (ms * 1e-3)
@@ -149,7 +174,7 @@ def check_kernels(tb, ref, device: torch.device) -> list[dict]:
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for index_dtype in (torch.int32, torch.int64):
-            for numel, k in GATHER_CHECK_SIZES:
+            for numel, k in _check_cases(GATHER_CHECK_SIZES):
                 grad = torch.randn(numel, device=device).to(dtype)
                 idx = indices(numel, k, index_dtype)
                 out = torch.full((k,), 7.0, device=device)
@@ -162,7 +187,7 @@ def check_kernels(tb, ref, device: torch.device) -> list[dict]:
     hyper = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for index_dtype in (torch.int32, torch.int64):
-            for numel, k in ADAMW_CHECK_SIZES:
+            for numel, k in _check_cases(ADAMW_CHECK_SIZES):
                 param = torch.randn(numel, device=device).to(dtype)
                 idx = indices(numel, k, index_dtype)
                 state = [torch.zeros(k, device=device), torch.zeros(k, device=device),
@@ -186,7 +211,7 @@ def check_kernels(tb, ref, device: torch.device) -> list[dict]:
                 record("sparse_adamw", f"{dtype} idx={index_dtype} numel={numel} k={k} 5 steps", err, 1e-5, ok)
 
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)):
-        for batch, frames, in_f, out_f in FISHER_CHECK_SHAPES:
+        for batch, frames, in_f, out_f in _check_cases(FISHER_CHECK_SHAPES):
             for with_lengths in (False, True):
                 x = torch.randn(batch, frames, in_f, device=device).to(dtype)
                 dy = torch.randn(batch, frames, out_f, device=device).to(dtype)
@@ -265,9 +290,16 @@ def _batch(size: int, samples: int, classes: int, device: torch.device):
 def bench_fisher_kernel(device: torch.device, batch: int = 8, frames: int = 199) -> list[dict]:
     """Per wav2vec2-base Linear shape: dW GEMM vs the Fisher kernel under several tilings."""
     from adtuning.kernels import linear_fisher
+    from adtuning.kernels.linear_fisher import TUNING_CANDIDATES
 
+    # The launcher's defaults, then tilings that compile without spills offline
+    # (python -m adtuning.triton_compile) and are worth timing against them.
+    configs = [None, *TUNING_CANDIDATES]
+    shapes = WAV2VEC2_BASE_SHAPES
+    if DRY_RUN:
+        shapes, batch, frames = [(33, 17)], 2, 5
     rows = []
-    for out_f, in_f in WAV2VEC2_BASE_SHAPES:
+    for out_f, in_f in shapes:
         x = torch.randn(batch, frames, in_f, device=device)
         dy = torch.randn(batch, frames, out_f, device=device)
         dy2, x2 = dy.reshape(-1, out_f), x.reshape(-1, in_f)
@@ -276,7 +308,7 @@ def bench_fisher_kernel(device: torch.device, batch: int = 8, frames: int = 199)
         exact_w = torch.zeros(out_f, in_f, device=device, dtype=torch.float64)
         for n in range(batch):
             exact_w += (dy[n].double().t() @ x[n].double()).square()
-        for cfg in FISHER_CONFIGS:
+        for cfg in configs:
             kwargs = {} if cfg is None else dict(
                 block_m=cfg[0], block_n=cfg[1], block_k=cfg[2], num_warps=cfg[3],
                 num_stages=cfg[4], input_precision=cfg[5])
@@ -342,9 +374,10 @@ def bench_fisher_pass(device: torch.device, batch: int = 8, seconds: float = 4.0
         p.grad = None
     result["fisher_peak_bytes"] = peak_bytes(fisher_pass)
     result["time_ratio"] = result["fisher_ms"] / result["plain_ms"]
-    result["memory_ratio"] = result["fisher_peak_bytes"] / result["plain_peak_bytes"]
     result["meets_time_target_1.3x"] = result["time_ratio"] <= 1.3
-    result["meets_memory_target_1.1x"] = result["memory_ratio"] <= 1.1
+    if result["plain_peak_bytes"]:  # 0 in dry runs: no allocator statistics on the CPU
+        result["memory_ratio"] = result["fisher_peak_bytes"] / result["plain_peak_bytes"]
+        result["meets_memory_target_1.1x"] = result["memory_ratio"] <= 1.1
     return result
 
 
@@ -489,7 +522,7 @@ def _summary(results: dict) -> list[str]:
             lines.append(f"Fisher kernel {row['out']}x{row['in']} {row['config']}: {row['ms']:.3f} ms "
                          f"({row['ratio_vs_dw_gemm']:.2f}x dW GEMM, {row['tflops']:.1f} TFLOP/s, err {row['rel_err_vs_fp64']:.1e})")
     pass_ = results.get("fisher_pass", {})
-    if "time_ratio" in pass_:
+    if "memory_ratio" in pass_:
         lines.append(f"Fisher pass: {pass_['fisher_ms']:.1f} ms vs plain fwd+bwd {pass_['plain_ms']:.1f} ms "
                      f"= {pass_['time_ratio']:.2f}x (target <= 1.3x); peak memory "
                      f"{pass_['fisher_peak_bytes'] / 2**30:.2f} vs {pass_['plain_peak_bytes'] / 2**30:.2f} GiB "
@@ -520,27 +553,38 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the JSON (default: bench/results)")
     parser.add_argument("--quick", action="store_true",
                         help="correctness only, no timings")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run every section on the CPU under TRITON_INTERPRET=1 with tiny sizes, "
+                             "to test this script without a GPU (the figures mean nothing)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DRY_RUN
+    DRY_RUN = args.dry_run
+    if DRY_RUN:
+        if "adtuning.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--dry-run needs TRITON_INTERPRET=1 before the kernels are imported")
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
+    elif not torch.cuda.is_available():
         print("gpu_check: skipped: no CUDA device (torch.cuda.is_available() is False); "
-              "the kernels are tested on the CPU by tests/test_triton_kernels.py under TRITON_INTERPRET=1")
+              "the kernels are tested on the CPU by tests/test_triton_kernels.py under TRITON_INTERPRET=1 "
+              "(and this script by --dry-run)")
         return 0
 
     started = time.monotonic()
-    device = torch.device("cuda")
+    device = torch.device("cpu" if DRY_RUN else "cuda")
     adtuning = _import_adtuning()
     from adtuning import reference
     from adtuning.backends import get_backend
 
     tb = get_backend("triton", device)
-    results: dict = {"environment": environment()}
+    results: dict = {"environment": environment(), "dry_run": DRY_RUN}
     print(f"[gpu_check] {results['environment'].get('device')} torch {torch.__version__} "
           f"triton {results['environment']['triton']}", flush=True)
     _section(results, "kernel_correctness", lambda: check_kernels(tb, reference, device), started)
     _section(results, "fisher_pass_correctness", lambda: check_fisher_pass(adtuning, device), started)
     if not args.quick:
         # Most important figures first: later sections are skipped if the time budget runs out.
-        _section(results, "fisher_pass", lambda: bench_fisher_pass(device), started)
+        pass_kwargs = {"batch": 2, "seconds": 0.25, "config": _tiny_wav2vec2_config()} if DRY_RUN else {}
+        _section(results, "fisher_pass", lambda: bench_fisher_pass(device, **pass_kwargs), started)
         torch.cuda.empty_cache()
         name = results["environment"].get("device", "")
         peak = next((bw for key, bw in NOMINAL_HBM.items() if key in name), None)
@@ -548,9 +592,11 @@ def main(argv: list[str] | None = None) -> int:
                                                 "measured_copy_Bps": copy_bandwidth(device)}, started)
         copy_bw = results["bandwidth"].get("measured_copy_Bps") or peak or 1.0
         _section(results, "sparse_adamw",
-                 lambda: bench_sparse_adamw(tb, device, 94_371_712, peak, copy_bw), started)
+                 lambda: bench_sparse_adamw(tb, device, 10_007 if DRY_RUN else SPARSE_BENCH_NUMEL,
+                                            peak, copy_bw), started)
         torch.cuda.empty_cache()
-        _section(results, "sparse_adamw_model", lambda: bench_model_step(tb, device), started)
+        model_config = _tiny_wav2vec2_config() if DRY_RUN else None
+        _section(results, "sparse_adamw_model", lambda: bench_model_step(tb, device, model_config), started)
         torch.cuda.empty_cache()
         _section(results, "fisher_kernel", lambda: bench_fisher_kernel(device), started)
     results["elapsed_s"] = time.monotonic() - started
@@ -560,8 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     slug = "".join(c if c.isalnum() else "-" for c in results["environment"].get("device", "cuda"))
+    if DRY_RUN:
+        slug = "dry-run-cpu"
     path = args.results_dir / f"gpu_check_{stamp}_{slug}.json"
-    path.write_text(json.dumps(results, indent=2, default=str))
+    text = json.dumps(results, indent=2, default=str)
+    from adtuning.atomic import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     print("\n".join(_summary(results)))
     print(f"[gpu_check] {'all correctness checks passed' if ok else 'CORRECTNESS FAILURES'}; "
           f"{results['elapsed_s']:.0f} s; wrote {path}")

@@ -1,0 +1,42 @@
+"""bench/gpu_check.py runs end to end on the CPU (--dry-run), so the one GPU run is not wasted.
+
+The dry run drives every section of the script (kernel correctness, the Fisher pass check,
+every benchmark) with tiny sizes on the Triton interpreter and wall-clock timings; only the
+CUDA timing and memory calls are left for the GPU. Its figures are not checked: they mean
+nothing on the CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("kernel_correctness", "fisher_pass_correctness", "fisher_pass", "bandwidth",
+            "sparse_adamw", "sparse_adamw_model", "fisher_kernel")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_completes_every_section(tmp_path):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--results-dir", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (report_path,) = tmp_path.glob("gpu_check_*_dry-run-cpu.json")
+    report = json.loads(report_path.read_text())
+    assert report["dry_run"] is True and report["correctness_ok"] is True
+    for section in SECTIONS:
+        value = report[section]
+        assert not (isinstance(value, dict) and ("error" in value and "traceback" in value
+                                                 or "skipped" in value)), (section, value)
+    assert all(case["ok"] for case in report["kernel_correctness"])
+    assert {case["op"] for case in report["kernel_correctness"]} == {"gather", "sparse_adamw", "linear_fisher"}
+    assert all("error" not in row for row in report["fisher_kernel"]), report["fisher_kernel"]
+    assert "all correctness checks passed" in result.stdout
