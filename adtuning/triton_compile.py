@@ -34,13 +34,21 @@ from pathlib import Path
 import torch
 
 from adtuning.atomic import atomic_write
+from adtuning.kernels._common import block_for_sm_count
 
-# Block sizes elementwise_block() can pick for the 1-D kernels (128 .. 1024).
-ELEMENTWISE_BLOCKS = (128, 256, 512, 1024)
-# (out_features, in_features, frames) whose default tilings cover every block-size branch:
-# a 1 x 1 layer over one frame (16 x 16 x 16 tiles, 4 warps), an odd mid-size layer, and
-# wav2vec2-base's feed-forward shape over 4 s (64 x 64 x 32 tiles, 8 warps).
-FISHER_SHAPES = ((1, 1, 1), (97, 33, 17), (3072, 768, 199))
+# Child-set sizes k for the 1-D kernels. The JIT compiles a separate variant when k == 1 (a
+# constant) and when k is a multiple of 16, and the launcher's block size follows k: on a
+# 132-SM GPU these give blocks 128 (k = 1 and 94,371), 256, 512 and 1024.
+ELEMENTWISE_K = (1, 94_371, 200_003, 400_000, 1 << 20)
+QUICK_ELEMENTWISE_K = (1, 1 << 20)
+# Multiprocessors of the GPUs each target stands for (H100 SXM / H200, A100), which set the
+# launcher's block size for a given k.
+SM_COUNT = {90: 132, 80: 108}
+# (batch, frames, in_features, out_features) whose default tilings cover every block-size
+# branch: one frame of a 1 x 1 layer (16 x 16 x 16 tiles; the JIT makes every size
+# argument a constant 1), an odd mid-size layer, and wav2vec2-base's feed-forward layer over
+# 8 x 4 s (64 x 64 tiles, 16 or 32 frames).
+FISHER_SHAPES = ((1, 1, 1, 1), (3, 17, 33, 97), (8, 199, 768, 3072))
 # (x dtype, dy dtype) pairs the launcher accepts: equal 16-bit or fp32 dtypes, and mixed ones.
 FISHER_DTYPES = (
     (torch.float32, torch.float32),
@@ -54,12 +62,24 @@ TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 
 @dataclasses.dataclass(frozen=True)
+class Pointer:
+    """A tensor argument: a freshly allocated (16-byte aligned) contiguous tensor of ``dtype``."""
+
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass(frozen=True)
 class Specialisation:
-    """One compiled variant of a kernel: argument types, constexprs and launch options."""
+    """One kernel launch as the launcher makes it: argument values, constexprs, launch options.
+
+    The argument values go through Triton's own specialisation rules at compile time (an int
+    equal to 1 becomes a constant; pointers and ints divisible by 16 get an alignment hint), so
+    the compiled variant is the one the JIT would build for that launch.
+    """
 
     kernel: str  # attribute path "module:function" under adtuning.kernels
     label: str
-    arg_types: tuple[tuple[str, str], ...]  # (argument, Triton type) of the run-time arguments
+    args: tuple[tuple[str, object], ...]  # (argument, Pointer or Python scalar) at run time
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int
     num_stages: int
@@ -74,45 +94,46 @@ def _load_kernel(path: str):
     return getattr(importlib.import_module(f"adtuning.kernels.{module_name}"), attr)
 
 
-def _gather_specs(quick: bool) -> list[Specialisation]:
+def _gather_specs(quick: bool, sm_count: int) -> list[Specialisation]:
     mod = importlib.import_module("adtuning.kernels.gather")
-
     specs = []
     for grad_dtype in (torch.float32, torch.bfloat16, torch.float16):
         for index_dtype in (torch.int32, torch.int64):
             for accumulate in (False, True):
-                for block in (ELEMENTWISE_BLOCKS[-1:] if quick else ELEMENTWISE_BLOCKS):
+                for k in (QUICK_ELEMENTWISE_K if quick else ELEMENTWISE_K):
+                    block = block_for_sm_count(k, sm_count, mod.MAX_BLOCK_SIZE)
                     specs.append(Specialisation(
                         "gather:_gather_kernel",
-                        f"gather grad={TRITON_TYPE[grad_dtype]} idx={TRITON_TYPE[index_dtype]}",
-                        (("grad_ptr", "*" + TRITON_TYPE[grad_dtype]),
-                         ("idx_ptr", "*" + TRITON_TYPE[index_dtype]),
-                         ("out_ptr", "*fp32"), ("k", "i32")),
+                        f"gather grad={TRITON_TYPE[grad_dtype]} idx={TRITON_TYPE[index_dtype]} k={k}",
+                        (("grad_ptr", Pointer(grad_dtype)), ("idx_ptr", Pointer(index_dtype)),
+                         ("out_ptr", Pointer(torch.float32)), ("k", k)),
                         (("ACCUMULATE", accumulate), ("BLOCK_SIZE", block)),
                         mod.NUM_WARPS, 3,
                     ))
     return specs
 
 
-def _sparse_adamw_specs(quick: bool) -> list[Specialisation]:
+def _sparse_adamw_specs(quick: bool, sm_count: int) -> list[Specialisation]:
     mod = importlib.import_module("adtuning.kernels.sparse_adamw")
-
-    scalars = ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "bias_correction2_sqrt",
-               "eps", "neg_step_size")
+    # AdamW's step scalars as the launcher passes them (Python floats: never specialised).
+    scalars = (("decay", 1 - 1e-4 * 0.01), ("one_minus_beta1", 0.1), ("beta2", 0.999),
+               ("one_minus_beta2", 0.001), ("bias_correction2_sqrt", 0.0316), ("eps", 1e-8),
+               ("neg_step_size", -1e-3))
     specs = []
     # fp32 weights with or without a master copy; 16-bit weights always have one.
     for param_dtype, has_master in ((torch.float32, False), (torch.float32, True),
                                     (torch.bfloat16, True), (torch.float16, True)):
         for index_dtype in (torch.int32, torch.int64):
-            for block in (ELEMENTWISE_BLOCKS[-1:] if quick else ELEMENTWISE_BLOCKS):
-                arg_types = (("param_ptr", "*" + TRITON_TYPE[param_dtype]), ("grad_ptr", "*fp32"),
-                             ("idx_ptr", "*" + TRITON_TYPE[index_dtype]), ("exp_avg_ptr", "*fp32"),
-                             ("exp_avg_sq_ptr", "*fp32"), ("master_ptr", "*fp32"), ("k", "i32"))
-                arg_types += tuple((name, "fp32") for name in scalars)
+            for k in (QUICK_ELEMENTWISE_K if quick else ELEMENTWISE_K):
+                block = block_for_sm_count(k, sm_count, mod.MAX_BLOCK_SIZE)
+                args = (("param_ptr", Pointer(param_dtype)), ("grad_ptr", Pointer(torch.float32)),
+                        ("idx_ptr", Pointer(index_dtype)), ("exp_avg_ptr", Pointer(torch.float32)),
+                        ("exp_avg_sq_ptr", Pointer(torch.float32)),
+                        ("master_ptr", Pointer(torch.float32)), ("k", k)) + scalars
                 specs.append(Specialisation(
                     "sparse_adamw:_sparse_adamw_kernel",
-                    f"sparse_adamw param={TRITON_TYPE[param_dtype]} idx={TRITON_TYPE[index_dtype]}",
-                    arg_types,
+                    f"sparse_adamw param={TRITON_TYPE[param_dtype]} idx={TRITON_TYPE[index_dtype]} k={k}",
+                    args,
                     (("HAS_MASTER", has_master), ("PARAM_BF16", param_dtype == torch.bfloat16),
                      ("BLOCK_SIZE", block)),
                     mod.NUM_WARPS, 3,
@@ -120,53 +141,69 @@ def _sparse_adamw_specs(quick: bool) -> list[Specialisation]:
     return specs
 
 
-def _linear_fisher_spec(x_dtype, dy_dtype, has_bias, has_lengths, config, label) -> Specialisation:
+def _linear_fisher_spec(shape, x_dtype, dy_dtype, has_bias, has_lengths, config, label,
+                        x_transposed: bool = False) -> Specialisation:
+    batch, frames, in_features, out_features = shape
     config = dict(config)
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
-    ints = ("batch", "frames", "in_features", "out_features", "stride_xb", "stride_xt",
-            "stride_xi", "stride_db", "stride_dt", "stride_do")
-    arg_types = (("x_ptr", "*" + TRITON_TYPE[x_dtype]), ("dy_ptr", "*" + TRITON_TYPE[dy_dtype]),
-                 ("fisher_w_ptr", "*fp32"), ("fisher_b_ptr", "*fp32"), ("lengths_ptr", "*i64"))
-    arg_types += tuple((name, "i32") for name in ints)
+    # Contiguous [B, T, in] and [B, T, out] tensors, as the Fisher pass saves and receives them;
+    # ``x_transposed``: x is a [B, T, in] view of a contiguous [B, in, T] tensor.
+    x_strides = (frames * in_features, 1, frames) if x_transposed else (frames * in_features, in_features, 1)
+    args = (("x_ptr", Pointer(x_dtype)), ("dy_ptr", Pointer(dy_dtype)),
+            ("fisher_w_ptr", Pointer(torch.float32)), ("fisher_b_ptr", Pointer(torch.float32)),
+            ("lengths_ptr", Pointer(torch.int64)),
+            ("batch", batch), ("frames", frames), ("in_features", in_features),
+            ("out_features", out_features),
+            ("stride_xb", x_strides[0]), ("stride_xt", x_strides[1]), ("stride_xi", x_strides[2]),
+            ("stride_db", frames * out_features), ("stride_dt", out_features), ("stride_do", 1))
     constexprs = (("HAS_BIAS", has_bias), ("HAS_LENGTHS", has_lengths)) + tuple(config.items())
-    return Specialisation("linear_fisher:_linear_fisher_kernel", label, arg_types, constexprs,
+    return Specialisation("linear_fisher:_linear_fisher_kernel", label, args, constexprs,
                           num_warps, num_stages)
 
 
-def _linear_fisher_specs(quick: bool, capability: int) -> list[Specialisation]:
+def _linear_fisher_specs(quick: bool) -> list[Specialisation]:
     from adtuning.kernels.linear_fisher import TUNING_CANDIDATES, kernel_config
 
     specs = []
     shapes = FISHER_SHAPES[-1:] if quick else FISHER_SHAPES
     for x_dtype, dy_dtype in FISHER_DTYPES:
         pair = f"x={TRITON_TYPE[x_dtype]} dy={TRITON_TYPE[dy_dtype]}"
-        for out_f, in_f, frames in shapes:
-            config = kernel_config(x_dtype, dy_dtype, out_f, in_f, frames, capability=capability)
+        for shape in shapes:
+            batch, frames, in_f, out_f = shape
+            config = kernel_config(x_dtype, dy_dtype, out_f, in_f, frames)
             for has_bias, has_lengths in ((True, True), (False, False)):
                 specs.append(_linear_fisher_spec(
-                    x_dtype, dy_dtype, has_bias, has_lengths, config,
-                    f"linear_fisher {pair} layer={out_f}x{in_f} T={frames}"))
+                    shape, x_dtype, dy_dtype, has_bias, has_lengths, config,
+                    f"linear_fisher {pair} B,T,in,out={batch},{frames},{in_f},{out_f}"))
     if not quick:
+        shape = FISHER_SHAPES[-1]
+        # The launcher takes any strides: a transposed x is a variant of its own.
+        for dtype in (torch.float32, torch.bfloat16):
+            specs.append(_linear_fisher_spec(
+                shape, dtype, dtype, True, True, kernel_config(dtype, dtype, shape[3], shape[2], shape[1]),
+                f"linear_fisher x=dy={TRITON_TYPE[dtype]} x transposed", x_transposed=True))
         # bench/gpu_check.py times these tilings; each must compile for the run to be useful.
         for dtype in (torch.float32, torch.bfloat16):
             for block_m, block_n, block_k, num_warps, num_stages, precision in TUNING_CANDIDATES:
                 config = kernel_config(
-                    dtype, dtype, 3072, 768, 199, capability=capability, block_m=block_m, block_n=block_n,
-                    block_k=block_k, input_precision=precision, num_warps=num_warps,
-                    num_stages=num_stages)
+                    dtype, dtype, shape[3], shape[2], shape[1], block_m=block_m, block_n=block_n, block_k=block_k, input_precision=precision,
+                    num_warps=num_warps, num_stages=num_stages)
                 specs.append(_linear_fisher_spec(
-                    dtype, dtype, True, True, config,
+                    shape, dtype, dtype, True, True, config,
                     f"linear_fisher tuning candidate x=dy={TRITON_TYPE[dtype]}"))
     return specs
 
 
 def specialisations(quick: bool = False, capability: int = 90) -> list[Specialisation]:
-    """Every kernel variant the launchers make on a GPU of compute capability ``capability``.
+    """Every kernel variant the launchers make on a GPU of compute capability ``capability``
+    (whose usual SM count sets the 1-D kernels' block sizes).
 
-    ``quick``: one block size per 1-D kernel variant and one layer shape for the Fisher kernel.
+    ``quick``: two child-set sizes per 1-D kernel variant and one layer shape for the Fisher
+    kernel.
     """
-    return (_gather_specs(quick) + _sparse_adamw_specs(quick)
-            + _linear_fisher_specs(quick, capability))
+    sm_count = SM_COUNT.get(capability, SM_COUNT[90])
+    return (_gather_specs(quick, sm_count) + _sparse_adamw_specs(quick, sm_count)
+            + _linear_fisher_specs(quick))
 
 
 def parse_target(text: str):
@@ -207,6 +244,35 @@ def _ptxas_report(ptx: str, capability: int) -> dict:
     }
 
 
+def _specialise(kernel, spec: Specialisation) -> tuple[dict, dict, dict]:
+    """Signature, constexprs and attributes that Triton's JIT derives for ``spec``'s arguments."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import native_specialize_impl
+
+    constexprs = dict(spec.constexprs)
+    values = dict(spec.args)
+    signature, attrs = {}, {}
+    for position, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name not in values:
+            raise KeyError(f"{spec.kernel}: no value given for argument {name!r}")
+        value = values[name]
+        if isinstance(value, Pointer):
+            value = torch.empty(16, dtype=value.dtype)  # fresh allocation: 16-byte aligned
+        # (is_const=False, specialize=True, align=True): how the JIT treats a plain argument.
+        kind, key = native_specialize_impl(CUDABackend, value, False, True, True)[:2]
+        if kind == "constexpr":  # an int equal to 1
+            signature[name] = "constexpr"
+            constexprs[name] = values[name]
+        else:
+            signature[name] = kind
+            if key:
+                attrs[(position,)] = CUDABackend.parse_attr(key)
+    return signature, constexprs, attrs
+
+
 def compile_one(spec: Specialisation, target_text: str) -> dict:
     """Compile one specialisation for ``target_text``; a dict with the outcome and resources."""
     import triton
@@ -217,21 +283,9 @@ def compile_one(spec: Specialisation, target_text: str) -> dict:
     start = time.perf_counter()
     try:
         kernel = _load_kernel(spec.kernel)
-        constexprs = dict(spec.constexprs)
-        types = dict(spec.arg_types)
-        signature = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in types:
-                signature[name] = types[name]
-            else:
-                raise KeyError(f"{spec.kernel}: no type given for argument {name!r}")
-        # Fresh PyTorch allocations are 16-byte aligned, and the JIT specialises on that.
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-                 if signature[name].startswith("*")}
-        backend = make_backend(target)
-        options = backend.parse_options({"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        signature, constexprs, attrs = _specialise(kernel, spec)
+        row["constant_args"] = [name for name in constexprs if name not in dict(spec.constexprs)]
+        options = make_backend(target).parse_options({"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                             attrs=attrs),
                                   target=target, options=options.__dict__)

@@ -46,22 +46,10 @@ def check_compact(op: str, name: str, t: torch.Tensor, k: int) -> None:
 
 
 _SM_COUNT: dict[int, int] = {}
-_CAPABILITY: dict[int, int] = {}
-
-
-def cuda_capability(device: torch.device) -> int | None:
-    """Compute capability of a CUDA device as ``10 * major + minor`` (90 for H100/H200), else None."""
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        major, minor = torch.cuda.get_device_capability(index)
-        _CAPABILITY[index] = 10 * major + minor
-    return _CAPABILITY[index]
 
 
 def elementwise_block(k: int, device: torch.device, largest: int = 1024, smallest: int = 128) -> int:
-    """Block size for a 1-D memory-bound kernel over ``k`` entries.
+    """Block size for a 1-D memory-bound kernel over ``k`` entries on ``device``.
 
     Big blocks keep many loads in flight per program, but a small ``k`` in big blocks leaves
     most multiprocessors idle; halve the block until the grid gives every SM a few programs.
@@ -71,8 +59,13 @@ def elementwise_block(k: int, device: torch.device, largest: int = 1024, smalles
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return block_for_sm_count(k, _SM_COUNT[index], largest, smallest)
+
+
+def block_for_sm_count(k: int, sm_count: int, largest: int = 1024, smallest: int = 128) -> int:
+    """:func:`elementwise_block` for a GPU with ``sm_count`` multiprocessors (no device needed)."""
     block = largest
-    while block > smallest and -(-k // block) < 4 * _SM_COUNT[index]:
+    while block > smallest and -(-k // block) < 4 * sm_count:
         block //= 2
     return block
 

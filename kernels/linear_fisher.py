@@ -17,37 +17,38 @@ import torch
 import triton
 import triton.language as tl
 
-from adtuning.kernels._common import check_device, cuda_capability, interpreting
+from adtuning.kernels._common import check_device, interpreting
 
 # tl.dot needs every tile dimension >= 16; smaller layers are handled by masking.
 MIN_BLOCK = 16
 # 64x64 Fisher tiles: the 768/3072-wide layers of speech SSL models give >= 144 tiles.
 MAX_BLOCK_MN = 64
-# 32 frames per tl.dot for every dtype on Hopper (fp32 dots run as three TF32 wgmma products).
-# Before Hopper the mma operands live in registers, and fp32 tiles need 16 frames to fit.
-MAX_BLOCK_K = 32
-MAX_BLOCK_K_FP32_PRE_HOPPER = 16
+# Frames per tl.dot: 16 when an operand is fp32 (each dot runs as three TF32 products),
+# 32 for 16-bit operands.
+MAX_BLOCK_K_FP32 = 16
+MAX_BLOCK_K_16BIT = 32
 # fp32 inputs: three TF32 tensor-core products recover fp32 accuracy (rel. error ~1e-6);
 # plain TF32 (~1e-3) would not meet the reference's 1e-5. bf16/fp16 values are exact in TF32,
 # so upcast 16-bit tiles need one pass (and native 16-bit dots ignore the setting).
 FP32_INPUT_PRECISION = "tf32x3"
 LOW_INPUT_PRECISION = "tf32"
-# 8 warps per 64x64 tile: with 4 warps the fp32 (TF32x3) and bf16 tiles need more than 255
-# registers per thread and spill, under Triton 3.6 and 3.8 alike; with 8 nothing spills on
-# sm_80 or sm_90 (``python -m adtuning.triton_compile``). Smaller tiles use 4.
-NUM_WARPS = 8
-SMALL_TILE_NUM_WARPS = 4
+# 4 warps per 64x64 tile. Compiled for sm_80 and sm_90 by Triton 3.6 and 3.8
+# (``python -m adtuning.triton_compile``) these tilings spill no registers (at most 255 per
+# thread; 196-249 for a wav2vec2-base fp32 launch), so two programs fit one SM and
+# wav2vec2-base's 144-tile 768x768 layers run in one wave on 132 SMs. 32-frame fp32 tiles
+# spill on sm_80; 8 warps hold one program per SM. Not yet timed on a GPU.
+NUM_WARPS = 4
 # 3 stages pipeline the frame loop's loads behind the dots.
 NUM_STAGES = 3
 # Tilings worth timing on a new GPU (bench/gpu_check.py times each against the defaults):
 # (block_m, block_n, block_k, num_warps, num_stages, input_precision).
 TUNING_CANDIDATES = (
-    (64, 64, 16, 4, 3, "tf32x3"),
     (64, 64, 32, 4, 3, "tf32x3"),
+    (64, 64, 32, 8, 3, "tf32x3"),
     (128, 64, 16, 8, 3, "tf32x3"),
     (64, 128, 16, 8, 3, "tf32x3"),
-    (64, 64, 32, 8, 3, "ieee"),
     (32, 32, 32, 4, 3, "tf32x3"),
+    (64, 64, 16, 4, 3, "ieee"),
 )
 
 
@@ -206,8 +207,7 @@ def linear_fisher(
         return
 
     config = kernel_config(
-        x.dtype, dy.dtype, out_features, in_features, frames,
-        capability=cuda_capability(x.device), interpreted=interpreting(),
+        x.dtype, dy.dtype, out_features, in_features, frames, interpreted=interpreting(),
         block_m=block_m, block_n=block_n, block_k=block_k, input_precision=input_precision,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -233,7 +233,6 @@ def kernel_config(
     in_features: int,
     frames: int,
     *,
-    capability: int | None = None,
     interpreted: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -244,20 +243,16 @@ def kernel_config(
 ) -> dict:
     """The compile-time constants and launch options :func:`linear_fisher` uses for a layer.
 
-    ``capability`` is the GPU's compute capability as ``10 * major + minor`` (None: Hopper's
-    defaults, as under the interpreter). ``HAS_BIAS`` and ``HAS_LENGTHS`` are left out (they
-    follow the arguments). :mod:`adtuning.triton_compile` uses this too, to compile exactly
-    the specialisations the launcher makes.
+    ``HAS_BIAS`` and ``HAS_LENGTHS`` are left out (they follow the arguments).
+    :mod:`adtuning.triton_compile` uses this too, to compile exactly the specialisations the
+    launcher makes.
     """
     is_fp32 = torch.float32 in (x_dtype, dy_dtype)
     block_m = block_m or _block(out_features, MAX_BLOCK_MN)
     block_n = block_n or _block(in_features, MAX_BLOCK_MN)
-    pre_hopper = capability is not None and capability < 90
-    block_k = block_k or _block(frames, MAX_BLOCK_K_FP32_PRE_HOPPER if is_fp32 and pre_hopper else MAX_BLOCK_K)
+    block_k = block_k or _block(frames, MAX_BLOCK_K_FP32 if is_fp32 else MAX_BLOCK_K_16BIT)
     if input_precision is None:
         input_precision = FP32_INPUT_PRECISION if is_fp32 else LOW_INPUT_PRECISION
-    if num_warps is None:
-        num_warps = NUM_WARPS if block_m * block_n >= MAX_BLOCK_MN * MAX_BLOCK_MN else SMALL_TILE_NUM_WARPS
     return {
         # The interpreter's tl.dot (numpy matmul) cannot multiply bf16/fp16 tiles; upcasting is
         # exact and keeps the fp32 accumulation, so interpreted results stay comparable.
@@ -266,6 +261,6 @@ def kernel_config(
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
         "BLOCK_K": block_k,
-        "num_warps": num_warps,
+        "num_warps": NUM_WARPS if num_warps is None else num_warps,
         "num_stages": NUM_STAGES if num_stages is None else num_stages,
     }

@@ -73,18 +73,47 @@ def test_compile_check_refuses_the_interpreter_and_bad_targets(monkeypatch, caps
     assert "--target must look like cuda:90" in capsys.readouterr().err
 
 
-def test_launcher_config_follows_the_device_capability():
-    """Pre-Hopper GPUs get 16-frame fp32 tiles (32 spill there); 16-bit tiles keep 32 frames."""
+def test_launcher_default_tilings():
+    """64x64 tiles on 4 warps; 16 frames per dot when an operand is fp32 (three TF32 products), else 32."""
     from adtuning.kernels.linear_fisher import kernel_config
 
-    hopper = kernel_config(torch.float32, torch.float32, 768, 768, 199, capability=90)
-    ampere = kernel_config(torch.float32, torch.float32, 768, 768, 199, capability=80)
-    ampere_bf16 = kernel_config(torch.bfloat16, torch.bfloat16, 768, 768, 199, capability=80)
-    assert (hopper["BLOCK_M"], hopper["BLOCK_N"], hopper["BLOCK_K"], hopper["num_warps"]) == (64, 64, 32, 8)
-    assert ampere["BLOCK_K"] == 16 and ampere_bf16["BLOCK_K"] == 32
-    assert hopper["INPUT_PRECISION"] == "tf32x3" and ampere_bf16["INPUT_PRECISION"] == "tf32"
+    fp32 = kernel_config(torch.float32, torch.float32, 3072, 768, 199)
+    bf16 = kernel_config(torch.bfloat16, torch.bfloat16, 3072, 768, 199)
+    mixed = kernel_config(torch.bfloat16, torch.float32, 3072, 768, 199)
+    assert (fp32["BLOCK_M"], fp32["BLOCK_N"], fp32["BLOCK_K"], fp32["num_warps"]) == (64, 64, 16, 4)
+    assert (bf16["BLOCK_K"], bf16["INPUT_PRECISION"], bf16["UPCAST"]) == (32, "tf32", False)
+    assert (mixed["BLOCK_K"], mixed["INPUT_PRECISION"], mixed["UPCAST"]) == (16, "tf32x3", True)
+    assert fp32["INPUT_PRECISION"] == "tf32x3"
     tiny = kernel_config(torch.float32, torch.float32, 1, 1, 1)
-    assert (tiny["BLOCK_M"], tiny["BLOCK_N"], tiny["BLOCK_K"], tiny["num_warps"]) == (16, 16, 16, 4)
+    assert (tiny["BLOCK_M"], tiny["BLOCK_N"], tiny["BLOCK_K"]) == (16, 16, 16)
     # Under the interpreter 16-bit tiles are upcast (its dot cannot multiply them); not on a GPU.
     assert kernel_config(torch.bfloat16, torch.bfloat16, 8, 8, 8, interpreted=True)["UPCAST"]
-    assert not kernel_config(torch.bfloat16, torch.bfloat16, 8, 8, 8)["UPCAST"]
+    overridden = kernel_config(torch.float32, torch.float32, 8, 8, 8, block_m=128, num_warps=8, num_stages=2)
+    assert (overridden["BLOCK_M"], overridden["num_warps"], overridden["num_stages"]) == (128, 8, 2)
+
+
+def test_specialisations_follow_the_jit_rules():
+    """Arguments equal to 1 become constants and aligned pointers / multiples of 16 get hints,
+    as Triton's JIT does, so the compiled variants are the ones a GPU launch builds."""
+    pytest.importorskip("triton")
+    from adtuning.kernels._common import block_for_sm_count
+    from adtuning.triton_compile import specialisations
+
+    specs = specialisations(quick=True, capability=90)
+    blocks = {dict(s.args)["k"]: dict(s.constexprs)["BLOCK_SIZE"] for s in specs if "gather" in s.kernel}
+    assert blocks == {1: 128, 1 << 20: 1024}
+    assert [block_for_sm_count(k, 132) for k in (94_371, 200_003, 400_000)] == [128, 256, 512]
+    fisher = next(s for s in specs if "linear_fisher" in s.kernel)
+    assert dict(fisher.args)["stride_xi"] == 1 and dict(fisher.args)["stride_do"] == 1
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from adtuning.triton_compile import _load_kernel, _specialise
+
+    kernel = _load_kernel(fisher.kernel)
+    signature, constexprs, attrs = _specialise(kernel, fisher)
+    assert signature["stride_xi"] == signature["stride_do"] == "constexpr"
+    assert constexprs["stride_xi"] == 1
+    assert signature["x_ptr"] == "*fp32" and signature["frames"] == "i32"
+    position = {name: i for i, name in enumerate(kernel.arg_names)}
+    assert attrs[(position["x_ptr"],)] == [["tt.divisibility", 16]]
+    assert attrs[(position["in_features"],)] == [["tt.divisibility", 16]]  # 768
+    assert (position["frames"],) not in attrs  # 199
