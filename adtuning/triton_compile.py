@@ -142,7 +142,8 @@ def _sparse_adamw_specs(quick: bool, sm_count: int) -> list[Specialisation]:
 
 
 def _linear_fisher_spec(shape, x_dtype, dy_dtype, has_bias, has_lengths, config, label,
-                        x_transposed: bool = False) -> Specialisation:
+                        x_transposed: bool = False,
+                        lengths_dtype: torch.dtype = torch.int64) -> Specialisation:
     batch, frames, in_features, out_features = shape
     config = dict(config)
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
@@ -151,7 +152,7 @@ def _linear_fisher_spec(shape, x_dtype, dy_dtype, has_bias, has_lengths, config,
     x_strides = (frames * in_features, 1, frames) if x_transposed else (frames * in_features, in_features, 1)
     args = (("x_ptr", Pointer(x_dtype)), ("dy_ptr", Pointer(dy_dtype)),
             ("fisher_w_ptr", Pointer(torch.float32)), ("fisher_b_ptr", Pointer(torch.float32)),
-            ("lengths_ptr", Pointer(torch.int64)),
+            ("lengths_ptr", Pointer(lengths_dtype)),
             ("batch", batch), ("frames", frames), ("in_features", in_features),
             ("out_features", out_features),
             ("stride_xb", x_strides[0]), ("stride_xt", x_strides[1]), ("stride_xi", x_strides[2]),
@@ -177,11 +178,21 @@ def _linear_fisher_specs(quick: bool) -> list[Specialisation]:
                     f"linear_fisher {pair} B,T,in,out={batch},{frames},{in_f},{out_f}"))
     if not quick:
         shape = FISHER_SHAPES[-1]
-        # The launcher takes any strides: a transposed x is a variant of its own.
+        # The launcher takes any strides (a transposed x is a variant of its own), int32 lengths,
+        # and batches of over 2^31 elements (64-bit strides).
         for dtype in (torch.float32, torch.bfloat16):
+            config = kernel_config(dtype, dtype, shape[3], shape[2], shape[1])
             specs.append(_linear_fisher_spec(
-                shape, dtype, dtype, True, True, kernel_config(dtype, dtype, shape[3], shape[2], shape[1]),
+                shape, dtype, dtype, True, True, config,
                 f"linear_fisher x=dy={TRITON_TYPE[dtype]} x transposed", x_transposed=True))
+            specs.append(_linear_fisher_spec(
+                shape, dtype, dtype, True, True, config,
+                f"linear_fisher x=dy={TRITON_TYPE[dtype]} int32 lengths", lengths_dtype=torch.int32))
+        huge = (2, 2_800_001, 768, 768)  # T * in > 2^31: the batch strides are 64-bit
+        specs.append(_linear_fisher_spec(
+            huge, torch.bfloat16, torch.bfloat16, True, True,
+            kernel_config(torch.bfloat16, torch.bfloat16, huge[3], huge[2], huge[1]),
+            "linear_fisher x=dy=bf16 B,T,in,out=2,2800001,768,768 (64-bit batch strides)"))
         # bench/gpu_check.py times these tilings; each must compile for the run to be useful.
         for dtype in (torch.float32, torch.bfloat16):
             for block_m, block_n, block_k, num_warps, num_stages, precision in TUNING_CANDIDATES:
