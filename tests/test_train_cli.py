@@ -46,6 +46,31 @@ def test_embedded_default_runs_end_to_end(finished_run, capsys):
     assert summary["delta_bytes"] < 1_000_000
 
 
+@pytest.mark.slow
+def test_triton_backend_run_matches_the_reference_run(finished_run, tmp_path, corpus_cache):
+    """The whole driver on the Triton kernels (interpreted on the CPU): Fisher pass, child
+    selection, search and optimizer give the reference run's children and, within float
+    rounding, its delta."""
+    pytest.importorskip("triton")
+    from tests.backends import require_backend
+
+    require_backend("triton")
+    out = tmp_path / "triton-run"
+    assert run_cli(out, corpus_cache, "--backend", "triton") == 0
+    ours = json.loads((out / "summary.json").read_text())
+    theirs = json.loads((finished_run / "summary.json").read_text())
+    assert ours["backend"] == "triton" and theirs["backend"] == "reference"
+    assert ours["chosen_p"] == theirs["chosen_p"] and ours["steps_spent"] == theirs["steps_spent"]
+    delta = load_file(str(out / "delta" / "delta.safetensors"))
+    expected = load_file(str(finished_run / "delta" / "delta.safetensors"))
+    assert delta.keys() == expected.keys()
+    for key, value in expected.items():
+        if key.endswith(".indices"):
+            assert torch.equal(delta[key], value), key
+        else:
+            torch.testing.assert_close(delta[key], value, rtol=1e-5, atol=1e-5 * value.abs().max().item())
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, corpus_cache, finished_run, monkeypatch):
     original = AdaptiveSearch._train
     calls = {"n": 0}
