@@ -33,10 +33,10 @@ MAX_BLOCK_K_16BIT = 32
 FP32_INPUT_PRECISION = "tf32x3"
 LOW_INPUT_PRECISION = "tf32"
 # 4 warps per 64x64 tile. Compiled for sm_80 and sm_90 by Triton 3.6 and 3.8
-# (``python -m adtuning.triton_compile``) these tilings spill no registers (at most 255 per
-# thread; 196-249 for a wav2vec2-base fp32 launch), so two programs fit one SM and
-# wav2vec2-base's 144-tile 768x768 layers run in one wave on 132 SMs. 32-frame fp32 tiles
-# spill on sm_80; 8 warps hold one program per SM. Not yet timed on a GPU.
+# (``python -m adtuning.triton_compile``) these tilings use at most 255 registers per thread
+# (196-249 for a wav2vec2-base fp32 launch) and spill nothing on sm_90, so two programs fit
+# one SM and wav2vec2-base's 144-tile 768x768 layers run in one wave on 132 SMs. 32-frame fp32
+# tiles spill on sm_80 with Triton 3.8; 8 warps hold one program per SM. Not yet timed on a GPU.
 NUM_WARPS = 4
 # 3 stages pipeline the frame loop's loads behind the dots.
 NUM_STAGES = 3
@@ -205,6 +205,15 @@ def linear_fisher(
     check_device("linear_fisher", x, dy, fisher_w, fisher_b, lengths)
     if batch == 0 or frames == 0 or in_features == 0 or out_features == 0:
         return
+    # Offsets inside one sample are 32-bit in the kernel (sample bases advance in 64-bit
+    # pointer arithmetic); speech inputs are far below this, but refuse rather than misread.
+    for name, t in (("x", x), ("dy", dy)):
+        span = (frames - 1) * abs(t.stride(1)) + (t.shape[2] - 1) * abs(t.stride(2))
+        if span >= 2**31:
+            raise ValueError(
+                f"linear_fisher: one sample of {name} {tuple(t.shape)} with strides {t.stride()} "
+                f"spans {span} elements; at most 2^31 - 1 are supported (split the frames)"
+            )
 
     config = kernel_config(
         x.dtype, dy.dtype, out_features, in_features, frames, interpreted=interpreting(),

@@ -329,6 +329,14 @@ def test_linear_fisher_rejects_bad_inputs(tb):
         tb.linear_fisher_(x, dy[:1], torch.zeros(5, 4, device=DEVICE))
     with pytest.raises(ValueError, match="lengths"):
         tb.linear_fisher_(x, dy, torch.zeros(5, 4, device=DEVICE), None, torch.ones(3, dtype=torch.int64))
+    # One sample spanning 2^31 elements would overflow the kernel's 32-bit in-sample offsets
+    # (meta tensors: shapes only, nothing allocated or launched).
+    from adtuning.kernels import linear_fisher
+
+    frames = 2**21 + 1
+    huge_x = torch.empty(1, frames, 1024, device="meta")
+    with pytest.raises(ValueError, match="one sample of x"):
+        linear_fisher(huge_x, torch.empty(1, frames, 8, device="meta"), torch.empty(8, 1024, device="meta"))
 
 
 # ---- convergence: the same short run with the reference and the Triton backend -----------
