@@ -92,28 +92,54 @@ def test_launcher_default_tilings():
     assert (overridden["BLOCK_M"], overridden["num_warps"], overridden["num_stages"]) == (128, 8, 2)
 
 
-def test_specialisations_follow_the_jit_rules():
-    """Arguments equal to 1 become constants and aligned pointers / multiples of 16 get hints,
-    as Triton's JIT does, so the compiled variants are the ones a GPU launch builds."""
-    pytest.importorskip("triton")
-    from adtuning.kernels._common import block_for_sm_count
-    from adtuning.triton_compile import specialisations
+def test_variants_come_from_the_launchers_own_calls():
+    """The compile set is what the public launchers pass to their kernels (recorded, not
+    launched), specialised by Triton's own rules: ints equal to 1 become constants, aligned
+    pointers and multiples of 16 get hints; duplicates are compiled once."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    import importlib
 
+    from adtuning.kernels._common import block_for_sm_count
+    from adtuning.triton_compile import _load_kernel, _specialise, _variant_key, specialisations
+
+    fisher_module = importlib.import_module("adtuning.kernels.linear_fisher")
+    kernel_before = fisher_module._linear_fisher_kernel
     specs = specialisations(quick=True, capability=90)
+    assert fisher_module._linear_fisher_kernel is kernel_before  # the recorder is gone again
+    keys = [_variant_key(_load_kernel(s.kernel), s) for s in specs]
+    assert len(set(keys)) == len(keys)
+
     blocks = {dict(s.args)["k"]: dict(s.constexprs)["BLOCK_SIZE"] for s in specs if "gather" in s.kernel}
     assert blocks == {1: 128, 1 << 20: 1024}
-    assert [block_for_sm_count(k, 132) for k in (94_371, 200_003, 400_000)] == [128, 256, 512]
-    fisher = next(s for s in specs if "linear_fisher" in s.kernel)
-    assert dict(fisher.args)["stride_xi"] == 1 and dict(fisher.args)["stride_do"] == 1
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    from adtuning.triton_compile import _load_kernel, _specialise
+    assert [block_for_sm_count(k, 132) for k in (768, 94_371, 200_003, 400_000)] == [128, 128, 256, 512]
+    assert [dict(s.constexprs)["BLOCK_SIZE"] for s in specialisations(quick=True, capability=80)
+            if "gather" in s.kernel][-1] == 1024
 
-    kernel = _load_kernel(fisher.kernel)
-    signature, constexprs, attrs = _specialise(kernel, fisher)
+    fisher = [s for s in specs if "linear_fisher" in s.kernel]
+    # Bias and lengths in all four combinations; without lengths the launcher passes fisher_w.
+    assert {(dict(s.constexprs)["HAS_BIAS"], dict(s.constexprs)["HAS_LENGTHS"]) for s in fisher} == {
+        (True, True), (True, False), (False, True), (False, False)}
+    no_lengths = next(s for s in fisher if not dict(s.constexprs)["HAS_LENGTHS"])
+    assert dict(no_lengths.args)["lengths_ptr"].dtype == torch.float32
+
+    usual = next(s for s in fisher if "x=fp32 dy=fp32" in s.label and dict(s.constexprs)["HAS_LENGTHS"])
+    kernel = _load_kernel(usual.kernel)
+    signature, constexprs, attrs = _specialise(kernel, usual)
     assert signature["stride_xi"] == signature["stride_do"] == "constexpr"
     assert constexprs["stride_xi"] == 1
-    assert signature["x_ptr"] == "*fp32" and signature["frames"] == "i32"
+    assert signature["x_ptr"] == "*fp32" and signature["lengths_ptr"] == "*i64"
+    assert signature["frames"] == "i32"
     position = {name: i for i, name in enumerate(kernel.arg_names)}
     assert attrs[(position["x_ptr"],)] == [["tt.divisibility", 16]]
     assert attrs[(position["in_features"],)] == [["tt.divisibility", 16]]  # 768
     assert (position["frames"],) not in attrs  # 199
+
+
+def test_unknown_target_needs_an_sm_count(capsys):
+    from adtuning import triton_compile
+
+    with pytest.raises(SystemExit):
+        triton_compile.main(["--target", "cuda:89"])
+    assert "--sm-count is needed" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no SM count"):
+        triton_compile.specialisations(quick=True, capability=89)
