@@ -132,9 +132,13 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20) -> flo
 
 def peak_bytes(fn: Callable[[], object]) -> int:
     """``torch.cuda.max_memory_allocated`` over one call of ``fn`` (memory held before counts)."""
-    if DRY_RUN:  # no allocator statistics on the CPU
+    if DRY_RUN:  # the process's peak RSS instead (bench/memory.py): only has to be a number
+        sys.path.insert(0, str(ROOT / "bench"))
+        import memory as bench_memory
+
+        bench_memory.reset_peak_rss()
         fn()
-        return 0
+        return bench_memory.peak_rss_bytes()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
@@ -488,8 +492,9 @@ def environment() -> dict:
 
 
 def _section(results: dict, name: str, fn: Callable[[], object], started: float) -> None:
-    """Run one section, storing its result or its error; sections past the budget are skipped."""
-    if time.monotonic() - started > TIME_BUDGET_S:
+    """Run one section, storing its result or its error; sections past the budget are skipped
+    (not in dry runs, whose speed depends on the CPU's load)."""
+    if not DRY_RUN and time.monotonic() - started > TIME_BUDGET_S:
         results[name] = {"skipped": f"time budget of {TIME_BUDGET_S:.0f} s spent"}
         print(f"[gpu_check] {name}: skipped (time budget spent)", flush=True)
         return
