@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memory as bench_memory  # noqa: E402  (bench/memory.py)
+from sizes import size_settings  # noqa: E402  (bench/sizes.py)
 
 GROUP = "e2e wav2vec2-base train step"
 FRACTIONS = (0.001, 0.01, 0.1)
@@ -65,24 +66,7 @@ BASELINE = "full fp32"
 
 def settings() -> dict:
     """The size and options of this session (see the module docstring)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    spec = os.environ.get("ADTUNING_BENCH_E2E", "")
-    size = "full" if device == "cuda" else "cpu"
-    overrides = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        if "=" in item:
-            key, value = item.split("=", 1)
-            overrides[key.strip()] = value.strip()
-        else:
-            size = item
-    if size not in SIZES:
-        raise ValueError(f"ADTUNING_BENCH_E2E: unknown size {size!r}; choose {', '.join(SIZES)}")
-    out = dict(SIZES[size], size=size, device=device, backend="fused")
-    for key, value in overrides.items():
-        if key not in out:
-            raise ValueError(f"ADTUNING_BENCH_E2E: unknown key {key!r}")
-        out[key] = type(out[key])(value) if not isinstance(out[key], str) else value
-    return out
+    return size_settings("ADTUNING_BENCH_E2E", SIZES, backend="fused")
 
 
 def configurations() -> list[dict]:

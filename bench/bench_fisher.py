@@ -31,27 +31,14 @@ from adtuning import BackendUnavailableError, estimate_fisher, get_backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memory as bench_memory  # noqa: E402  (bench/memory.py)
+from sizes import size_settings  # noqa: E402  (bench/sizes.py)
 
 SIZES = {"cpu": dict(layers=2, batch=4, seconds=1.0, rounds=3), "full": dict(layers=12, batch=8, seconds=4.0, rounds=5)}
 BASELINE = "plain fwd+bwd"
 
 
 def settings() -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = "full" if device == "cuda" else "cpu"
-    overrides = {}
-    for item in filter(None, (s.strip() for s in os.environ.get("ADTUNING_BENCH_FISHER", "").split(","))):
-        if "=" in item:
-            key, value = item.split("=", 1)
-            overrides[key.strip()] = value.strip()
-        else:
-            size = item
-    out = dict(SIZES[size], size=size, device=device)
-    for key, value in overrides.items():
-        if key not in SIZES["cpu"]:
-            raise ValueError(f"ADTUNING_BENCH_FISHER: unknown key {key!r}")
-        out[key] = type(out[key])(value)
-    return out
+    return size_settings("ADTUNING_BENCH_FISHER", SIZES, overridable=SIZES["cpu"])
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memory as bench_memory  # noqa: E402  (bench/memory.py)
+from sizes import size_settings  # noqa: E402  (bench/sizes.py)
 
 GROUP = "ad-tuning search cost"
 FRACTIONS = (0.001, 0.01, 0.1)
@@ -44,21 +45,7 @@ MEMORY_TARGET = 1.05
 
 
 def settings() -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = "full" if device == "cuda" else "cpu"
-    overrides = {}
-    for item in filter(None, (s.strip() for s in os.environ.get("ADTUNING_BENCH_SEARCH", "").split(","))):
-        if "=" in item:
-            key, value = item.split("=", 1)
-            overrides[key.strip()] = value.strip()
-        else:
-            size = item
-    out = dict(SIZES[size], size=size, device=device, backend="fused")
-    for key, value in overrides.items():
-        if key not in out:
-            raise ValueError(f"ADTUNING_BENCH_SEARCH: unknown key {key!r}")
-        out[key] = type(out[key])(value) if not isinstance(out[key], str) else value
-    return out
+    return size_settings("ADTUNING_BENCH_SEARCH", SIZES, backend="fused")
 
 
 # ------------------------------------------------------------------------------ the worker

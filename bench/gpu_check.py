@@ -133,7 +133,8 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20) -> flo
 def peak_bytes(fn: Callable[[], object]) -> int:
     """``torch.cuda.max_memory_allocated`` over one call of ``fn`` (memory held before counts)."""
     if DRY_RUN:  # the process's peak RSS instead (bench/memory.py): only has to be a number
-        sys.path.insert(0, str(ROOT / "bench"))
+        if str(ROOT / "bench") not in sys.path:
+            sys.path.insert(0, str(ROOT / "bench"))
         import memory as bench_memory
 
         bench_memory.reset_peak_rss()
