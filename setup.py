@@ -8,6 +8,10 @@ packages = find_packages(include=["adtuning", "adtuning.*"]) + ["adtuning.kernel
 setup(
     packages=packages,
     package_dir={"adtuning.kernels": "kernels", "adtuning.csrc": "csrc"},
-    package_data={"adtuning.csrc": ["*.cpp", "*.h"]},
+    package_data={
+        "adtuning.csrc": ["*.cpp", "*.h"],
+        # the shipped pre-trained upstream and the pre-training vocabulary
+        "adtuning.speech": ["assets/*.txt", "assets/*/*.json", "assets/*/*.safetensors"],
+    },
     include_package_data=True,
 )

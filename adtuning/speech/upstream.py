@@ -65,6 +65,32 @@ def _tiny_config(name: str):
     raise KeyError(name)
 
 
+EMBEDDED_UPSTREAMS = ("adtuning-hubert-mini",)
+"""Pre-trained upstreams shipped inside the package (``adtuning/speech/assets/<name>/``).
+
+``adtuning-hubert-mini``: a 1.04M-parameter HuBERT (hidden 128, 4 layers, light 7-layer CNN
+with the base models' 320-sample frame stride) pre-trained on CPU by
+``python -m adtuning.pretrain`` (HuBERT iteration 1: masked prediction of MFCC k-means
+targets) on an espeak-ng corpus whose speakers are disjoint from every downstream corpus's;
+its ``pretraining.json`` records the command, seed, wall time and held-out accuracy. It is
+the default upstream of the embedded runs."""
+
+DEFAULT_UPSTREAM = "adtuning-hubert-mini"
+"""The upstream of ``python -m adtuning.train`` when ``--upstream`` is not given."""
+
+
+def embedded_upstream_dir(name: str) -> Path:
+    """Folder of a shipped upstream (``config.json``, ``model.safetensors``, ``pretraining.json``)."""
+    if name not in EMBEDDED_UPSTREAMS:
+        raise UpstreamLoadError(f"unknown embedded upstream {name!r}; known: {', '.join(EMBEDDED_UPSTREAMS)}")
+    from importlib import resources
+
+    folder = Path(str(resources.files("adtuning.speech").joinpath("assets", name)))
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise UpstreamLoadError(f"the embedded upstream {name!r} is missing from {folder} (broken installation?)")
+    return folder
+
+
 TINY_UPSTREAMS = ("tiny-wav2vec2", "tiny-wav2vec2-stable", "tiny-hubert", "tiny-wavlm")
 """Names :func:`build_upstream` builds in code with random weights (tests, embedded default).
 
@@ -184,13 +210,7 @@ class Upstream(nn.Module):
         from adtuning.fisher import note_sample_lengths
 
         note_sample_lengths(frame_lengths)
-        mask = torch.arange(wav.shape[1], device=wav.device)[None, :] < wav_lengths[:, None]
-        wav = wav.float() * mask
-        if self.normalize_waveform:
-            n = wav_lengths.clamp(min=1).to(wav.dtype)[:, None]
-            mean = wav.sum(1, keepdim=True) / n
-            var = ((wav - mean) * mask).pow(2).sum(1, keepdim=True) / n
-            wav = (wav - mean) * torch.rsqrt(var + 1e-5) * mask
+        wav, mask = prepare_waveforms(wav, wav_lengths, normalize=self.normalize_waveform)
         wav = wav.to(self.dtype)
         self._captured = []
         try:
@@ -201,6 +221,23 @@ class Upstream(nn.Module):
         if len(hidden) != self.num_layers:
             raise RuntimeError(f"captured {len(hidden)} hidden states, expected {self.num_layers}")
         return hidden, frame_lengths
+
+
+def prepare_waveforms(wav: torch.Tensor, wav_lengths: torch.Tensor, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the padding of a ``[B, L]`` batch and, with ``normalize``, give every waveform zero
+    mean and unit variance over its valid samples (fairseq/s3prl for layer-norm CNNs).
+
+    Returns ``(float32 waveforms, [B, L] bool mask of valid samples)``. The pre-training
+    recipe uses it too, so the shipped upstream sees the same input at fine-tuning time.
+    """
+    mask = torch.arange(wav.shape[1], device=wav.device)[None, :] < wav_lengths[:, None]
+    wav = wav.float() * mask
+    if normalize:
+        n = wav_lengths.clamp(min=1).to(wav.dtype)[:, None]
+        mean = wav.sum(1, keepdim=True) / n
+        var = ((wav - mean) * mask).pow(2).sum(1, keepdim=True) / n
+        wav = (wav - mean) * torch.rsqrt(var + 1e-5) * mask
+    return wav, mask
 
 
 def _finish(model: nn.Module, *, dtype: torch.dtype, gradient_checkpointing: bool, name: str,
@@ -234,7 +271,8 @@ def build_upstream(
     """Build or load an upstream.
 
     Args:
-        name_or_path: one of :data:`TINY_UPSTREAMS` (a small random model built in code,
+        name_or_path: one of :data:`EMBEDDED_UPSTREAMS` (pre-trained, shipped in the
+            package), one of :data:`TINY_UPSTREAMS` (a small random model built in code,
             initialised from ``seed``), or anything ``from_pretrained`` accepts: a local
             directory holding ``config.json`` and weights, or a hub id already in the local
             cache. Checkpoints of ``*ForCTC`` / ``*ForPreTraining`` models load their base model.
@@ -255,6 +293,10 @@ def build_upstream(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModel.from_config(config)
+        return _finish(model, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                       name=name_or_path, normalize_waveform=normalize_waveform)
+    if name_or_path in EMBEDDED_UPSTREAMS:
+        model = AutoModel.from_pretrained(str(embedded_upstream_dir(name_or_path)), local_files_only=True)
         return _finish(model, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                        name=name_or_path, normalize_waveform=normalize_waveform)
     if name_or_path.startswith("tiny-"):
