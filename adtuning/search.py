@@ -13,8 +13,19 @@ the one of a ``T``-step run, so a continued candidate is indistinguishable from 
 never paused. With ``rungs=(r,)`` and ``keep=(c,)`` this costs ``(r*n + c*(1-r)) * T`` steps
 instead of ``n * T``.
 
+Two optional comparisons run after the search on the same model copy:
+
+- :meth:`AdaptiveSearch.measure_regret` trains every culled candidate on from where it was
+  stopped to ``T`` and reports the *regret* of the early pick (how much worse the chosen
+  candidate is at ``T`` than the best candidate at ``T``). It costs only the culled candidates'
+  remaining steps, since their paused state continues exactly.
+- :meth:`AdaptiveSearch.run_baselines` trains the head alone (``head-only``: P=0, frozen
+  upstream) and full fine-tuning (``full``: every scored upstream entry, AdamW) under the same
+  schedule, seed, data order and initial head.
+
 Everything needed to continue is saved by :meth:`AdaptiveSearch.save_checkpoint` (atomically,
-safetensors + JSON); :meth:`AdaptiveSearch.load_checkpoint` resumes to the same final result.
+safetensors + JSON); :meth:`AdaptiveSearch.load_checkpoint` resumes to the same final result,
+also when interrupted during the comparisons.
 """
 from __future__ import annotations
 
@@ -33,12 +44,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adtuning.atomic import atomic_write
-from adtuning.child import ChildNetwork
+from adtuning.child import INT32_LIMIT, ChildNetwork
 from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup
 
 log = logging.getLogger("adtuning")
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1 predates regret and baselines; it reads as "none run yet"
+
+#: Baselines :meth:`AdaptiveSearch.run_baselines` can train, with the P they amount to.
+BASELINES = {"head-only": 0.0, "full": 1.0}
+
+# Statuses of a candidate the search culled: "stopped" where the search left it, "regret" once
+# :meth:`AdaptiveSearch.measure_regret` has begun training it on to T.
+_CULLED = ("stopped", "regret")
 
 
 class TrainingProblem(Protocol):
@@ -153,7 +172,13 @@ def successive_halving(n: int, eta: float, first_fraction: float, min_keep: int 
 
 @dataclass
 class Candidate:
-    """One child size under search; while paused it is a sparse delta plus training state."""
+    """One child size under search; while paused it is a sparse delta plus training state.
+
+    ``status`` is ``training`` (in the search), ``stopped`` (culled at step ``stopped_at``),
+    ``regret`` (culled, then trained on to T by :meth:`AdaptiveSearch.measure_regret`) or
+    ``finished`` (trained to T). ``final`` holds ``{"dev": metrics, "test": metrics}`` at T once
+    measured. A baseline (``baseline`` = ``"head-only"`` or ``"full"``) is a candidate too.
+    """
 
     index: int
     child: ChildNetwork
@@ -169,11 +194,24 @@ class Candidate:
     curve: list[dict] = field(default_factory=list)
     train_losses: list[tuple[int, float]] = field(default_factory=list)
     rung_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
-    status: str = "training"  # training | stopped | finished
+    status: str = "training"  # training | stopped | regret | finished
+    stopped_at: int | None = None
+    final: dict[str, dict[str, float]] = field(default_factory=dict)
+    baseline: str | None = None
 
     @property
     def p(self) -> float:
         return self.child.p
+
+    @property
+    def name(self) -> str:
+        """``P=<p>`` for a searched candidate, the baseline's kind for a baseline."""
+        return self.baseline or f"P={self.p:g}"
+
+    @property
+    def search_steps(self) -> int:
+        """Steps this candidate trained within the search (not counting regret training)."""
+        return self.step if self.stopped_at is None else self.stopped_at
 
 
 class AdaptiveSearch:
@@ -186,6 +224,8 @@ class AdaptiveSearch:
         checkpoint_dir: where resumable checkpoints go (``None``: none are written).
         progress: tqdm bars.
         on_event: optional callback ``on_event(kind, info_dict)`` for logging / TensorBoard.
+        baselines: kinds from :data:`BASELINES` that :meth:`run_baselines` trains (their
+            progress is part of the checkpoint, so they are fixed here).
     """
 
     def __init__(
@@ -197,11 +237,15 @@ class AdaptiveSearch:
         checkpoint_dir: str | os.PathLike | None = None,
         progress: bool = True,
         on_event: Callable[[str, dict], None] | None = None,
+        baselines: Sequence[str] = (),
     ) -> None:
         if not children:
             raise ValueError("AdaptiveSearch needs at least one candidate child network")
         if max(config.keep, default=1) > len(children):
             raise ValueError(f"keep {config.keep} exceeds the number of candidates ({len(children)})")
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown or len(set(baselines)) != len(baselines):
+            raise ValueError(f"baselines must be distinct kinds from {', '.join(BASELINES)}, got {list(baselines)}")
         self.problem = problem
         self.config = config
         self.progress = progress
@@ -215,6 +259,17 @@ class AdaptiveSearch:
         self.candidates = []
         for i, child in enumerate(children):
             self.candidates.append(Candidate(index=i, child=child, base_values=child.gather(upstream), rng_state=initial_rng.clone()))
+        # Baselines start like every candidate (same RNG, data position, head, schedule). Their
+        # base values are taken only when they start, and kept in host memory: for "full" they
+        # are the whole scored upstream.
+        shapes: dict[str, tuple[int, ...]] = {}
+        for child in children:
+            shapes.update(child.shapes)
+        self.baselines = [
+            Candidate(index=len(children) + i, child=_baseline_child(kind, shapes), rng_state=initial_rng.clone(), baseline=kind)
+            for i, kind in enumerate(baselines)
+        ]
+        self.chosen: Candidate | None = None
         self.active: Candidate | None = None
         self._optimizer: SparseAdamW | None = None
         self._scheduler = None
@@ -233,6 +288,9 @@ class AdaptiveSearch:
             self._deactivate()
         start = time.perf_counter()
         upstream, head = self.problem.upstream_params, self.problem.head_params
+        if cand.baseline is not None and not cand.base_values:
+            # Nothing is active, so the upstream holds the base values right now.
+            cand.base_values = _gather(cand.child, upstream, device="cpu")
         cand.child.scatter_(upstream, cand.values or cand.base_values)
         for name, param in head.items():
             param.data.copy_(cand.head.get(name, self.initial_head[name]))
@@ -260,17 +318,20 @@ class AdaptiveSearch:
         # the paused copy too would double its optimizer state in memory.
         cand.values, cand.head, cand.optimizer_state = {}, {}, None
 
-    def _capture(self, cand: Candidate, *, keep_live: bool = True) -> None:
+    def _capture(self, cand: Candidate, *, keep_live: bool = True, offload: bool = False) -> None:
         """Copy the live state of the active candidate into ``cand`` (model left as is).
 
         With ``keep_live=False`` (the optimizer is about to be discarded) its state tensors are
-        taken over rather than cloned, so swapping out never holds the moments twice.
+        taken over rather than cloned, so swapping out never holds the moments twice. With
+        ``offload`` the copy goes to host memory tensor by tensor (checkpoints, and baselines,
+        whose "full" state is as large as the scored upstream).
         """
         upstream, head = self.problem.upstream_params, self.problem.head_params
-        cand.values = cand.child.gather(upstream)
+        device = "cpu" if offload else None
+        cand.values = _gather(cand.child, upstream, device=device)
         cand.head = {n: p.detach().clone() for n, p in head.items()}
         state = self._optimizer.state_dict()
-        cand.optimizer_state = _clone_state_dict(state) if keep_live else state
+        cand.optimizer_state = _clone_state_dict(state, device=device, copy=keep_live) if keep_live or offload else state
         cand.scheduler_state = dict(self._scheduler.state_dict())
         cand.rng_state = torch.get_rng_state()
 
@@ -280,11 +341,23 @@ class AdaptiveSearch:
         if cand is None:
             return
         start = time.perf_counter()
-        self._capture(cand, keep_live=False)
+        self._capture(cand, keep_live=False, offload=cand.baseline is not None)
         cand.child.scatter_(self.problem.upstream_params, cand.base_values)
         self._optimizer.remove_hooks()
         self._optimizer = self._scheduler = None
         self.active = None
+        self.swap_seconds += time.perf_counter() - start
+
+    @torch.no_grad()
+    def _retire(self, cand: Candidate) -> None:
+        """Swap the active ``cand`` out for good: restore the base values, keep no state."""
+        assert self.active is cand
+        start = time.perf_counter()
+        cand.child.scatter_(self.problem.upstream_params, cand.base_values)
+        self._optimizer.remove_hooks()
+        self._optimizer = self._scheduler = None
+        self.active = None
+        cand.values, cand.head, cand.optimizer_state, cand.base_values = {}, {}, None, {}
         self.swap_seconds += time.perf_counter() - start
 
     def apply(self, cand: Candidate) -> None:
@@ -310,7 +383,7 @@ class AdaptiveSearch:
         cfg, model, opt, sched = self.config, self.problem.model, self._optimizer, self._scheduler
         model.train()
         batches = self._batches(cand)
-        bar = tqdm(total=until, initial=cand.step, desc=f"train P={cand.p:g}", unit="step", disable=not self.progress, leave=False)
+        bar = tqdm(total=until, initial=cand.step, desc=f"train {cand.name}", unit="step", disable=not self.progress, leave=False)
         start = time.perf_counter()
         try:
             while cand.step < until:
@@ -339,16 +412,20 @@ class AdaptiveSearch:
             bar.close()
             self.train_seconds += time.perf_counter() - start
 
-    def _evaluate_dev(self, cand: Candidate) -> dict[str, float]:
+    def _evaluate(self, cand: Candidate, split: str) -> dict[str, float]:
         # Evaluation must not consume the training RNG stream: pause/continue stays exact.
         self._activate(cand)
         rng = torch.get_rng_state()
         start = time.perf_counter()
-        metrics = self.problem.evaluate("dev")
+        metrics = self.problem.evaluate(split)
         self.eval_seconds += time.perf_counter() - start
         torch.set_rng_state(rng)
+        return metrics
+
+    def _evaluate_dev(self, cand: Candidate) -> dict[str, float]:
+        metrics = self._evaluate(cand, "dev")
         cand.curve.append({"step": cand.step, **metrics})
-        log.info("dev P=%g step %d: %s", cand.p, cand.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        log.info("dev %s step %d: %s", cand.name, cand.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         self.on_event("dev", {"candidate": cand.index, "p": cand.p, "step": cand.step, **metrics})
         return metrics
 
@@ -359,7 +436,7 @@ class AdaptiveSearch:
     def run(self) -> Candidate:
         """Execute (or continue) the plan; return the chosen candidate, swapped in."""
         cfg = self.config
-        alive = [c for c in self.candidates if c.status != "stopped"]
+        alive = [c for c in self.candidates if c.status not in _CULLED]
         for rung, until in enumerate(cfg.rung_steps()):
             for cand in alive:
                 if rung in cand.rung_metrics:
@@ -373,7 +450,7 @@ class AdaptiveSearch:
                 survivors = ranked[: cfg.keep[rung]]
                 for cand in alive:
                     if cand not in survivors:
-                        cand.status = "stopped"
+                        cand.status, cand.stopped_at = "stopped", cand.step
                 alive = [c for c in alive if c in survivors]
                 log.info("rung %d at step %d: continuing P=%s", rung, until, ", ".join(f"{c.p:g}" for c in alive))
                 self.on_event("rung", {"rung": rung, "step": until, "survivors": [c.p for c in alive]})
@@ -381,15 +458,144 @@ class AdaptiveSearch:
         for cand in alive:
             cand.status = "finished"
         best = min(alive, key=lambda c: (self._rank_key(c.rung_metrics[last]), c.index))
+        self.chosen = best
         self._activate(best)
         self.save_checkpoint()
         return best
 
+    # ---- comparisons after the search ---------------------------------------------------
+
+    def _final_metrics(self, cand: Candidate) -> dict[str, dict[str, float]]:
+        last = len(self.config.rungs)
+        # A candidate the search finished was evaluated on dev at T already (its last rung).
+        final = {"dev": cand.rung_metrics[last] if last in cand.rung_metrics else self._evaluate_dev(cand)}
+        if self.problem.has_split("test"):
+            final["test"] = self._evaluate(cand, "test")
+        return final
+
+    def measure_regret(self) -> dict[str, Any]:
+        """Train every culled candidate on to T, evaluate all at T, and report the regret.
+
+        Each culled candidate continues from its paused state (values, optimizer, scheduler,
+        RNG, data position), so it ends exactly where an uninterrupted T-step run would, and
+        the extra cost is only its remaining steps. Culled candidates get status ``regret``;
+        their ``final`` metrics (dev, and test when the task has a test split) are recorded and
+        checkpointed one by one, so an interrupted measurement resumes. The chosen candidate is
+        swapped back in at the end, so evaluating or saving it afterwards is unchanged.
+
+        Returns :meth:`regret_report`.
+        """
+        if self.chosen is None:
+            raise RuntimeError("measure_regret() needs the search's pick: call run() first")
+        for cand in self.candidates:
+            if cand.final:
+                continue  # measured before an interruption
+            if cand.status == "stopped":
+                cand.status = "regret"
+                log.info("regret: training %s on from step %d to %d", cand.name, cand.step, self.config.total_steps)
+            self._train(cand, self.config.total_steps)
+            cand.final = self._final_metrics(cand)
+            self.save_checkpoint()
+        self._activate(self.chosen)
+        return self.regret_report()
+
+    def regret_report(self) -> dict[str, Any]:
+        """The regret of the search's pick, from the candidates' metrics at T.
+
+        Definitions (``m`` is the primary metric; "best" means highest when higher is better,
+        lowest otherwise, ties going to the earlier candidate as in the search):
+
+        - ``regret`` (the primary definition): ``|best final dev m over all candidates -
+          final dev m of the chosen|``, i.e. ``best - chosen`` for higher-is-better metrics and
+          ``chosen - best`` for lower-is-better ones (WER). 0: the early pick is the best
+          candidate at T; positive: how much worse it is.
+        - ``regret_test`` (only with a test split): the same on test, against the best test
+          metric any candidate reaches at T (an oracle that picks by test, not by dev).
+          ``None`` without a test split.
+
+        Returns a dict with ``metric``, ``higher_is_better``, ``regret``, ``chosen_p``,
+        ``chosen_dev``, ``best_p``, ``best_dev``, ``regret_test``, ``chosen_test``,
+        ``best_test_p``, ``best_test``, ``steps_spent_search``, ``steps_spent_regret`` and
+        ``candidates`` (per candidate: ``p``, ``status``, ``search_steps``, ``steps``,
+        ``final_dev``, ``final_test``).
+        """
+        if self.chosen is None or any(not c.final for c in self.candidates):
+            raise RuntimeError("regret_report() needs every candidate's metrics at T: call measure_regret() first")
+        metric = self.problem.primary_metric
+
+        def best_by(split: str) -> Candidate:
+            return min(self.candidates, key=lambda c: (self._rank_key(c.final[split]), c.index))
+
+        def regret(split: str, best: Candidate) -> float:
+            return self._rank_key(self.chosen.final[split]) - self._rank_key(best.final[split])
+
+        best = best_by("dev")
+        report: dict[str, Any] = {
+            "metric": metric, "higher_is_better": self.problem.higher_is_better,
+            "regret": regret("dev", best), "chosen_p": self.chosen.p, "chosen_dev": self.chosen.final["dev"][metric],
+            "best_p": best.p, "best_dev": best.final["dev"][metric],
+            "regret_test": None, "chosen_test": None, "best_test_p": None, "best_test": None,
+            "steps_spent_search": self.steps_spent(), "steps_spent_regret": self.steps_regret(),
+            "candidates": [
+                {"p": c.p, "status": c.status, "search_steps": c.search_steps, "steps": c.step,
+                 "final_dev": c.final["dev"], "final_test": c.final.get("test")}
+                for c in self.candidates
+            ],
+        }
+        if all("test" in c.final for c in self.candidates):
+            best_test = best_by("test")
+            report.update(regret_test=regret("test", best_test), chosen_test=self.chosen.final["test"][metric],
+                          best_test_p=best_test.p, best_test=best_test.final["test"][metric])
+        return report
+
+    def run_baselines(self) -> dict[str, dict[str, Any]]:
+        """Train each baseline given to the constructor for T steps and evaluate it at T.
+
+        ``head-only`` trains the head alone (the upstream is frozen: no upstream entry changes);
+        ``full`` trains every scored upstream entry with AdamW (a child holding all of them)
+        plus the head. Both start from the base upstream and the search's initial head, with
+        the search's schedule, learning rates, clipping, seed and data order, on the one model
+        copy: the base values a baseline changes are kept in host memory while it trains and
+        written back when it is done; its trained values are not kept. Progress is
+        checkpointed, so an interrupted baseline resumes. If the search has picked a candidate,
+        it is swapped back in at the end.
+
+        Returns :meth:`baseline_report`.
+        """
+        for cand in self.baselines:
+            if cand.final:
+                continue
+            self._train(cand, self.config.total_steps)
+            cand.final = self._final_metrics(cand)
+            cand.status = "finished"
+            self._retire(cand)
+            log.info("baseline %s at step %d: %s", cand.name, cand.step,
+                     ", ".join(f"{split} {k}={v:.4f}" for split, m in cand.final.items() for k, v in m.items()))
+            self.save_checkpoint()
+        if self.chosen is not None:
+            self._activate(self.chosen)
+        return self.baseline_report()
+
+    def baseline_report(self) -> dict[str, dict[str, Any]]:
+        """Per baseline kind: ``p``, trainable counts (``trainable_upstream``, ``trainable_head``,
+        ``trainable_params``), ``steps``, ``final_dev``, ``final_test`` (``None`` without a test
+        split or before it ran) and the dev ``curve``."""
+        head = sum(p.numel() for p in self.problem.head_params.values())
+        return {
+            c.baseline: {"p": c.p, "trainable_upstream": c.child.k, "trainable_head": head, "trainable_params": c.child.k + head,
+                         "steps": c.step, "final_dev": c.final.get("dev"), "final_test": c.final.get("test"), "curve": c.curve}
+            for c in self.baselines
+        }
+
     # ---- accounting ---------------------------------------------------------------------
 
     def steps_spent(self) -> int:
-        """Optimizer steps run over all candidates."""
-        return sum(c.step for c in self.candidates)
+        """Optimizer steps the search ran over all candidates (regret training not counted)."""
+        return sum(c.search_steps for c in self.candidates)
+
+    def steps_regret(self) -> int:
+        """Extra steps :meth:`measure_regret` ran: culled candidates trained on to T."""
+        return sum(c.step - c.stopped_at for c in self.candidates if c.stopped_at is not None)
 
     def steps_exhaustive(self) -> int:
         """Steps of training every candidate for T (n * T)."""
@@ -404,29 +610,10 @@ class AdaptiveSearch:
         self._since_checkpoint = 0
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if self.active is not None:
-            self._capture(self.active)
+            self._capture(self.active, offload=True)
         tensors: dict[str, torch.Tensor] = {}
-        records = []
-        for cand in self.candidates:
-            prefix = f"c{cand.index}"
-            for name, value in cand.values.items():
-                tensors[f"{prefix}.values.{name}"] = value.detach().cpu().contiguous()
-            for name, value in cand.head.items():
-                tensors[f"{prefix}.head.{name}"] = value.detach().cpu().contiguous()
-            tensors[f"{prefix}.rng"] = cand.rng_state.contiguous()
-            opt_meta = None
-            if cand.optimizer_state is not None:
-                opt_meta = {"param_groups": cand.optimizer_state["param_groups"], "state": {}}
-                for pid, st in cand.optimizer_state["state"].items():
-                    opt_meta["state"][str(pid)] = sorted(st)
-                    for key, value in st.items():
-                        tensors[f"{prefix}.opt.{pid}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
-            records.append({
-                "index": cand.index, "p": cand.p, "k": cand.child.k, "step": cand.step, "epoch": cand.epoch,
-                "batch_in_epoch": cand.batch_in_epoch, "status": cand.status, "curve": cand.curve,
-                "train_losses": cand.train_losses, "rung_metrics": {str(k): v for k, v in cand.rung_metrics.items()},
-                "scheduler_state": cand.scheduler_state, "optimizer": opt_meta,
-            })
+        records = [self._record(cand, f"c{cand.index}", tensors) for cand in self.candidates]
+        baselines = [self._record(cand, f"baseline.{cand.baseline}", tensors) for cand in self.baselines]
         serial = int(time.time() * 1e6)
         tensor_name = f"search-{serial}.safetensors"
         atomic_write(self.checkpoint_dir / tensor_name, lambda tmp: save_file(tensors, tmp))
@@ -435,6 +622,7 @@ class AdaptiveSearch:
             "tensors": tensor_name,
             "active": None if self.active is None else self.active.index,
             "candidates": records,
+            "baselines": baselines,
             "swap_seconds": self.swap_seconds,
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
@@ -447,13 +635,35 @@ class AdaptiveSearch:
             self._drop_snapshot(self.active)
         return path
 
+    @staticmethod
+    def _record(cand: Candidate, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+        """The JSON record of ``cand``; its tensors go into ``tensors`` under ``prefix``."""
+        for name, value in cand.values.items():
+            tensors[f"{prefix}.values.{name}"] = value.detach().cpu().contiguous()
+        for name, value in cand.head.items():
+            tensors[f"{prefix}.head.{name}"] = value.detach().cpu().contiguous()
+        tensors[f"{prefix}.rng"] = cand.rng_state.contiguous()
+        opt_meta = None
+        if cand.optimizer_state is not None:
+            opt_meta = {"param_groups": cand.optimizer_state["param_groups"], "state": {}}
+            for pid, st in cand.optimizer_state["state"].items():
+                opt_meta["state"][str(pid)] = sorted(st)
+                for key, value in st.items():
+                    tensors[f"{prefix}.opt.{pid}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
+        return {
+            "index": cand.index, "p": cand.p, "k": cand.child.k, "baseline": cand.baseline, "step": cand.step, "epoch": cand.epoch,
+            "batch_in_epoch": cand.batch_in_epoch, "status": cand.status, "stopped_at": cand.stopped_at, "final": cand.final,
+            "curve": cand.curve, "train_losses": cand.train_losses, "rung_metrics": {str(k): v for k, v in cand.rung_metrics.items()},
+            "scheduler_state": cand.scheduler_state, "optimizer": opt_meta,
+        }
+
     def load_checkpoint(self) -> bool:
         """Restore the state written by :meth:`save_checkpoint`; False if there is none."""
         if self.checkpoint_dir is None or not (self.checkpoint_dir / "search.json").is_file():
             return False
         meta_path = self.checkpoint_dir / "search.json"
         meta = json.loads(meta_path.read_text())
-        if meta.get("version") != CHECKPOINT_VERSION:
+        if meta.get("version") not in _READABLE_VERSIONS:
             raise ValueError(f"{meta_path}: unsupported checkpoint version {meta.get('version')}")
         tensor_path = self.checkpoint_dir / meta["tensors"]
         if not tensor_path.is_file():
@@ -461,36 +671,81 @@ class AdaptiveSearch:
         tensors = load_file(str(tensor_path))
         if len(meta["candidates"]) != len(self.candidates):
             raise ValueError(f"{meta_path}: {len(meta['candidates'])} candidates saved, this search has {len(self.candidates)}")
+        saved_baselines = [rec["baseline"] for rec in meta.get("baselines", [])]
+        if saved_baselines != [c.baseline for c in self.baselines]:
+            raise ValueError(f"{meta_path}: baselines {saved_baselines} saved, this search has {[c.baseline for c in self.baselines]}")
         if self.active is not None:
             self._deactivate()
-        device = {n: p.device for n, p in self.problem.upstream_params.items()}
         for rec, cand in zip(meta["candidates"], self.candidates):
-            if abs(rec["p"] - cand.p) > 1e-12 or rec["k"] != cand.child.k:
-                raise ValueError(f"{meta_path}: candidate {cand.index} was P={rec['p']} k={rec['k']}, now P={cand.p} k={cand.child.k}")
-            prefix = f"c{cand.index}"
-            cand.values = {n: tensors[f"{prefix}.values.{n}"].to(device[n]) for n in cand.child.indices if f"{prefix}.values.{n}" in tensors}
-            cand.head = {n: tensors[f"{prefix}.head.{n}"].to(p.device) for n, p in self.problem.head_params.items() if f"{prefix}.head.{n}" in tensors}
-            cand.rng_state = tensors[f"{prefix}.rng"]
-            opt_meta = rec["optimizer"]
-            if opt_meta is None:
-                cand.optimizer_state = None
-            else:
-                state = {int(pid): {key: tensors[f"{prefix}.opt.{pid}.{key}"] for key in keys} for pid, keys in opt_meta["state"].items()}
-                cand.optimizer_state = {"state": state, "param_groups": opt_meta["param_groups"]}
-            cand.scheduler_state = rec["scheduler_state"]
-            cand.step, cand.epoch, cand.batch_in_epoch = rec["step"], rec["epoch"], rec["batch_in_epoch"]
-            cand.status, cand.curve = rec["status"], rec["curve"]
-            cand.train_losses = [tuple(x) for x in rec["train_losses"]]
-            cand.rung_metrics = {int(k): v for k, v in rec["rung_metrics"].items()}
+            self._restore(rec, cand, f"c{cand.index}", tensors, meta_path)
+        for rec, cand in zip(meta.get("baselines", []), self.baselines):
+            self._restore(rec, cand, f"baseline.{cand.baseline}", tensors, meta_path)
         self.swap_seconds, self.train_seconds, self.eval_seconds = meta["swap_seconds"], meta["train_seconds"], meta["eval_seconds"]
         if meta["active"] is not None:
-            self._activate(self.candidates[meta["active"]])
+            self._activate((self.candidates + self.baselines)[meta["active"]])
         log.info("resumed the search from %s (steps so far: %d)", meta_path, self.steps_spent())
         return True
 
+    def _restore(self, rec: dict, cand: Candidate, prefix: str, tensors: dict[str, torch.Tensor], meta_path: Path) -> None:
+        if abs(rec["p"] - cand.p) > 1e-12 or rec["k"] != cand.child.k:
+            raise ValueError(f"{meta_path}: candidate {cand.index} was P={rec['p']} k={rec['k']}, now P={cand.p} k={cand.child.k}")
+        # A baseline's paused values stay in host memory until it is swapped in.
+        device = {n: ("cpu" if cand.baseline else p.device) for n, p in self.problem.upstream_params.items()}
+        cand.values = {n: tensors[f"{prefix}.values.{n}"].to(device[n]) for n in cand.child.indices if f"{prefix}.values.{n}" in tensors}
+        cand.head = {n: tensors[f"{prefix}.head.{n}"].to(p.device) for n, p in self.problem.head_params.items() if f"{prefix}.head.{n}" in tensors}
+        cand.rng_state = tensors[f"{prefix}.rng"]
+        opt_meta = rec["optimizer"]
+        if opt_meta is None:
+            cand.optimizer_state = None
+        else:
+            state = {int(pid): {key: tensors[f"{prefix}.opt.{pid}.{key}"] for key in keys} for pid, keys in opt_meta["state"].items()}
+            cand.optimizer_state = {"state": state, "param_groups": opt_meta["param_groups"]}
+        cand.scheduler_state = rec["scheduler_state"]
+        cand.step, cand.epoch, cand.batch_in_epoch = rec["step"], rec["epoch"], rec["batch_in_epoch"]
+        cand.status, cand.curve = rec["status"], rec["curve"]
+        # Version 1 knew no regret training: a culled candidate stopped at its current step.
+        cand.stopped_at = rec.get("stopped_at", cand.step if cand.status == "stopped" else None)
+        cand.final = rec.get("final", {})
+        cand.train_losses = [tuple(x) for x in rec["train_losses"]]
+        cand.rung_metrics = {int(k): v for k, v in rec["rung_metrics"].items()}
 
-def _clone_state_dict(state_dict: dict) -> dict:
+
+def _baseline_child(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> ChildNetwork:
+    """The child a baseline trains: no entry (``head-only``) or every entry of ``shapes`` (``full``)."""
+    if kind == "head-only":
+        indices = {}
+    else:
+        indices = {}
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            indices[name] = torch.arange(numel, dtype=torch.int64 if numel >= INT32_LIMIT else torch.int32)
+    k = sum(i.numel() for i in indices.values())
+    return ChildNetwork(indices=indices, shapes=dict(shapes), p=BASELINES[kind], k=k, method=kind)
+
+
+def _gather(child: ChildNetwork, named_params: Mapping[str, torch.Tensor], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """:meth:`ChildNetwork.gather`, moving each tensor to ``device`` before the next is taken
+    (so a large child never has two copies on the accelerator)."""
+    if device is None:
+        return child.gather(named_params)
+    out = {}
+    for name, idx in child.indices.items():
+        flat = named_params[name].detach().reshape(-1)
+        out[name] = flat.index_select(0, idx.to(flat.device).long()).to(device)
+    return out
+
+
+def _clone_state_dict(state_dict: dict, device: str | torch.device | None = None, copy: bool = True) -> dict:
+    """A copy of an optimizer state dict (on ``device`` if given; with ``copy=False`` tensors
+    already there are taken over instead of copied)."""
+    def move(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        if device is None:
+            return v.detach().clone()
+        return v.detach().to(device, copy=copy)
+
     return {
-        "state": {k: {n: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for n, v in s.items()} for k, s in state_dict["state"].items()},
+        "state": {k: {n: move(v) for n, v in s.items()} for k, s in state_dict["state"].items()},
         "param_groups": [dict(g) for g in state_dict["param_groups"]],
     }

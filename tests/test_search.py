@@ -1,5 +1,8 @@
-"""The AD-TUNING search: pause/continue exactness, one model copy, accounting, resume."""
+"""The AD-TUNING search: pause/continue exactness, one model copy, accounting, resume,
+regret of the early pick and the head-only / full baselines."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adtuning import ChildNetwork
+from adtuning.optim import get_linear_schedule_with_warmup
 from adtuning.search import AdaptiveSearch, SearchConfig, successive_halving
 
 
@@ -151,3 +155,210 @@ def test_bad_configs_are_rejected():
     problem = ToyProblem()
     with pytest.raises(ValueError, match="exceeds"):
         AdaptiveSearch(problem, children_for(problem, (0.1,)), config(keep=(2,)), progress=False)
+    with pytest.raises(ValueError, match="baselines"):
+        AdaptiveSearch(problem, children_for(problem), config(), progress=False, baselines=("head-only", "foo"))
+    with pytest.raises(RuntimeError, match="run"):
+        AdaptiveSearch(problem, children_for(problem), config(), progress=False).measure_regret()
+
+
+# ---- regret of the early pick --------------------------------------------------------------
+
+class ScriptedProblem(ToyProblem):
+    """ToyProblem whose evaluation returns a scripted metric for the active candidate: at the
+    rung (step 6 of 20) and at T; 0 elsewhere (the curve points in between)."""
+
+    def __init__(self, rung, final, test=None, higher_is_better=True):
+        super().__init__()
+        self.rung, self.final, self.test = rung, final, test
+        self.higher_is_better = higher_is_better
+        self.primary_metric = "accuracy" if higher_is_better else "wer"
+        self.search = None
+
+    def evaluate(self, split):
+        cand = self.search.active
+        script = {6: self.rung, 20: self.final}.get(cand.step, {}) if split == "dev" else self.test
+        return {self.primary_metric: script.get(cand.p, 0.0)}
+
+    def has_split(self, split):
+        return split == "dev" or self.test is not None
+
+
+@pytest.mark.parametrize(
+    "higher, rung, final, test, regret, best_p, regret_test",
+    [
+        # The rung leader P=0.01 is also best at T: no regret.
+        (True, {0.01: 0.75, 0.1: 0.5, 0.5: 0.25}, {0.01: 0.875, 0.1: 0.75, 0.5: 0.5}, None, 0.0, 0.01, None),
+        # P=0.01 leads at the rung, P=0.1 is best at T by 0.25; on test P=0.5 is best by 0.5.
+        (True, {0.01: 0.75, 0.1: 0.5, 0.5: 0.25}, {0.01: 0.5, 0.1: 0.75, 0.5: 0.625}, {0.01: 0.375, 0.1: 0.5, 0.5: 0.875}, 0.25, 0.1, 0.5),
+        # Lower is better (WER): the same story with the sign flipped, regret still positive.
+        (False, {0.01: 0.25, 0.1: 0.5, 0.5: 0.75}, {0.01: 0.5, 0.1: 0.25, 0.5: 0.375}, {0.01: 0.625, 0.1: 0.5, 0.5: 0.125}, 0.25, 0.1, 0.5),
+    ],
+)
+def test_regret_is_the_gap_between_the_pick_and_the_best_at_T(higher, rung, final, test, regret, best_p, regret_test):
+    problem = ScriptedProblem(rung, final, test, higher_is_better=higher)
+    search = AdaptiveSearch(problem, children_for(problem), config(rungs=(0.3,), keep=(1,)), progress=False)
+    problem.search = search
+    chosen = search.run()
+    assert chosen.p == 0.01
+    report = search.measure_regret()
+    assert report["regret"] == regret and report["best_p"] == best_p
+    assert report["chosen_p"] == 0.01 and report["chosen_dev"] == final[0.01] and report["best_dev"] == final[best_p]
+    assert report["regret_test"] == regret_test
+    if test is not None:
+        assert report["chosen_test"] == test[0.01]
+        assert report["best_test"] == (max(test.values()) if higher else min(test.values()))
+    assert [c["final_dev"][problem.primary_metric] for c in report["candidates"]] == [final[p] for p in (0.01, 0.1, 0.5)]
+    # The search's 6*3 + 14 steps, then the two culled candidates' remaining 14 each.
+    assert report["steps_spent_search"] == search.steps_spent() == 32
+    assert report["steps_spent_regret"] == search.steps_regret() == 28
+    assert [c.status for c in search.candidates] == ["finished", "regret", "regret"]
+    assert [c.step for c in search.candidates] == [20, 20, 20] and [c.search_steps for c in search.candidates] == [20, 6, 6]
+    assert search.active is chosen
+
+
+def test_culled_candidates_finish_exactly_like_unpaused_runs_and_the_pick_is_restored():
+    problem = ToyProblem()
+    search = AdaptiveSearch(problem, children_for(problem), config(), progress=False)
+    best = search.run()
+    chosen_state = snapshot(problem)
+    search.measure_regret()
+    assert search.active is best
+    for name, value in snapshot(problem).items():
+        assert torch.equal(value, chosen_state[name]), name
+    for cand in search.candidates:
+        search.apply(cand)
+        alone = ToyProblem()
+        single = AdaptiveSearch(alone, [children_for(alone)[cand.index]], config(rungs=(), keep=()), progress=False)
+        single.run()
+        expected = snapshot(alone)
+        for name, value in snapshot(problem).items():
+            assert torch.equal(value, expected[name]), (cand.p, name)
+        assert [loss for _, loss in cand.train_losses] == [loss for _, loss in single.candidates[0].train_losses]
+
+
+# ---- baselines -----------------------------------------------------------------------------
+
+def plain_adamw_run(problem, cfg, train_upstream):
+    """The reference of a baseline: torch.optim.AdamW over the head (and the whole upstream)."""
+    torch.set_rng_state(torch.Generator().manual_seed(cfg.seed).get_state())
+    upstream = list(problem.upstream_params.values())
+    for param in upstream:
+        param.requires_grad_(train_upstream)
+    groups = [{"params": list(problem.head_params.values()), "lr": cfg.head_lr, "weight_decay": cfg.head_weight_decay}]
+    if train_upstream:
+        groups.insert(0, {"params": upstream, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+    opt = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, foreach=False)
+    sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.total_steps)
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from problem.train_batches(epoch, 0)
+            epoch += 1
+
+    stream = batches()
+    problem.model.train()
+    for _ in range(cfg.total_steps):
+        for _ in range(cfg.grad_accum):
+            (problem.loss(next(stream)) / cfg.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return snapshot(problem), problem.evaluate("dev")
+
+
+def test_baselines_are_head_only_and_full_adamw_under_the_same_schedule(monkeypatch):
+    trained = {}
+    retire = AdaptiveSearch._retire
+
+    def spy(self, cand):
+        trained[cand.baseline] = snapshot(self.problem)
+        retire(self, cand)
+
+    monkeypatch.setattr(AdaptiveSearch, "_retire", spy)
+    problem = ToyProblem()
+    base = snapshot(problem)
+    cfg = config(weight_decay=0.01)
+    search = AdaptiveSearch(problem, children_for(problem), cfg, progress=False, baselines=("head-only", "full"))
+    search.run()
+    chosen_state = snapshot(problem)
+    report = search.run_baselines()
+    # The pick is swapped back in, and the base values under it were restored exactly.
+    for name, value in snapshot(problem).items():
+        assert torch.equal(value, chosen_state[name]), name
+
+    upstream_entries = sum(p.numel() for p in problem.upstream_params.values())
+    head_entries = sum(p.numel() for p in problem.head_params.values())
+    assert report["head-only"]["trainable_upstream"] == 0 and report["head-only"]["trainable_head"] == head_entries
+    assert report["full"]["trainable_params"] == upstream_entries + head_entries
+    assert report["head-only"]["p"] == 0.0 and report["full"]["p"] == 1.0
+    for kind, train_upstream in (("head-only", False), ("full", True)):
+        assert report[kind]["steps"] == 20 and report[kind]["final_test"] is None
+        reference = ToyProblem()
+        expected, dev = plain_adamw_run(reference, cfg, train_upstream)
+        for name, value in trained[kind].items():
+            if name.startswith("0.") and not train_upstream:
+                assert torch.equal(value, base[name]), name  # the frozen upstream never moved
+            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+        assert report[kind]["final_dev"]["accuracy"] == dev["accuracy"]
+        assert report[kind]["final_dev"]["loss"] == pytest.approx(dev["loss"], rel=1e-5)
+    assert [c.status for c in search.baselines] == ["finished", "finished"]
+    assert all(not c.base_values and c.optimizer_state is None for c in search.baselines)
+
+
+# ---- resume during the comparisons -----------------------------------------------------------
+
+def full_run(problem, checkpoint_dir=None, on_event=None, resume=False):
+    search = AdaptiveSearch(problem, children_for(problem), config(checkpoint_interval=3), checkpoint_dir=checkpoint_dir,
+                            progress=False, on_event=on_event, baselines=("head-only", "full"))
+    if resume:
+        assert search.load_checkpoint()
+    best = search.run()
+    regret = search.measure_regret()
+    baselines = search.run_baselines()
+    search.apply(best)
+    return search, regret, baselines
+
+
+# Train events: 32 in the search, 33-60 regret training, 61-80 head-only, 81-100 full.
+@pytest.mark.parametrize("stop_at", [40, 70, 95])
+def test_resume_during_regret_or_baselines_gives_the_same_result(tmp_path, stop_at):
+    ref_search, ref_regret, ref_baselines = full_run(ToyProblem())
+    expected = snapshot(ref_search.problem)
+
+    def bomb(kind, info, seen=[0]):
+        if kind == "train":
+            seen[0] += 1
+            if seen[0] == stop_at:
+                raise Interrupt
+
+    with pytest.raises(Interrupt):
+        full_run(ToyProblem(), tmp_path, on_event=bomb)
+    saved = json.loads((tmp_path / "search.json").read_text())
+    if stop_at < 60:
+        assert "regret" in [c["status"] for c in saved["candidates"]]
+    search, regret, baselines = full_run(ToyProblem(), tmp_path, resume=True)
+    assert regret == ref_regret and baselines == ref_baselines
+    for name, value in snapshot(search.problem).items():
+        assert torch.equal(value, expected[name]), name
+    for cand, ref in zip(search.candidates, ref_search.candidates):
+        assert cand.train_losses == ref.train_losses and cand.curve == ref.curve
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    problem = ToyProblem()
+    search = AdaptiveSearch(problem, children_for(problem), config(), checkpoint_dir=tmp_path, progress=False)
+    search.run()
+    meta = json.loads((tmp_path / "search.json").read_text())
+    meta["version"] = 1
+    del meta["baselines"]
+    for rec in meta["candidates"]:
+        for key in ("stopped_at", "final", "baseline"):
+            del rec[key]
+    (tmp_path / "search.json").write_text(json.dumps(meta))
+    again = ToyProblem()
+    resumed = AdaptiveSearch(again, children_for(again), config(), checkpoint_dir=tmp_path, progress=False)
+    assert resumed.load_checkpoint()
+    assert [c.stopped_at for c in resumed.candidates] == [None if c.status == "finished" else 6 for c in resumed.candidates]
+    assert resumed.steps_spent() == search.steps_spent()
