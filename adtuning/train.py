@@ -1,14 +1,17 @@
 """``python -m adtuning.train``: AD-TUNING of a speech SSL upstream on a SUPERB task.
 
-A recipe in five steps — setup, Fisher, search, evaluate, save:
+A recipe in six steps — setup, Fisher, search, compare, evaluate, save:
 
 1. **setup** — read the corpus, build the upstream and the task head, fingerprint the base.
 2. **Fisher** — one per-sample Fisher pass over training samples; nested child networks for
    every candidate P from one global ranking.
 3. **search** — train every candidate for r*T steps on the one model copy, evaluate on dev,
    continue the best c to T (:mod:`adtuning.search`).
-4. **evaluate** — dev (and test when present) metrics of the chosen candidate.
-5. **save** — the sparse delta + head, ``summary.json``, the config and PNG plots.
+4. **compare** (optional) — ``--measure-regret``: train the culled candidates on to T and
+   report the regret of the early pick; ``--baselines head-only,full``: train the head alone
+   and full fine-tuning under the same schedule. The chosen candidate is swapped back in.
+5. **evaluate** — dev (and test when present) metrics of the chosen candidate.
+6. **save** — the sparse delta + head, ``summary.json``, the config and PNG plots.
 
 Without ``--data-dir`` it runs the embedded default: keyword spotting on a small corpus
 synthesised with espeak-ng (cached) and a tiny random wav2vec2 — no downloads, a few minutes
@@ -35,7 +38,7 @@ from adtuning.backends import BackendUnavailableError, get_backend, resolve_back
 from adtuning.checkpoint import save_delta, weights_fingerprint
 from adtuning.child import ChildNetwork
 from adtuning.fisher import estimate_fisher, fisher_summary
-from adtuning.search import AdaptiveSearch, SearchConfig, successive_halving
+from adtuning.search import BASELINES, AdaptiveSearch, SearchConfig, successive_halving
 
 log = logging.getLogger("adtuning")
 
@@ -62,6 +65,11 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    # Checked against the known names in _check_args, which names the flag and the bad value.
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep", type=_ints, default=None, help="survivors after each of --rungs")
     g.add_argument("--eta", type=float, default=None, help="successive halving with this reduction factor, first rung at --r, down to --c survivors")
     g.add_argument("--child-method", choices=["fisher", "bernoulli"], default="fisher", help="CHILD-TUNING_D (Fisher) or CHILD-TUNING_F (Bernoulli)")
+    g.add_argument("--measure-regret", action="store_true",
+                   help="after the search, train every culled candidate on from where it stopped to T and report the regret of the "
+                        "early pick: how much worse the chosen's dev metric at T is than the best candidate's (0: the pick was "
+                        "best); costs only their remaining steps")
+    g.add_argument("--baselines", type=_names, default=(), metavar="KIND[,KIND]",
+                   help="also train, under the same schedule, seed and data order: head-only (P=0, frozen upstream) and/or "
+                        "full (P=1: every scored upstream entry, AdamW); comma-separated")
 
     g = parser.add_argument_group("Fisher pass")
     g.add_argument("--fisher-samples", type=int, default=512, help="training samples used for the Fisher pass")
@@ -166,6 +181,11 @@ def _check_args(args: argparse.Namespace) -> None:
         bad("--resume", "cannot be combined with --overwrite")
     if args.fused and args.backend not in (None, "fused"):
         bad("--fused", f"conflicts with --backend {args.backend}")
+    for kind in args.baselines:
+        if kind not in BASELINES:
+            bad("--baselines", f"unknown baseline {kind!r} (choose from {', '.join(BASELINES)})")
+    if len(set(args.baselines)) != len(args.baselines):
+        bad("--baselines", f"duplicate values in {','.join(args.baselines)}")
 
 
 def _task_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -234,6 +254,8 @@ class Recipe:
         self.out: Path = args.output_dir
         self.started = time.time()
         self.summary: dict[str, Any] = {}
+        self.regret: dict[str, Any] | None = None
+        self.baselines: dict[str, dict] | None = None
         self.writer = None
 
     # 1. setup -------------------------------------------------------------------------------
@@ -284,7 +306,10 @@ class Recipe:
         if args.resume:
             saved = json.loads((out / "config.json").read_text())["args"]
             current = _comparable_args(args)
-            changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+            # A flag added after the run was started counts as given at its default.
+            defaults = _comparable_args(build_parser().parse_args([]))
+            saved = {k: saved.get(k, defaults.get(k)) for k in current}
+            changed = {k: (saved[k], v) for k, v in current.items() if saved[k] != v}
             if changed:
                 raise UsageError("--resume: these flags differ from the interrupted run: "
                                  + ", ".join(f"{k} (was {a!r}, now {b!r})" for k, (a, b) in changed.items()))
@@ -369,7 +394,7 @@ class Recipe:
             checkpoint_interval=args.checkpoint_interval,
         )
         self.searcher = AdaptiveSearch(self.problem, self.children, self.config, checkpoint_dir=self.out / "checkpoint",
-                                       progress=not args.no_progress, on_event=self._event)
+                                       progress=not args.no_progress, on_event=self._event, baselines=args.baselines)
         if args.resume:
             self.searcher.load_checkpoint()
         if torch.cuda.is_available() and self.device.type == "cuda":
@@ -389,7 +414,18 @@ class Recipe:
                 if key not in ("candidate", "p", "step") and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"dev_{key}/{tag}", value, info["step"])
 
-    # 4. evaluate ----------------------------------------------------------------------------
+    # 4. compare -----------------------------------------------------------------------------
+    def compare(self) -> None:
+        """Regret of the early pick and baselines, when asked for; the chosen candidate ends swapped in."""
+        args = self.args
+        self.regret = self.searcher.measure_regret() if args.measure_regret else None
+        if self.regret is not None:
+            r = self.regret
+            log.info("regret %.4f (dev %s: best at T P=%g %.4f, chosen P=%g %.4f); %d extra steps", r["regret"], r["metric"],
+                     r["best_p"], r["best_dev"], r["chosen_p"], r["chosen_dev"], r["steps_spent_regret"])
+        self.baselines = self.searcher.run_baselines() if args.baselines else None
+
+    # 5. evaluate ----------------------------------------------------------------------------
     def evaluate(self) -> None:
         self.searcher.apply(self.best)
         rng = torch.get_rng_state()
@@ -400,7 +436,7 @@ class Recipe:
         for split, metrics in self.final.items():
             log.info("final %s (P=%g): %s", split, self.best.p, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
-    # 5. save --------------------------------------------------------------------------------
+    # 6. save --------------------------------------------------------------------------------
     def save(self) -> dict:
         args, best = self.args, self.best
         delta_dir = save_delta(
@@ -412,18 +448,22 @@ class Recipe:
         rung_steps = self.config.rung_steps()
         candidates = []
         for cand in self.searcher.candidates:
-            candidates.append({
+            entry = {
                 "p": cand.p, "k": cand.child.k, "trainable_percent": 100.0 * cand.child.k / self.upstream_entries,
-                "threshold": cand.child.threshold, "steps": cand.step, "status": cand.status,
+                "threshold": cand.child.threshold, "steps": cand.step, "search_steps": cand.search_steps, "status": cand.status,
                 "dev_at_rungs": {str(rung_steps[i]): m for i, m in sorted(cand.rung_metrics.items())},
                 "curve": cand.curve, "train_loss": cand.train_losses,
                 "layer_ratios": cand.child.layer_ratios(),
-            })
+            }
+            if self.regret is not None:
+                entry.update(final_dev=cand.final["dev"], final_test=cand.final.get("test"))
+            candidates.append(entry)
         self.summary = {
             "task": args.task, "upstream": args.upstream, "base_fingerprint": self.base_fingerprint,
             "primary_metric": self.problem.primary_metric, "higher_is_better": self.problem.higher_is_better,
             "candidates": candidates, "chosen_p": best.p, "chosen_k": best.child.k, "final": self.final,
             "steps_spent": self.searcher.steps_spent(), "steps_exhaustive": self.searcher.steps_exhaustive(),
+            "steps_spent_search": self.searcher.steps_spent(), "steps_spent_regret": self.searcher.steps_regret(),
             "rungs": list(self.config.rungs), "keep": list(self.config.keep), "total_steps": self.config.total_steps,
             "swap_seconds": self.searcher.swap_seconds, "train_seconds": self.searcher.train_seconds,
             "eval_seconds": self.searcher.eval_seconds, "wall_seconds": time.time() - self.started,
@@ -432,6 +472,15 @@ class Recipe:
             "delta_dir": str(delta_dir), "delta_bytes": sum(f.stat().st_size for f in delta_dir.iterdir()),
             "versions": _versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if self.regret is not None:
+            # regret (dev) is the headline; regret_test only when the task has a test split.
+            self.summary["regret"] = self.regret["regret"]
+            if self.regret["regret_test"] is not None:
+                self.summary["regret_test"] = self.regret["regret_test"]
+            self.summary["regret_detail"] = {k: v for k, v in self.regret.items() if k not in ("candidates", "regret", "regret_test")}
+        if self.baselines is not None:
+            self.summary["baselines"] = {kind: {**info, "trainable_percent": 100.0 * info["trainable_upstream"] / self.upstream_entries}
+                                         for kind, info in self.baselines.items()}
         if not args.no_plots:
             self.summary["plots"] = self._plots()
         atomic_write(self.out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(self.summary, indent=2)))
@@ -520,16 +569,39 @@ def _versions() -> dict:
 
 def _print_summary(summary: dict) -> None:
     metric = summary["primary_metric"]
+    measured = "regret" in summary
+    has_test = measured and all(c["final_test"] is not None for c in summary["candidates"])
+    at_t = (f"  {'at T: dev':>10}" + (f" {'test':>7}" if has_test else "")) if measured else ""
     print(f"\nAD-TUNING on {summary['task']} with {summary['upstream']} (backend {summary['backend']})")
-    print(f"{'P':>8} {'k':>10} {'% upstream':>11} {'steps':>6}  dev {metric} at rungs")
+    print(f"{'P':>8} {'k':>10} {'% upstream':>11} {'steps':>6}{at_t}  dev {metric} at rungs")
     for c in summary["candidates"]:
         rungs = ", ".join(f"{step}: {m[metric]:.4f}" for step, m in c["dev_at_rungs"].items())
-        print(f"{c['p']:>8g} {c['k']:>10,} {c['trainable_percent']:>10.3f}% {c['steps']:>6}  {rungs}")
+        final = ""
+        if measured:
+            final = f"  {c['final_dev'][metric]:>10.4f}" + (f" {c['final_test'][metric]:>7.4f}" if has_test else "")
+        print(f"{c['p']:>8g} {c['k']:>10,} {c['trainable_percent']:>10.3f}% {c['search_steps']:>6}{final}  {rungs}")
     final = ", ".join(f"{split} {metric}={m[metric]:.4f}" for split, m in summary["final"].items())
     print(f"chosen P={summary['chosen_p']:g}: {final}")
     print(f"steps spent {summary['steps_spent']} vs {summary['steps_exhaustive']} for training every candidate; "
           f"swap time {summary['swap_seconds']:.2f}s; wall {summary['wall_seconds']:.0f}s")
+    if measured:
+        print(_regret_line(summary))
+    for kind, b in summary.get("baselines", {}).items():
+        scores = ", ".join(f"{split} {metric}={b[f'final_{split}'][metric]:.4f}" for split in ("dev", "test") if b[f"final_{split}"] is not None)
+        print(f"baseline {kind} (P={b['p']:g}: {b['trainable_upstream']:,} upstream + {b['trainable_head']:,} head parameters trained, "
+              f"{b['steps']} steps): {scores}")
     print(f"sparse delta: {summary['delta_dir']} ({summary['delta_bytes'] / 1024:.1f} KiB)")
+
+
+def _regret_line(summary: dict) -> str:
+    """One line: the regret on dev (and test), who was best at T, and what the comparison cost."""
+    d = summary["regret_detail"]
+    line = (f"regret {summary['regret']:.4f} (dev {d['metric']}; best at T: P={d['best_p']:g} {d['best_dev']:.4f}, "
+            f"chosen P={d['chosen_p']:g} {d['chosen_dev']:.4f})")
+    if "regret_test" in summary:
+        line += (f"; on test {summary['regret_test']:.4f} (best at T: P={d['best_test_p']:g} {d['best_test']:.4f}, "
+                 f"chosen {d['chosen_test']:.4f})")
+    return line + f"; comparison cost {summary['steps_spent_regret']} extra steps"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -543,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe.setup()
         recipe.fisher()
         recipe.search()
+        recipe.compare()
         recipe.evaluate()
         summary = recipe.save()
     except UsageError as err:

@@ -46,6 +46,79 @@ def test_embedded_default_runs_end_to_end(finished_run, capsys):
     assert summary["delta_bytes"] < 1_000_000
 
 
+COMPARE = ("--measure-regret", "--baselines", "head-only,full")
+
+
+@pytest.fixture(scope="module")
+def compared_run(tmp_path_factory, corpus_cache):
+    out = tmp_path_factory.mktemp("compared")
+    assert run_cli(out, corpus_cache, *COMPARE) == 0
+    return out
+
+
+def test_regret_and_baselines_are_measured_without_changing_the_pick(finished_run, compared_run, capsys):
+    out = compared_run
+    summary = json.loads((out / "summary.json").read_text())
+    train._print_summary(summary)
+    printed = capsys.readouterr().out
+    plain = json.loads((finished_run / "summary.json").read_text())
+    metric = summary["primary_metric"]
+    # The search is the plain run's; the comparisons ran after it: one culled candidate, 3 more steps.
+    assert summary["chosen_p"] == plain["chosen_p"] and summary["steps_spent"] == summary["steps_spent_search"] == 9
+    assert summary["steps_spent_regret"] == 3 and plain["steps_spent_regret"] == 0 and "regret" not in plain
+    assert all(c["steps"] == 6 for c in summary["candidates"])
+    assert sorted(c["status"] for c in summary["candidates"]) == ["finished", "regret"]
+    finals = {c["p"]: c for c in summary["candidates"]}
+    best_dev = max(c["final_dev"][metric] for c in finals.values())
+    best_test = max(c["final_test"][metric] for c in finals.values())
+    chosen = finals[summary["chosen_p"]]
+    assert summary["regret"] == best_dev - chosen["final_dev"][metric] >= 0
+    assert summary["regret_test"] == best_test - chosen["final_test"][metric] >= 0
+    assert summary["regret_detail"]["chosen_dev"] == chosen["final_dev"][metric]
+    # Evaluated and saved after the comparisons, the pick is exactly the plain run's.
+    assert chosen["final_dev"] == summary["final"]["dev"] == plain["final"]["dev"]
+    assert chosen["final_test"] == summary["final"]["test"] == plain["final"]["test"]
+    expected = load_file(str(finished_run / "delta" / "delta.safetensors"))
+    got = load_file(str(out / "delta" / "delta.safetensors"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    head_only, full = summary["baselines"]["head-only"], summary["baselines"]["full"]
+    assert head_only["p"] == 0 and head_only["trainable_upstream"] == 0 and head_only["trainable_params"] == head_only["trainable_head"] > 0
+    assert full["p"] == 1 and full["trainable_upstream"] > max(c["k"] for c in summary["candidates"])
+    assert full["trainable_head"] == head_only["trainable_head"]
+    for b in (head_only, full):
+        assert b["steps"] == 6 and metric in b["final_dev"] and metric in b["final_test"]
+    d = summary["regret_detail"]
+    assert (f"regret {summary['regret']:.4f} (dev {metric}; best at T: P={d['best_p']:g} {d['best_dev']:.4f}, "
+            f"chosen P={summary['chosen_p']:g} {d['chosen_dev']:.4f})") in printed
+    assert "comparison cost 3 extra steps" in printed
+    assert f"baseline head-only (P=0: 0 upstream + {head_only['trainable_head']:,} head parameters trained, 6 steps)" in printed
+    assert f"baseline full (P=1: {full['trainable_upstream']:,} upstream" in printed
+
+
+def test_resume_during_the_full_baseline_matches_the_uninterrupted_comparison(compared_run, tmp_path, corpus_cache, monkeypatch):
+    original = AdaptiveSearch._train
+
+    def interrupted(self, cand, until):
+        if cand.baseline == "full":
+            original(self, cand, until - 1)
+            raise KeyboardInterrupt
+        return original(self, cand, until)
+
+    monkeypatch.setattr(AdaptiveSearch, "_train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(tmp_path, corpus_cache, *COMPARE)
+    monkeypatch.setattr(AdaptiveSearch, "_train", original)
+    assert run_cli(tmp_path, corpus_cache, *COMPARE, "--resume") == 0
+    got = json.loads((tmp_path / "summary.json").read_text())
+    expected = json.loads((compared_run / "summary.json").read_text())
+    for key in ("regret", "regret_test", "regret_detail", "baselines", "final", "steps_spent_search", "steps_spent_regret"):
+        assert got[key] == expected[key], key
+    assert [c["final_dev"] for c in got["candidates"]] == [c["final_dev"] for c in expected["candidates"]]
+    delta = load_file(str(tmp_path / "delta" / "delta.safetensors"))
+    reference = load_file(str(compared_run / "delta" / "delta.safetensors"))
+    assert all(torch.equal(delta[k], reference[k]) for k in reference)
+
+
 @pytest.mark.slow
 def test_triton_backend_run_matches_the_reference_run(finished_run, tmp_path, corpus_cache):
     """The whole driver on the Triton kernels (interpreted on the CPU): Fisher pass, child
@@ -139,6 +212,8 @@ def test_export_evaluates_with_the_run_data(finished_run, capsys):
         (["--data-dir", "/nonexistent/corpus"], "/nonexistent/corpus"),
         (["--rungs", "0.2"], "--rungs/--keep"),
         (["--fused", "--backend", "native"], "--fused"),
+        (["--baselines", "foo"], "--baselines: unknown baseline 'foo' (choose from head-only, full)"),
+        (["--baselines", "full,head-only,full"], "--baselines: duplicate"),
     ],
 )
 def test_bad_flags_give_clear_errors(tmp_path, capsys, flags, message):
