@@ -5,6 +5,8 @@ Core API:
 * :func:`estimate_fisher` — per-sample empirical Fisher of the upstream weights (eq. 6).
 * :class:`ChildNetwork` — the fixed child network as compressed index sets.
 * :class:`SparseAdamW` — AdamW with state only for child entries.
+* :func:`install_sparse_weight_grad` — Linear weight gradients computed only at the child
+  entries (SDDMM), written straight into the optimizer's compact buffers.
 * :func:`get_backend` — ``reference`` / ``native`` (C++ CPU) / ``triton`` (CUDA); ``fused``
   picks the fast one for the device.
 """
@@ -12,6 +14,7 @@ from adtuning.backends import BackendUnavailableError, get_backend
 from adtuning.child import ChildNetwork
 from adtuning.fisher import estimate_fisher
 from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup, linear_warmup_decay
+from adtuning.sparse_grad import WEIGHT_GRAD_MODES, SparseWeightGrad, install_sparse_weight_grad
 
 __version__ = "0.1.0"
 
@@ -19,8 +22,11 @@ __all__ = [
     "BackendUnavailableError",
     "ChildNetwork",
     "SparseAdamW",
+    "SparseWeightGrad",
+    "WEIGHT_GRAD_MODES",
     "estimate_fisher",
     "get_backend",
     "get_linear_schedule_with_warmup",
+    "install_sparse_weight_grad",
     "linear_warmup_decay",
 ]

@@ -12,7 +12,7 @@ triton       CUDA        ``adtuning.kernels`` (the top-level ``kernels/`` folder
 cannot run raises :class:`BackendUnavailableError` naming what is missing; there is never a
 silent fallback to the reference path.
 
-Every backend object exposes the same three operations:
+Every backend object exposes the same four operations:
 
 ``gather(grad, indices, out=None, accumulate=False) -> Tensor``
     ``float32(grad.flatten()[indices])``, written into / added onto ``out`` when given.
@@ -20,6 +20,9 @@ Every backend object exposes the same three operations:
     one AdamW step on the child entries of ``param`` (see :func:`adtuning.reference.sparse_adamw_ref_`).
 ``linear_fisher_(x, dy, fisher_w, fisher_b=None, lengths=None)``
     per-sample Fisher accumulation of a Linear layer (see :func:`adtuning.reference.linear_fisher_ref_`).
+``sddmm(dy, x, indices, out=None, accumulate=False) -> Tensor``
+    the child entries of a Linear weight gradient, ``float32((dy^T @ x).flatten()[indices])``,
+    without the dense ``dy^T @ x`` (see :func:`adtuning.reference.sddmm_ref`).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class Backend:
     gather: Callable[..., torch.Tensor]
     sparse_adamw_: Callable[..., None]
     linear_fisher_: Callable[..., None]
+    sddmm: Callable[..., torch.Tensor]
 
 
 REFERENCE = Backend(
@@ -55,6 +59,7 @@ REFERENCE = Backend(
     gather=reference.gather_ref,
     sparse_adamw_=reference.sparse_adamw_ref_,
     linear_fisher_=reference.linear_fisher_ref_,
+    sddmm=reference.sddmm_ref,
 )
 
 

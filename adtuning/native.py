@@ -41,7 +41,7 @@ log = logging.getLogger("adtuning")
 DISABLE_ENV = "ADTUNING_DISABLE_NATIVE"
 CACHE_ENV = "ADTUNING_NATIVE_CACHE"
 LIBRARY_NAME = "adtuning_native"
-OPS = ("sparse_adamw_", "gather", "linear_fisher_")
+OPS = ("sparse_adamw_", "gather", "linear_fisher_", "sddmm")
 
 # -O3 and the host's vector ISA for the kernels (on x86-64 with full-width AVX-512 registers:
 # the Fisher kernel's register tile is sized for them); OpenMP because ATen's parallel_for is
@@ -173,6 +173,11 @@ def _register_fakes() -> None:
         torch._check(
             fisher_w.shape == (dy.shape[2], x.shape[2]), lambda: "fisher_w must be [out, in]"
         )
+
+    @torch.library.register_fake("adtuning::sddmm")
+    def _sddmm_fake(dy, x, indices, out, accumulate):
+        torch._check(dy.dim() == 2 and x.dim() == 2, lambda: "dy and x must be [N, features]")
+        torch._check(out.numel() == indices.numel(), lambda: "out must match indices")
 
 
 def _ops_registered() -> bool:
@@ -314,6 +319,30 @@ def linear_fisher_(
     torch.ops.adtuning.linear_fisher_.default(x, dy, fisher_w, fisher_b, lengths)
 
 
+def sddmm(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """Native twin of :func:`adtuning.reference.sddmm_ref`: the child entries of a Linear
+    weight gradient, ``float32((dy^T @ x).flatten()[indices])``, without the dense product.
+
+    Args:
+        dy: [N, out] CPU gradient w.r.t. the Linear output (fp32, bf16 or fp16; math in fp32).
+        x: [N, in] CPU Linear input (fp32, bf16 or fp16).
+        indices: 1-D sorted unique int32/int64 flat indices into the [out, in] weight.
+        out: optional contiguous fp32 buffer of length ``len(indices)`` to write into.
+        accumulate: add into ``out`` instead of overwriting it (ignored without ``out``).
+    """
+    if out is None:
+        out = torch.empty(indices.numel(), dtype=torch.float32, device=dy.device)
+        accumulate = False
+    torch.ops.adtuning.sddmm.default(dy, x, indices, out, accumulate)
+    return out
+
+
 def backend() -> Backend:
     """The ``native`` :class:`~adtuning.backends.Backend`, building the ops on first use.
 
@@ -323,5 +352,6 @@ def backend() -> Backend:
     """
     load()
     return Backend(
-        name="native", gather=gather, sparse_adamw_=sparse_adamw_, linear_fisher_=linear_fisher_
+        name="native", gather=gather, sparse_adamw_=sparse_adamw_, linear_fisher_=linear_fisher_,
+        sddmm=sddmm,
     )

@@ -132,6 +132,29 @@ class SparseAdamW(torch.optim.Optimizer):
             self.backend.gather(grad, idx, out=buffer, accumulate=True)
         param.grad = None  # the dense gradient is dead weight from here on
 
+    def compact_grad_target(self, param: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The compact fp32 gradient buffer of a sparse parameter, for an op that writes the
+        child entries of its gradient straight into it (the sparse Linear weight gradient of
+        :mod:`adtuning.sparse_grad`), and whether that op must add onto it.
+
+        The first write of a step gets a fresh, uninitialised buffer and ``False``; later
+        writes (micro-batches, a layer called twice, a buffer kept by
+        ``zero_grad(set_to_none=False)``) get the same buffer and ``True``.
+
+        Raises:
+            KeyError: ``param`` is not a sparse parameter of this optimizer.
+        """
+        buffer = self._compact_grads[param]
+        if buffer is not None:
+            return buffer, True
+        buffer = torch.empty(self._indices[param].numel(), dtype=torch.float32, device=param.device)
+        self._compact_grads[param] = buffer
+        return buffer, False
+
+    def sparse_parameters(self) -> list[torch.Tensor]:
+        """The parameters of the sparse groups that have child entries (in group order)."""
+        return [p for g in self.param_groups if g["sparse"] for p in g["params"]]
+
     def compact_grad(self, param: torch.Tensor) -> torch.Tensor | None:
         """The accumulated compact fp32 gradient of a sparse parameter (``None`` if none yet)."""
         return self._compact_grads[param]

@@ -52,7 +52,7 @@ def _load_kernels():
 
 
 def _make_ops(kernels) -> Backend:
-    # gather and sparse_adamw launchers already have the reference signatures; linear_fisher
+    # gather, sparse_adamw and sddmm launchers already have the reference signatures; linear_fisher
     # also takes tile-tuning keywords, which the backend contract does not expose.
     def linear_fisher_(
         x: torch.Tensor,
@@ -64,7 +64,10 @@ def _make_ops(kernels) -> Backend:
         """Triton twin of :func:`adtuning.reference.linear_fisher_ref_` (one tiled launch)."""
         kernels.linear_fisher(x, dy, fisher_w, fisher_b, lengths)
 
-    return Backend(name="triton", gather=kernels.gather, sparse_adamw_=kernels.sparse_adamw, linear_fisher_=linear_fisher_)
+    return Backend(
+        name="triton", gather=kernels.gather, sparse_adamw_=kernels.sparse_adamw,
+        linear_fisher_=linear_fisher_, sddmm=kernels.sddmm,
+    )
 
 
 _BACKEND: Backend | None = None

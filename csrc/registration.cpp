@@ -16,4 +16,7 @@ TORCH_LIBRARY(adtuning, m) {
   m.def(
       "linear_fisher_(Tensor x, Tensor dy, Tensor(a!) fisher_w, Tensor(b!)? fisher_b, "
       "Tensor? lengths) -> ()");
+  // out = float32((dy^T @ x).flatten()[indices]) (or out += that) for dy [N, out_features]
+  // and x [N, in_features]: the child entries of a Linear weight gradient, no dense dW.
+  m.def("sddmm(Tensor dy, Tensor x, Tensor indices, Tensor(a!) out, bool accumulate) -> ()");
 }

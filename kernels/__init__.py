@@ -6,6 +6,7 @@ launcher               op
 :func:`gather`         ``float32(grad.flatten()[indices])`` into / onto a compact buffer
 :func:`sparse_adamw`   fused AdamW over a compressed index set (gather, update, scatter)
 :func:`linear_fisher`  per-sample Fisher of a Linear layer, tile by tile in backward
+:func:`sddmm`          child entries of a Linear weight gradient, no dense ``dW``
 =====================  ==============================================================
 
 Each launcher checks its inputs and has the contract of its twin in :mod:`adtuning.reference`.
@@ -15,6 +16,7 @@ decoration time). Use them through ``adtuning.backends.get_backend("triton")``.
 """
 from adtuning.kernels.gather import gather
 from adtuning.kernels.linear_fisher import linear_fisher
+from adtuning.kernels.sddmm import sddmm
 from adtuning.kernels.sparse_adamw import sparse_adamw
 
 
@@ -27,4 +29,4 @@ def compiled_for_interpreter() -> bool:
     return isinstance(_gather_kernel, InterpretedFunction)
 
 
-__all__ = ["compiled_for_interpreter", "gather", "linear_fisher", "sparse_adamw"]
+__all__ = ["compiled_for_interpreter", "gather", "linear_fisher", "sddmm", "sparse_adamw"]

@@ -8,6 +8,7 @@ from adtuning.reference.adamw import adamw_update_
 from adtuning.reference.gather import gather_ref
 from adtuning.reference.layernorm_fisher import layernorm_fisher_ref_
 from adtuning.reference.linear_fisher import linear_fisher_ref_
+from adtuning.reference.sddmm import sddmm_ref
 from adtuning.reference.sparse_adamw import sparse_adamw_ref_
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "gather_ref",
     "layernorm_fisher_ref_",
     "linear_fisher_ref_",
+    "sddmm_ref",
     "sparse_adamw_ref_",
 ]

@@ -1,0 +1,216 @@
+"""Sparse weight gradients in training: a Linear's child entries of ``dW``, never ``dW`` itself.
+
+A step of CHILD-TUNING needs, for a scored ``nn.Linear`` with child entries ``(i, j)``, only
+``g[e] = sum_{b,t} dY[b, t, i] * X[b, t, j]`` (a sampled dense-dense matrix product, SDDMM),
+not the dense weight-gradient GEMM ``dY^T X`` followed by a gather. :func:`install_sparse_weight_grad`
+routes such Linears through :class:`_SparseGradLinear`, whose backward
+
+* returns the input gradient ``dX = dY W`` densely (the chain continues as usual),
+* writes the child entries of the weight gradient with the backend's ``sddmm`` op straight
+  into :class:`~adtuning.optim.SparseAdamW`'s compact fp32 buffer (adding onto it for
+  micro-batch accumulation), so no dense ``dW`` is ever allocated and no gather runs,
+* returns the bias gradient densely (``out`` entries), which the optimizer's usual hook gathers.
+
+Whether a tensor takes this path is decided per tensor from its child density ``k / numel``:
+
+``"dense"``  never (autograd's dense ``dW``, then the gather hook; the behaviour before).
+``"sparse"`` every Linear weight with child entries.
+``"auto"``   when the density is at most the backend's :data:`DENSITY_THRESHOLDS` entry, the
+             density below which the SDDMM beat dense GEMM + gather in ``bench/bench_sddmm.py``.
+
+Either way the compact gradient is the same up to the fp32 summation order (the SDDMM sums in
+fp32 even for bf16/fp16 activations, where autograd rounds ``dW`` to 16 bits before the
+gather), so the child entries evolve alike and every other entry stays bit-identical.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("adtuning")
+
+WEIGHT_GRAD_MODES = ("auto", "dense", "sparse")
+
+#: Per backend, the largest child density ``k / numel`` of a Linear weight for which ``"auto"``
+#: takes the SDDMM path. Measured with ``bench/bench_sddmm.py`` (wav2vec2-base's 768x768,
+#: 3072x768 and 768x3072 layers): the density at which the SDDMM's time reached that of the
+#: dense weight-gradient GEMM plus the gather, rounded down. See the bench README for figures.
+DENSITY_THRESHOLDS: dict[str, float] = {
+    "reference": 0.002,
+    "native": 0.02,
+    "triton": 0.01,
+}
+
+
+def use_sparse_path(
+    k: int, numel: int, backend: str, mode: str = "auto", thresholds: Mapping[str, float] | None = None
+) -> bool:
+    """Whether a Linear weight with ``k`` of ``numel`` entries in the child takes the SDDMM path.
+
+    Args:
+        k, numel: child entries and all entries of the weight.
+        backend: resolved backend name (``reference`` / ``native`` / ``triton``).
+        mode: ``"auto"``, ``"dense"`` or ``"sparse"`` (see the module docstring).
+        thresholds: per-backend density thresholds for ``"auto"`` (default
+            :data:`DENSITY_THRESHOLDS`).
+    """
+    if mode not in WEIGHT_GRAD_MODES:
+        raise ValueError(f"unknown weight-gradient mode {mode!r}; choose one of {', '.join(WEIGHT_GRAD_MODES)}")
+    if k == 0 or mode == "dense":
+        return False
+    if mode == "sparse":
+        return True
+    table = DENSITY_THRESHOLDS if thresholds is None else thresholds
+    return k / numel <= table[backend]
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where the compact weight gradient of one Linear goes."""
+
+    optimizer: Any  # SparseAdamW (not imported: optim imports nothing from here either)
+    weight: torch.Tensor
+    indices: torch.Tensor
+    sddmm: Any
+
+    def write(self, dy: torch.Tensor, x: torch.Tensor) -> None:
+        buffer, accumulate = self.optimizer.compact_grad_target(self.weight)
+        self.sddmm(dy, x, self.indices, out=buffer, accumulate=accumulate)
+
+
+class _SparseGradLinear(torch.autograd.Function):
+    """y = x W^T + b whose backward yields dx and db densely and only the child entries of dW,
+    written into the optimizer's compact buffer (the weight's autograd gradient stays None)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, route: _Route):
+        ctx.save_for_backward(x, weight)
+        ctx.route = route
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.to(weight.dtype) @ weight
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            ctx.route.write(dy, x.reshape(-1, x.shape[-1]))
+        if ctx.needs_input_grad[2]:
+            grad_bias = dy.sum(0)
+        return grad_x, None, grad_bias, None
+
+
+@dataclass
+class SparseWeightGrad:
+    """The Linears of a model routed through the sparse weight-gradient path, and the rest.
+
+    Returned by :func:`install_sparse_weight_grad`; :meth:`remove` (or leaving a ``with``
+    block) restores the modules' own ``forward``.
+
+    Attributes:
+        mode: the weight-gradient mode it was installed with.
+        backend: the optimizer's backend, whose ``sddmm`` the sparse path runs.
+        sparse: ``{module name: child density}`` of the Linears on the SDDMM path.
+        dense: ``{module name: child density}`` of trained Linears left on dense GEMM + gather.
+    """
+
+    mode: str
+    backend: str
+    sparse: dict[str, float] = field(default_factory=dict)
+    dense: dict[str, float] = field(default_factory=dict)
+    _patched: list[nn.Module] = field(default_factory=list, repr=False)
+
+    def remove(self) -> None:
+        """Give every patched Linear its own ``forward`` back (idempotent)."""
+        for module in self._patched:
+            module.__dict__.pop("forward", None)
+        self._patched.clear()
+
+    def summary(self) -> str:
+        """One line for the log: how many Linears take which path."""
+        return (
+            f"weight gradients ({self.mode}, backend {self.backend}): {len(self.sparse)} Linear weights by SDDMM "
+            f"into the compact buffers, {len(self.dense)} by dense GEMM + gather"
+        )
+
+    def __enter__(self) -> "SparseWeightGrad":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _sparse_forward(module: nn.Linear, route: _Route):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # Outside autograd (evaluation) there is no gradient to route: plain F.linear.
+        if not torch.is_grad_enabled() or not module.weight.requires_grad:
+            return F.linear(x, module.weight, module.bias)
+        return _SparseGradLinear.apply(x, module.weight, module.bias, route)
+
+    return forward
+
+
+def install_sparse_weight_grad(
+    model: nn.Module,
+    optimizer,
+    mode: str = "auto",
+    *,
+    thresholds: Mapping[str, float] | None = None,
+) -> SparseWeightGrad:
+    """Route the trained ``nn.Linear`` weights of ``model`` through the sparse gradient path.
+
+    Every ``nn.Linear`` (exactly that class's ``forward``; subclasses with their own are left
+    alone) whose weight is a sparse parameter of ``optimizer`` with child entries is considered;
+    :func:`use_sparse_path` decides per weight. A chosen module's ``forward`` is replaced by
+    one that writes the child entries of its weight gradient into the optimizer's compact
+    buffer in backward (see the module docstring). Nothing else changes: the bias, other
+    parameters and dense groups keep their ordinary gradients and hooks.
+
+    Args:
+        model: the module holding the Linears (e.g. the whole model, upstream and head).
+        optimizer: the :class:`~adtuning.optim.SparseAdamW` training the child network.
+        mode: ``"auto"``, ``"dense"`` or ``"sparse"``.
+        thresholds: per-backend density thresholds for ``"auto"`` (default
+            :data:`DENSITY_THRESHOLDS`).
+
+    Returns:
+        a :class:`SparseWeightGrad`; call :meth:`SparseWeightGrad.remove` before the optimizer
+        is discarded (e.g. when a search swaps the candidate out).
+
+    Raises:
+        ValueError: unknown ``mode``.
+        RuntimeError: a Linear to be routed already has a patched ``forward`` (another
+            installation, or a Fisher pass in progress).
+    """
+    if mode not in WEIGHT_GRAD_MODES:
+        raise ValueError(f"unknown weight-gradient mode {mode!r}; choose one of {', '.join(WEIGHT_GRAD_MODES)}")
+    handle = SparseWeightGrad(mode=mode, backend=optimizer.backend_name)
+    trained = {id(p) for p in optimizer.sparse_parameters()}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+            continue
+        weight = module.weight
+        if id(weight) not in trained:
+            continue
+        indices = optimizer.indices(weight)
+        density = indices.numel() / weight.numel()
+        if not use_sparse_path(indices.numel(), weight.numel(), handle.backend, mode, thresholds):
+            handle.dense[name] = density
+            continue
+        if "forward" in module.__dict__:
+            handle.remove()
+            raise RuntimeError(f"install_sparse_weight_grad: {name!r} already has a patched forward")
+        route = _Route(optimizer=optimizer, weight=weight, indices=indices, sddmm=optimizer.backend.sddmm)
+        module.forward = _sparse_forward(module, route)
+        handle._patched.append(module)
+        handle.sparse[name] = density
+    log.info("%s", handle.summary())
+    return handle

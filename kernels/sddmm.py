@@ -1,0 +1,115 @@
+"""Child entries of a Linear weight gradient (SDDMM): ``out = float32((dy^T @ x).flatten()[indices])``.
+
+Twin of :func:`adtuning.reference.sddmm_ref`. For the flat index ``e = i * in + j`` the entry
+is ``sum_n dy[n, i] * x[n, j]``. Each program owns ``BLOCK_E`` consecutive child entries and
+walks the frames ``BLOCK_T`` at a time, multiplying the gathered ``dy`` column and ``x`` column
+of every entry element-wise into an fp32 ``[BLOCK_T, BLOCK_E]`` accumulator that is reduced
+once at the end. Nothing of the size of ``dW`` exists; each entry is summed by one program in a
+fixed order (deterministic, no atomics). Sorted indices make neighbouring entries share their
+``dy`` column (one row i) and read nearby ``x`` columns, so a frame's loads of a block hit few
+cache lines.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from adtuning.kernels._common import check_compact, check_device, check_indices
+
+# 128 entries per program: enough loads in flight per frame step without spilling the
+# [BLOCK_T, BLOCK_E] accumulator (32 x 128 fp32 = 32 registers per thread on 4 warps).
+BLOCK_E = 128
+# 32 frames per step: a full warp-width of frames per entry column.
+BLOCK_T = 32
+NUM_WARPS = 4
+
+
+@triton.jit
+def _sddmm_kernel(
+    dy_ptr,
+    x_ptr,
+    idx_ptr,
+    out_ptr,
+    k,
+    frames,
+    in_features,
+    stride_dn,
+    stride_do,
+    stride_xn,
+    stride_xi,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_e = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < k
+    # int64 address math: the flat index, and frame offsets, may exceed 2^31.
+    idx = tl.load(idx_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
+    row = idx // in_features
+    col = idx % in_features
+    dy_cols = dy_ptr + row[None, :] * stride_do
+    x_cols = x_ptr + col[None, :] * stride_xi
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for t0 in range(0, frames, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        mask = (t < frames)[:, None] & mask_e[None, :]
+        a = tl.load(dy_cols + t[:, None] * stride_dn, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(x_cols + t[:, None] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        acc += a * b
+    values = tl.sum(acc, axis=0)
+    if ACCUMULATE:
+        values += tl.load(out_ptr + offs_e, mask=mask_e, other=0.0)
+    tl.store(out_ptr + offs_e, values, mask=mask_e)
+
+
+def sddmm(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """Return ``float32((dy^T @ x).flatten()[indices])``, written into / added onto ``out`` when given.
+
+    Args:
+        dy: [N, out] gradient w.r.t. the Linear output (fp32, bf16 or fp16; any strides).
+        x: [N, in] the Linear input (fp32, bf16 or fp16; any strides).
+        indices: 1-D sorted unique int32/int64 flat indices into the [out, in] weight.
+        out: optional contiguous fp32 buffer of length ``len(indices)``.
+        accumulate: add into ``out`` instead of overwriting it (needs ``out``).
+
+    Returns:
+        ``out`` when given, else a new fp32 tensor of length ``len(indices)``.
+    """
+    if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"sddmm: dy [N, out] and x [N, in] must share N, got {tuple(dy.shape)} and {tuple(x.shape)}"
+        )
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if dy.dtype not in floats or x.dtype not in floats:
+        raise TypeError(f"sddmm: dy/x must be fp32/bf16/fp16, got {dy.dtype}/{x.dtype}")
+    frames, out_features = dy.shape
+    in_features = x.shape[1]
+    check_indices("sddmm", indices, out_features * in_features)
+    check_device("sddmm", dy, x, indices)
+    k = indices.numel()
+    if out is None:
+        if accumulate:
+            raise ValueError("sddmm: accumulate=True needs an out buffer")
+        out = torch.empty(k, dtype=torch.float32, device=dy.device)
+    else:
+        check_compact("sddmm", "out", out, k)
+        check_device("sddmm", dy, out)
+    if k == 0:
+        return out
+    if out_features * in_features == 0:
+        raise ValueError(f"sddmm: {k} indices given for a weight with no entries")
+    grid = (triton.cdiv(k, BLOCK_E),)
+    _sddmm_kernel[grid](
+        dy, x, indices, out, k, frames, in_features,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+        ACCUMULATE=accumulate, BLOCK_E=BLOCK_E, BLOCK_T=BLOCK_T, num_warps=NUM_WARPS,
+    )
+    return out
