@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from adtuning.atomic import atomic_write
 from adtuning.child import INT32_LIMIT, ChildNetwork
 from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup
+from adtuning.sparse_grad import WEIGHT_GRAD_MODES, SparseWeightGrad, install_sparse_weight_grad
 
 log = logging.getLogger("adtuning")
 
@@ -107,6 +108,10 @@ class SearchConfig:
         max_grad_norm: global-norm clip over child + head gradients (``None``: off).
         eval_interval: also evaluate dev every this many steps, for the curves (0: only at rungs).
         backend: optimizer backend (``reference`` / ``native`` / ``triton`` / ``fused``).
+        weight_grad: how the active candidate's Linear weight gradients are computed:
+            ``"auto"`` (per tensor, SDDMM of the child entries straight into the compact
+            buffers when the child density is below the backend's threshold, else dense GEMM +
+            gather), ``"dense"`` or ``"sparse"`` (see :mod:`adtuning.sparse_grad`).
         seed: seeds each candidate's RNG identically, as independent runs would be.
         checkpoint_interval: write a resumable checkpoint every this many steps (0: only at
             segment ends).
@@ -126,6 +131,7 @@ class SearchConfig:
     max_grad_norm: float | None = None
     eval_interval: int = 0
     backend: str = "reference"
+    weight_grad: str = "auto"
     seed: int = 0
     checkpoint_interval: int = 0
 
@@ -144,6 +150,8 @@ class SearchConfig:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"warmup_steps must be in [0, {self.total_steps}], got {self.warmup_steps}")
+        if self.weight_grad not in WEIGHT_GRAD_MODES:
+            raise ValueError(f"weight_grad must be one of {', '.join(WEIGHT_GRAD_MODES)}, got {self.weight_grad!r}")
 
     def rung_steps(self) -> list[int]:
         """Step counts of the rungs followed by T."""
@@ -272,6 +280,7 @@ class AdaptiveSearch:
         self.chosen: Candidate | None = None
         self.active: Candidate | None = None
         self._optimizer: SparseAdamW | None = None
+        self._sparse_grad: SparseWeightGrad | None = None
         self._scheduler = None
         self.swap_seconds = 0.0
         self.train_seconds = 0.0
@@ -302,6 +311,8 @@ class AdaptiveSearch:
             ],
             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, backend=cfg.backend,
         )
+        # The active candidate's child decides which Linears take the sparse gradient path.
+        self._sparse_grad = install_sparse_weight_grad(self.problem.model, self._optimizer, cfg.weight_grad)
         self._scheduler = get_linear_schedule_with_warmup(self._optimizer, cfg.warmup_steps, cfg.total_steps)
         if cand.optimizer_state is not None:
             # The paused state becomes the live state: no second copy of the moments.
@@ -343,10 +354,17 @@ class AdaptiveSearch:
         start = time.perf_counter()
         self._capture(cand, keep_live=False, offload=cand.baseline is not None)
         cand.child.scatter_(self.problem.upstream_params, cand.base_values)
-        self._optimizer.remove_hooks()
-        self._optimizer = self._scheduler = None
+        self._release_optimizer()
         self.active = None
         self.swap_seconds += time.perf_counter() - start
+
+    def _release_optimizer(self) -> None:
+        """Unhook the live optimizer and the sparse gradient path built for its child."""
+        if self._sparse_grad is not None:
+            self._sparse_grad.remove()
+            self._sparse_grad = None
+        self._optimizer.remove_hooks()
+        self._optimizer = self._scheduler = None
 
     @torch.no_grad()
     def _retire(self, cand: Candidate) -> None:
@@ -354,8 +372,7 @@ class AdaptiveSearch:
         assert self.active is cand
         start = time.perf_counter()
         cand.child.scatter_(self.problem.upstream_params, cand.base_values)
-        self._optimizer.remove_hooks()
-        self._optimizer = self._scheduler = None
+        self._release_optimizer()
         self.active = None
         cand.values, cand.head, cand.optimizer_state, cand.base_values = {}, {}, None, {}
         self.swap_seconds += time.perf_counter() - start
