@@ -18,12 +18,17 @@ Configurations, each in its own fresh process (so that its peak memory is its ow
   still computed: the worst case for step time (a Fisher-chosen child leaves some tensors out).
 * ``child P=... bf16`` — the same with the upstream weights in bf16 (frozen entries stay
   bf16; the optimizer keeps an fp32 master copy of the child entries only).
+* ``child P=... <dtype> sparse-dW`` — the same with :func:`adtuning.install_sparse_weight_grad`
+  in ``"auto"`` mode: Linear weights whose child density is below the backend's threshold get
+  only their child entries of ``dW`` (SDDMM into the compact buffers) instead of the dense
+  weight-gradient GEMM + gather. The rows without the suffix are the dense path.
 
 Figures: median step time (pytest-benchmark, one warm-up step that also allocates the
 optimizer state) and peak memory over the warm-up and the timed steps (see
 ``bench/memory.py``: CUDA max allocated; on CPU peak RSS minus the RSS after imports, reset
 after the model is built). Both are reported as ratios to ``full fp32`` of the same session.
-Targets: memory <= 0.5x at P=0.01 fp32 and <= 0.35x at P=0.01 bf16; time <= 0.8x at P=0.001.
+Targets: memory <= 0.5x at P=0.01 fp32 and <= 0.35x at P=0.01 bf16; time <= 0.8x at P=0.001
+(dense and sparse-dW rows alike).
 
 Size: ``ADTUNING_BENCH_E2E`` = ``full`` (8 x 4 s, the realistic batch; default on CUDA) or
 ``cpu`` (2 x 1 s, default on CPU: a step of the full size takes minutes on two cores, and the
@@ -60,7 +65,9 @@ TARGETS = {  # (config name, figure) -> largest acceptable ratio to full fine-tu
     ("child P=0.01 fp32", "memory"): 0.5,
     ("child P=0.01 bf16", "memory"): 0.35,
     ("child P=0.001 fp32", "time"): 0.8,
+    ("child P=0.001 fp32 sparse-dW", "time"): 0.8,
 }
+SPARSE_DW_FRACTIONS = (0.001, 0.01)  # P=0.1 is above every backend's threshold: same as dense
 BASELINE = "full fp32"
 
 
@@ -74,7 +81,11 @@ def configurations() -> list[dict]:
     configs = [dict(name=BASELINE, kind="full", dtype="fp32")]
     for dtype in ("fp32", "bf16"):
         for p in FRACTIONS:
-            configs.append(dict(name=f"child P={p} {dtype}", kind="child", p=p, dtype=dtype))
+            configs.append(dict(name=f"child P={p} {dtype}", kind="child", p=p, dtype=dtype, weight_grad="dense"))
+    for dtype in ("fp32", "bf16"):
+        for p in SPARSE_DW_FRACTIONS:
+            configs.append(dict(name=f"child P={p} {dtype} sparse-dW", kind="child", p=p, dtype=dtype,
+                                weight_grad="auto"))
     return configs
 
 
@@ -85,7 +96,7 @@ def _build(config: dict):
     """Model, batch and optimizer of one configuration (runs inside the worker)."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from adtuning import BackendUnavailableError, ChildNetwork, SparseAdamW
+    from adtuning import BackendUnavailableError, ChildNetwork, SparseAdamW, install_sparse_weight_grad
     from adtuning.speech import SpeechModel, build_task
     from adtuning.speech.upstream import Upstream
 
@@ -137,7 +148,10 @@ def _build(config: dict):
                  {"params": model.head_parameters(), "lr": 1e-3}],
                 lr=1e-5, weight_decay=0.0, backend="reference",
             )
+        weight_grad = install_sparse_weight_grad(model, optimizer, config.get("weight_grad", "dense"))
         info.update(
+            weight_grad=config.get("weight_grad", "dense"),
+            sparse_dw_linears=len(weight_grad.sparse), dense_dw_linears=len(weight_grad.dense),
             optimizer=f"SparseAdamW(backend={optimizer.backend_name})",
             k=child.k, scored_entries=child.n,
             tensors_with_child=len(child.indices), scored_tensors=len(child.shapes),
