@@ -38,12 +38,19 @@ log = logging.getLogger("adtuning")
 WEIGHT_GRAD_MODES = ("auto", "dense", "sparse")
 
 #: Per backend, the largest child density ``k / numel`` of a Linear weight for which ``"auto"``
-#: takes the SDDMM path. Measured with ``bench/bench_sddmm.py`` (wav2vec2-base's 768x768,
-#: 3072x768 and 768x3072 layers): the density at which the SDDMM's time reached that of the
-#: dense weight-gradient GEMM plus the gather, rounded down. See the bench README for figures.
+#: takes the SDDMM path: the largest density at which ``bench/bench_sddmm.py`` measured the
+#: SDDMM faster than the dense weight-gradient GEMM plus the gather on every wav2vec2-base
+#: Linear shape (768x768, 3072x768, 768x3072), rounded down to a measured point.
+#:
+#: * ``native``: faster up to P = 0.03 at N = 98 rows (2 x 1 s; 0.1 for two of the shapes) and
+#:   up to P >= 0.05 at N = 1592 rows (8 x 4 s); one thread, 2026-12-01.
+#: * ``reference``: faster at P = 0.001, slower from P = 0.003 (N = 98).
+#: * ``triton``: not yet measured on a GPU (none was available); 0.01 is a placeholder chosen
+#:   below the CPU crossovers. ``bench/gpu_check.py`` measures the crossover on CUDA
+#:   (section ``sparse_weight_grad``); set this from its figures.
 DENSITY_THRESHOLDS: dict[str, float] = {
-    "reference": 0.002,
-    "native": 0.02,
+    "reference": 0.001,
+    "native": 0.03,
     "triton": 0.01,
 }
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sizes import size_settings  # noqa: E402  (bench/sizes.py)
 
 SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # (out, in) of wav2vec2-base's Linears
-FRACTIONS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+FRACTIONS = (0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.3)
 SIZES = {
     "cpu": dict(rows=98, rounds=5),  # 2 utterances x 49 frames (1 s at 20 ms hops)
     "full": dict(rows=1592, rounds=10),  # 8 utterances x 199 frames (4 s)

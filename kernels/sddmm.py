@@ -17,11 +17,13 @@ import triton.language as tl
 
 from adtuning.kernels._common import check_compact, check_device, check_indices
 
-# 128 entries per program: enough loads in flight per frame step without spilling the
-# [BLOCK_T, BLOCK_E] accumulator (32 x 128 fp32 = 32 registers per thread on 4 warps).
+# 128 entries per program x 16 frames per step, 4 warps. Compiled offline for sm_90 and sm_80
+# (Triton 3.8, adtuning.triton_compile.compile_one, wav2vec2-base's 768x3072 layer over 8 x 4 s,
+# every dtype / index type / ACCUMULATE): 64-72 registers, no spills. 32-frame steps needed
+# 124-128 registers (the two [BLOCK_T, BLOCK_E] 64-bit pointer tiles) and spilled for fp16.
+# Not yet timed on a GPU.
 BLOCK_E = 128
-# 32 frames per step: a full warp-width of frames per entry column.
-BLOCK_T = 32
+BLOCK_T = 16
 NUM_WARPS = 4
 
 
