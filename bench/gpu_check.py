@@ -21,6 +21,14 @@ Run from the repository root (adtuning need not be installed)::
    launch per tensor, against dense fused AdamW over the model.
 4. **Fisher kernel** per wav2vec2-base Linear shape: the kernel under a few tilings (TF32x3
    and IEEE fp32 dots) against the ordinary weight-gradient GEMM it replaces, for tuning.
+5. **Sparse weight gradients**: correctness of the ``sddmm`` kernel against its reference twin
+   and of a short training run with the SDDMM path against the dense path (section
+   ``sparse_weight_grad_correctness``); per wav2vec2-base Linear shape over 8 x 4 s, the SDDMM
+   against the dense weight-gradient GEMM + gather it replaces at P = 0.001 ... 0.3, fp32 and
+   bf16, with the crossover density that ``adtuning.sparse_grad.DENSITY_THRESHOLDS["triton"]``
+   should hold (``sparse_weight_grad``); and one wav2vec2-base training step (8 x 4 s), full
+   fine-tuning with fused AdamW against CHILD-TUNING with dense and with sparse weight
+   gradients: median time and peak memory, as ratios to full fine-tuning (``e2e_train_step``).
 
 ``--dry-run`` runs every section on the CPU instead, under ``TRITON_INTERPRET=1`` with tiny
 sizes and wall-clock timings, so that the script itself is tested before the scarce GPU run
@@ -470,6 +478,150 @@ def bench_model_step(tb, device: torch.device, config=None) -> list[dict]:
     return rows
 
 
+# ---- 5. sparse weight gradients (SDDMM) ---------------------------------------------------
+
+SDDMM_CHECK_SHAPES = [(1, 1, 1), (33, 31, 65), (2, 1, 4097), (199, 768, 3072)]  # (N, out, in)
+SDDMM_BENCH_FRACTIONS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+SDDMM_BENCH_ROWS = 8 * 199  # 8 utterances x 4 s at wav2vec2's 20 ms frame rate
+
+
+def check_sparse_weight_grad(tb, ref, device: torch.device) -> list[dict]:
+    """The sddmm kernel against its reference twin (bound relative to sum |dy||x|), and a short
+    training run with the SDDMM path against the dense path on the triton backend."""
+    from adtuning import ChildNetwork, SparseAdamW, install_sparse_weight_grad
+
+    records = []
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for index_dtype in (torch.int32, torch.int64):
+            for rows, out_f, in_f in _check_cases(SDDMM_CHECK_SHAPES):
+                numel = out_f * in_f
+                for k in sorted({1, max(1, numel // 97), numel}):
+                    dy = torch.randn(rows, out_f, generator=gen).to(dtype).to(device)
+                    x = torch.randn(rows, in_f, generator=gen).to(dtype).to(device)
+                    idx = torch.randperm(numel, generator=gen)[:k].sort().values.to(index_dtype).to(device)
+                    ours = tb.sddmm(dy, x, idx)
+                    exact = (dy.double().t() @ x.double()).flatten()[idx.long()]
+                    bound = (dy.double().abs().t() @ x.double().abs()).flatten()[idx.long()] + 1e-30
+                    err = ((ours.double() - exact).abs() / bound).max().item()
+                    acc = torch.ones(k, device=device)
+                    tb.sddmm(dy, x, idx, out=acc, accumulate=True)
+                    acc_err = ((acc.double() - 1.0 - exact).abs() / (bound + 1.0)).max().item()
+                    ref_err = ((ref.sddmm_ref(dy, x, idx).double() - exact).abs() / bound).max().item()
+                    records.append({"op": "sddmm", "case": f"{dtype} idx={index_dtype} N,out,in={rows},{out_f},{in_f} k={k}",
+                                    "error": max(err, acc_err), "reference_error": ref_err, "tolerance": 1e-5,
+                                    "ok": max(err, acc_err) <= 1e-5})
+
+    def train(mode: str):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.Tanh(), torch.nn.Linear(31, 5)).to(device)
+        data_gen = torch.Generator().manual_seed(1)
+        scores = {n: torch.rand(p.shape, generator=data_gen) for n, p in model.named_parameters()}
+        child = ChildNetwork.from_scores(scores, 0.1)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = SparseAdamW([{"named_params": model.named_parameters(), "child": child}], lr=3e-3, backend="triton")
+        handle = install_sparse_weight_grad(model, opt, mode)
+        for _ in range(6):
+            x = torch.randn(3, 7, 13, generator=data_gen).to(device)
+            y = torch.randint(0, 5, (3, 7), generator=data_gen).to(device)
+            torch.nn.functional.cross_entropy(model(x).reshape(-1, 5), y.reshape(-1)).backward()
+            opt.step()
+            opt.zero_grad()
+        handle.remove()
+        return child, before, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    child, before, dense = train("dense")
+    _, _, sparse = train("sparse")
+    worst, untouched = 0.0, True
+    for name, value in sparse.items():
+        keep = torch.ones(value.numel(), dtype=torch.bool, device=device)
+        if name in child.indices:
+            idx = child.indices[name].long().to(device)
+            keep[idx] = False
+            worst = max(worst, (value.flatten()[idx] - dense[name].flatten()[idx]).abs().max().item())
+        untouched = untouched and torch.equal(value.flatten()[keep], before[name].flatten()[keep])
+    records.append({"op": "sparse training", "case": "6 steps dense vs sparse dW, triton backend",
+                    "error": worst, "tolerance": 1e-4, "non_child_bit_identical": untouched,
+                    "ok": worst <= 1e-4 and untouched})
+    return records
+
+
+def bench_sparse_weight_grad(tb, device: torch.device) -> dict:
+    """Per wav2vec2-base Linear shape, the SDDMM against dense GEMM + gather, and the crossover."""
+    shapes, rows, fractions = WAV2VEC2_BASE_SHAPES, SDDMM_BENCH_ROWS, SDDMM_BENCH_FRACTIONS
+    if DRY_RUN:
+        shapes, rows, fractions = [(33, 17)], 5, (0.01, 0.3)
+    table, crossover = [], {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for out_f, in_f in shapes:
+            dy = torch.randn(rows, out_f, device=device).to(dtype)
+            x = torch.randn(rows, in_f, device=device).to(dtype)
+            numel = out_f * in_f
+            dense_idx = torch.randperm(numel, device=device)[:max(1, numel // 100)].sort().values.to(torch.int32)
+            dense_out = torch.zeros(dense_idx.numel(), device=device)
+            dense_ms = median_ms(lambda: tb.gather(dy.t() @ x, dense_idx, out=dense_out, accumulate=True))
+            faster = []
+            for fraction in fractions:
+                k = max(1, round(fraction * numel))
+                idx = torch.randperm(numel, device=device)[:k].sort().values.to(torch.int32)
+                out = torch.zeros(k, device=device)
+                ms = median_ms(lambda: tb.sddmm(dy, x, idx, out=out, accumulate=True))
+                table.append({"dtype": str(dtype).replace("torch.", ""), "out": out_f, "in": in_f, "N": rows,
+                              "P": fraction, "k": k, "sddmm_ms": ms, "dense_gemm_gather_ms": dense_ms,
+                              "speedup": dense_ms / ms})
+                if ms <= dense_ms:
+                    faster.append(fraction)
+            crossover[f"{str(dtype).replace('torch.', '')} {out_f}x{in_f}"] = max(faster) if faster else 0.0
+    return {"rows": table, "crossover": crossover,
+            "suggested_threshold": {"fp32": min(v for k, v in crossover.items() if k.startswith("float32")),
+                                    "bf16": min(v for k, v in crossover.items() if k.startswith("bfloat16"))}}
+
+
+E2E_CONFIGS = [dict(name="full fp32", kind="full", dtype="fp32")] + [
+    dict(name=f"child P={p} {dtype}{' sparse-dW' if wg != 'dense' else ''}", kind="child", p=p, dtype=dtype,
+         weight_grad=wg)
+    for dtype in ("fp32", "bf16") for p in (0.001, 0.01) for wg in ("dense", "sparse")
+]
+
+
+def bench_e2e_train_step(device: torch.device) -> list[dict]:
+    """One wav2vec2-base training step (8 x 4 s): full fine-tuning vs CHILD-TUNING with dense and
+    with sparse weight gradients; median time and peak memory, ratios to full fine-tuning."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    import e2e_workload
+
+    size = dict(layers=12, batch=8, seconds=4.0)
+    if DRY_RUN:
+        size = dict(layers=1, batch=1, seconds=0.25, model_overrides=dict(
+            hidden_size=32, num_attention_heads=2, intermediate_size=37, conv_dim=(16,) * 7,
+            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2))
+    rows = []
+    for config in E2E_CONFIGS:
+        if DRY_RUN and config["dtype"] == "bf16":
+            continue  # the interpreter's figures mean nothing; one dtype exercises the code
+        full = dict(config, device=str(device), backend="triton", **size)
+        model, batch, optimizer, info = e2e_workload.build(full)
+
+        def step():
+            model.loss(batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        ms = median_ms(step, warmup=2, iters=3 if DRY_RUN else 10)
+        peak = peak_bytes(step)
+        rows.append(dict({k: v for k, v in info.items() if not isinstance(v, dict)}, name=config["name"],
+                         ms=ms, peak_bytes=peak))
+        del model, batch, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = rows[0]
+    for row in rows[1:]:
+        row["time_ratio_to_full"] = row["ms"] / base["ms"]
+        row["memory_ratio_to_full"] = row["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
+    return rows
+
+
 # ---- driver -------------------------------------------------------------------------------
 
 def environment() -> dict:
@@ -538,6 +690,23 @@ def _summary(results: dict) -> list[str]:
         lines.append(f"sparse AdamW {row['param_dtype']} P={row['P']}: {row['ms']:.3f} ms vs dense fused "
                      f"{row['dense_fused_adamw_ms']:.3f} ms; {row['touched_GBps']:.0f} GB/s touched "
                      f"= {100 * frac:.0f}% of HBM (target >= 60%)")
+    sw = results.get("sparse_weight_grad_correctness")
+    if isinstance(sw, list):
+        bad = [r for r in sw if not r["ok"]]
+        lines.append(f"sparse weight gradients: {len(sw) - len(bad)}/{len(sw)} cases ok; worst error "
+                     f"{max(r['error'] for r in sw):.2e}")
+        lines += [f"  FAIL {r['op']} {r['case']}: {r['error']:.3e} > {r['tolerance']:.0e}" for r in bad]
+    sg = results.get("sparse_weight_grad")
+    if isinstance(sg, dict) and "crossover" in sg:
+        lines.append("SDDMM vs dense GEMM + gather, crossover P per shape: "
+                     + ", ".join(f"{k} {v:g}" for k, v in sg["crossover"].items())
+                     + f"; suggested DENSITY_THRESHOLDS['triton'] {sg['suggested_threshold']}")
+    for row in results.get("e2e_train_step", []) if isinstance(results.get("e2e_train_step"), list) else []:
+        ratios = ""
+        if "time_ratio_to_full" in row:
+            memory = row["memory_ratio_to_full"]
+            ratios = f" = {row['time_ratio_to_full']:.3f}x time" + (f", {memory:.3f}x memory" if memory else "")
+        lines.append(f"e2e step {row['name']}: {row['ms']:.1f} ms, peak {row['peak_bytes'] / 2**30:.2f} GiB{ratios}")
     for row in results.get("sparse_adamw_model", []) if isinstance(results.get("sparse_adamw_model"), list) else []:
         lines.append(f"sparse AdamW whole model ({row['tensors']} launches) P={row['P']}: {row['ms']:.3f} ms "
                      f"vs dense fused {row['dense_fused_adamw_ms']:.3f} ms")
@@ -547,9 +716,12 @@ def _summary(results: dict) -> list[str]:
 def _correctness_ok(results: dict) -> bool:
     kernels = results.get("kernel_correctness")
     fp = results.get("fisher_pass_correctness")
+    sparse = results.get("sparse_weight_grad_correctness")
     kernels_ok = isinstance(kernels, list) and all(r["ok"] for r in kernels)
     pass_ok = isinstance(fp, dict) and (fp.get("ok", False) or "skipped" in fp)
-    return kernels_ok and pass_ok
+    sparse_ok = isinstance(sparse, list) and all(r["ok"] for r in sparse) or (
+        isinstance(sparse, dict) and "skipped" in sparse)
+    return kernels_ok and pass_ok and sparse_ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -587,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
           f"triton {results['environment']['triton']}", flush=True)
     _section(results, "kernel_correctness", lambda: check_kernels(tb, reference, device), started)
     _section(results, "fisher_pass_correctness", lambda: check_fisher_pass(adtuning, device), started)
+    _section(results, "sparse_weight_grad_correctness", lambda: check_sparse_weight_grad(tb, reference, device), started)
     if not args.quick:
         # Most important figures first: later sections are skipped if the time budget runs out.
         pass_kwargs = {"batch": 2, "seconds": 0.25, "config": _tiny_wav2vec2_config()} if DRY_RUN else {}
@@ -603,6 +776,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
         model_config = _tiny_wav2vec2_config() if DRY_RUN else None
         _section(results, "sparse_adamw_model", lambda: bench_model_step(tb, device, model_config), started)
+        torch.cuda.empty_cache()
+        _section(results, "sparse_weight_grad", lambda: bench_sparse_weight_grad(tb, device), started)
+        torch.cuda.empty_cache()
+        _section(results, "e2e_train_step", lambda: bench_e2e_train_step(device), started)
         torch.cuda.empty_cache()
         _section(results, "fisher_kernel", lambda: bench_fisher_kernel(device), started)
     results["elapsed_s"] = time.monotonic() - started
