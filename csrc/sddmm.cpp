@@ -2,11 +2,12 @@
 //   out[e] (+)= sum_n dy[n, i_e] * x[n, j_e],   i_e = indices[e] / in, j_e = indices[e] % in
 // for dy [N, out] and x [N, in], without ever forming the dense dW = dy^T x.
 //
-// The frames are taken in chunks small enough that the chunk's transposed input panel
-// (in x chunk fp32) stays in L2. Per chunk, x and dy are transposed into frame-contiguous fp32
-// panels (rows zero-padded to a multiple of kLanes), then every entry is one dot product of a
-// dy row and an x row. Indices are sorted, so consecutive entries share their dy row (it stays
-// in L1) and the x rows they read are scattered only within the cached panel.
+// The frames are taken in chunks small enough that the chunk's transposed panels
+// ((in + out) x chunk fp32) stay in L2. Per chunk, x and dy are transposed into
+// frame-contiguous fp32 panels (rows zero-padded to a multiple of kLanes), then every entry is
+// one dot product of a dy row and an x row. Indices are sorted, so consecutive entries share
+// their dy row (it stays in L1) and the x rows they read are scattered only within the cached
+// panel.
 //
 // Each entry is summed in a fixed order (lane l takes frames t = l mod kLanes in order, then
 // a fixed reduction tree; chunks in order), whatever the thread count or the grouping of
@@ -32,8 +33,10 @@ constexpr int64_t kLanes = 16;
 // Entries whose dot products run interleaved: independent FMA chains hide the FMA latency
 // when the frame count is small (a 1 s utterance has ~50 frames: 4 steps of 16 lanes).
 constexpr int64_t kGroup = 4;
-// Bytes of the transposed x panel of one frame chunk: about a core's L2.
-constexpr int64_t kPanelBytes = int64_t{1} << 20;
+// Bytes of the two transposed panels of one frame chunk: about a core's L2, so the x rows
+// the scattered entries read stay cached; it also bounds the scratch memory for any layer
+// (the dense dW this op replaces would be out x in floats).
+constexpr int64_t kPanelBytes = int64_t{2} << 20;
 // Entries per parallel task: a few microseconds of dot products at the smallest chunks.
 constexpr int64_t kGrain = 256;
 
@@ -160,7 +163,7 @@ void sddmm_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in
   float* o = out.mutable_data_ptr<float>();
   const int64_t chunk = std::max<int64_t>(
       kLanes, std::min(round_up(frames, kLanes),
-                       kPanelBytes / (4 * std::max<int64_t>(in, 1)) / kLanes * kLanes));
+                       kPanelBytes / (4 * (in + out_f)) / kLanes * kLanes));
   std::vector<float> x_panel(static_cast<size_t>(in * chunk));
   std::vector<float> dy_panel(static_cast<size_t>(out_f * chunk));
   for (int64_t t0 = 0; t0 < frames; t0 += chunk) {
