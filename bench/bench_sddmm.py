@@ -7,8 +7,9 @@ What one backward does for a trained Linear of wav2vec2-base (768x768 attention 
   the backend's gather of the child entries into the compact buffer;
 * candidate (the sparse path): the backend's ``sddmm`` straight into the compact buffer.
 
-Both in the same session, on random fp32 activations with N = batch x frames rows and random
-sorted int32 child indices, for P from 0.001 to 0.3. The density where the SDDMM stops
+Both in the same session, on random fp32 and bf16 activations (the latter: bf16 frozen
+weights) with N = batch x frames rows and random sorted int32 child indices, for P from 0.001
+to 0.3. The density where the SDDMM stops
 beating the baseline is the backend's entry of ``adtuning.sparse_grad.DENSITY_THRESHOLDS``;
 the module's ``crossover`` fixture prints the crossover this session measured for each shape.
 
@@ -19,6 +20,7 @@ mean nothing).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -47,8 +49,11 @@ def _backends(device: str) -> list[str]:
     return ["reference", "triton"] if device == "cuda" else ["reference", "native"]
 
 
-def _group(out_f: int, in_f: int, s: dict) -> str:
-    return f"sddmm {out_f}x{in_f} N={s['rows']} {s['device']}"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _group(out_f: int, in_f: int, dtype: str, s: dict) -> str:
+    return f"sddmm {out_f}x{in_f} {dtype} N={s['rows']} {s['device']}"
 
 
 def _impl(name: str, device: str):
@@ -68,10 +73,10 @@ def settings() -> dict:
     return _settings()
 
 
-def _operands(out_f: int, in_f: int, rows: int, device: str):
+def _operands(out_f: int, in_f: int, rows: int, dtype: str, device: str):
     gen = torch.Generator().manual_seed(out_f * 7 + in_f)
-    dy = torch.randn(rows, out_f, generator=gen).to(device)
-    x = torch.randn(rows, in_f, generator=gen).to(device)
+    dy = torch.randn(rows, out_f, generator=gen).to(DTYPES[dtype]).to(device)
+    x = torch.randn(rows, in_f, generator=gen).to(DTYPES[dtype]).to(device)
     return dy, x
 
 
@@ -81,16 +86,19 @@ def _child(numel: int, fraction: float, device: str) -> torch.Tensor:
     return torch.randperm(numel, generator=gen)[:k].sort().values.to(torch.int32).to(device)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_dense_gemm_then_gather(measure, settings, shape, backend):
+def test_dense_gemm_then_gather(measure, settings, shape, backend, dtype):
     """The dense path: autograd's weight-gradient GEMM, then the backend's gather (P = 0.01)."""
     s = settings
     if backend not in _backends(s["device"]):
         pytest.skip(f"{backend} is not timed on {s['device']}")
+    if backend == "reference" and dtype != "fp32":
+        pytest.skip("the reference is timed on fp32 only")
     impl = _impl(backend, s["device"])
     out_f, in_f = shape
-    dy, x = _operands(out_f, in_f, s["rows"], s["device"])
+    dy, x = _operands(out_f, in_f, s["rows"], dtype, s["device"])
     idx = _child(out_f * in_f, 0.01, s["device"])
     buffer = torch.zeros(idx.numel(), device=s["device"])
 
@@ -98,21 +106,24 @@ def test_dense_gemm_then_gather(measure, settings, shape, backend):
         impl.gather(dy.t() @ x, idx, out=buffer, accumulate=True)
         _sync(s["device"])
 
-    measure(_group(out_f, in_f, s), f"dense gemm+gather {backend}", dense, rounds=s["rounds"],
-            rows=s["rows"], out_features=out_f, in_features=in_f, size=s["size"])
+    measure(_group(out_f, in_f, dtype, s), f"dense gemm+gather {backend}", dense, rounds=s["rounds"],
+            rows=s["rows"], out_features=out_f, in_features=in_f, dtype=dtype, size=s["size"])
 
 
 @pytest.mark.parametrize("fraction", FRACTIONS, ids=lambda p: f"P={p}")
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_sddmm(measure, ratios, settings, shape, backend, fraction):
+def test_sddmm(measure, ratios, settings, shape, backend, dtype, fraction):
     """The sparse path: the backend's SDDMM of the child entries into the compact buffer."""
     s = settings
     if backend not in _backends(s["device"]):
         pytest.skip(f"{backend} is not timed on {s['device']}")
+    if backend == "reference" and dtype != "fp32":
+        pytest.skip("the reference is timed on fp32 only")
     impl = _impl(backend, s["device"])
     out_f, in_f = shape
-    dy, x = _operands(out_f, in_f, s["rows"], s["device"])
+    dy, x = _operands(out_f, in_f, s["rows"], dtype, s["device"])
     idx = _child(out_f * in_f, fraction, s["device"])
     buffer = torch.zeros(idx.numel(), device=s["device"])
 
@@ -120,11 +131,11 @@ def test_sddmm(measure, ratios, settings, shape, backend, fraction):
         impl.sddmm(dy, x, idx, out=buffer, accumulate=True)
         _sync(s["device"])
 
-    group = _group(out_f, in_f, s)
+    group = _group(out_f, in_f, dtype, s)
     name = f"sddmm {backend} P={fraction}"
     measure(group, name, sparse, rounds=s["rounds"], rows=s["rows"], out_features=out_f,
-            in_features=in_f, fraction=fraction, k=idx.numel(), size=s["size"])
-    ratios.want(f"{out_f}x{in_f} {name} vs dense gemm+gather", group, f"dense gemm+gather {backend}", name)
+            in_features=in_f, dtype=dtype, fraction=fraction, k=idx.numel(), size=s["size"])
+    ratios.want(f"{out_f}x{in_f} {dtype} {name} vs dense gemm+gather", group, f"dense gemm+gather {backend}", name)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,12 +145,12 @@ def crossover(ratios, settings):
     yield
     s = settings
     for backend in _backends(s["device"]):
-        for out_f, in_f in SHAPES:
-            group = _group(out_f, in_f, s)
+        for (out_f, in_f), dtype in itertools.product(SHAPES, DTYPES):
+            group = _group(out_f, in_f, dtype, s)
             base = ratios.times.get((group, f"dense gemm+gather {backend}"))
             if base is None:
                 continue
             faster = [p for p in FRACTIONS
                       if ratios.times.get((group, f"sddmm {backend} P={p}"), float("inf")) <= base]
-            label = f"sddmm crossover {backend} {out_f}x{in_f} N={s['rows']}"
+            label = f"sddmm crossover {backend} {out_f}x{in_f} {dtype} N={s['rows']}"
             ratios.note(label, f"faster up to P={max(faster)}" if faster else "never faster")
