@@ -423,3 +423,22 @@ def test_search_installs_and_removes_the_sparse_path():
         torch.testing.assert_close(torch.tensor(losses_s), torch.tensor(losses_d), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="weight_grad"):
         SearchConfig(total_steps=8, weight_grad="fast")
+
+
+def test_compact_grad_target_hands_out_one_buffer_per_step():
+    model = FrameMLP()
+    scores = {n: torch.rand(t.shape) for n, t in model.named_parameters()}
+    opt = SparseAdamW([{"named_params": model.named_parameters(), "child": ChildNetwork.from_scores(scores, 0.05)}])
+    weight = model.fc1.weight
+    buffer, accumulate = opt.compact_grad_target(weight)
+    assert not accumulate and buffer.dtype == torch.float32 and buffer.numel() == opt.indices(weight).numel()
+    again, accumulate = opt.compact_grad_target(weight)
+    assert again is buffer and accumulate and opt.compact_grad(weight) is buffer
+    opt.zero_grad(set_to_none=False)
+    kept, accumulate = opt.compact_grad_target(weight)
+    assert kept is buffer and accumulate and torch.equal(buffer, torch.zeros_like(buffer))
+    opt.zero_grad()
+    fresh, accumulate = opt.compact_grad_target(weight)
+    assert fresh is not buffer and not accumulate
+    with pytest.raises(KeyError):
+        opt.compact_grad_target(torch.nn.Parameter(torch.zeros(3)))
