@@ -450,6 +450,12 @@ class AdaptiveSearch:
         value = metrics[self.problem.primary_metric]
         return -value if self.problem.higher_is_better else value
 
+    def _order(self, cand: Candidate, metrics: dict[str, float]) -> tuple:
+        # Ties of a count-based metric (accuracy on a few hundred clips) are broken by the dev
+        # NLL every task reports, then by the candidate's order: no tie is decided by position
+        # while the models differ.
+        return (self._rank_key(metrics), metrics.get("nll", 0.0), cand.index)
+
     def run(self) -> Candidate:
         """Execute (or continue) the plan; return the chosen candidate, swapped in."""
         cfg = self.config
@@ -462,8 +468,8 @@ class AdaptiveSearch:
                 cand.rung_metrics[rung] = self._evaluate_dev(cand)
                 self.save_checkpoint()
             if rung < len(cfg.rungs):
-                # Sort by the dev metric; ties go to the earlier (smaller) candidate.
-                ranked = sorted(alive, key=lambda c: (self._rank_key(c.rung_metrics[rung]), c.index))
+                # Sort by the dev metric, then dev NLL, then position (see _order).
+                ranked = sorted(alive, key=lambda c: self._order(c, c.rung_metrics[rung]))
                 survivors = ranked[: cfg.keep[rung]]
                 for cand in alive:
                     if cand not in survivors:
@@ -474,7 +480,7 @@ class AdaptiveSearch:
         last = len(cfg.rungs)
         for cand in alive:
             cand.status = "finished"
-        best = min(alive, key=lambda c: (self._rank_key(c.rung_metrics[last]), c.index))
+        best = min(alive, key=lambda c: self._order(c, c.rung_metrics[last]))
         self.chosen = best
         self._activate(best)
         self.save_checkpoint()
@@ -541,7 +547,7 @@ class AdaptiveSearch:
         metric = self.problem.primary_metric
 
         def best_by(split: str) -> Candidate:
-            return min(self.candidates, key=lambda c: (self._rank_key(c.final[split]), c.index))
+            return min(self.candidates, key=lambda c: self._order(c, c.final[split]))
 
         def regret(split: str, best: Candidate) -> float:
             return self._rank_key(self.chosen.final[split]) - self._rank_key(best.final[split])
