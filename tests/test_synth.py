@@ -203,3 +203,12 @@ def test_split_rule_matches_speech_commands():
         pct = (int(hashlib.sha1(h.encode()).hexdigest(), 16) % 2**27) * (100.0 / (2**27 - 1))
         want = "validation" if pct < 10 else "testing" if pct < 20 else "training"
         assert speech_commands_split(h) == want
+
+
+def test_held_out_speakers_use_variants_heard_in_training():
+    # New speakers at test time, but no voice variant that no training speaker has.
+    for n, held_out in ((20, 0.1), (40, 0.2), (64, 0.25)):
+        speakers = synth._assign_speakers(synth.default_speakers(n), 0, held_out)
+        trained = {s.voice.partition("+")[2] for s in speakers if s.split == "training"}
+        assert all(s.voice.partition("+")[2] in trained for s in speakers)
+        assert sum(s.split == "validation" for s in speakers) == sum(s.split == "testing" for s in speakers) == round(held_out * n)
