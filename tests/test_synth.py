@@ -207,8 +207,11 @@ def test_split_rule_matches_speech_commands():
 
 def test_held_out_speakers_use_variants_heard_in_training():
     # New speakers at test time, but no voice variant that no training speaker has.
-    for n, held_out in ((20, 0.1), (40, 0.2), (64, 0.25)):
+    from collections import Counter
+
+    for n, held_out in ((20, 0.1), (48, 1 / 6), (64, 0.2)):
         speakers = synth._assign_speakers(synth.default_speakers(n), 0, held_out)
-        trained = {s.voice.partition("+")[2] for s in speakers if s.split == "training"}
-        assert all(s.voice.partition("+")[2] in trained for s in speakers)
+        variants = Counter(s.voice.partition("+")[2] for s in speakers)
+        trained = Counter(s.voice.partition("+")[2] for s in speakers if s.split == "training")
+        assert all(2 * trained[v] >= count for v, count in variants.items())  # at least half of each in training
         assert sum(s.split == "validation" for s in speakers) == sum(s.split == "testing" for s in speakers) == round(held_out * n)
