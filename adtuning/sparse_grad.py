@@ -15,8 +15,9 @@ Whether a tensor takes this path is decided per tensor from its child density ``
 
 ``"dense"``  never (autograd's dense ``dW``, then the gather hook; the behaviour before).
 ``"sparse"`` every Linear weight with child entries.
-``"auto"``   when the density is at most the backend's :data:`DENSITY_THRESHOLDS` entry, the
-             density below which the SDDMM beat dense GEMM + gather in ``bench/bench_sddmm.py``.
+``"auto"``   when the density is at most the :data:`DENSITY_THRESHOLDS` entry of the backend
+             and the weight's dtype, a density at which the SDDMM beat dense GEMM + gather in
+             ``bench/bench_sddmm.py``.
 
 Either way the compact gradient is the same up to the fp32 summation order (the SDDMM sums in
 fp32 even for bf16/fp16 activations, where autograd rounds ``dW`` to 16 bits before the
@@ -37,26 +38,33 @@ log = logging.getLogger("adtuning")
 
 WEIGHT_GRAD_MODES = ("auto", "dense", "sparse")
 
-#: Per backend, the largest child density ``k / numel`` of a Linear weight for which ``"auto"``
-#: takes the SDDMM path: the largest density at which ``bench/bench_sddmm.py`` measured the
-#: SDDMM faster than the dense weight-gradient GEMM plus the gather on every wav2vec2-base
-#: Linear shape (768x768, 3072x768, 768x3072), rounded down to a measured point.
+#: Per backend and weight dtype, the largest child density ``k / numel`` of a Linear weight for
+#: which ``"auto"`` takes the SDDMM path: a density at which ``bench/bench_sddmm.py`` measured
+#: the SDDMM faster than the dense weight-gradient GEMM plus the gather on every wav2vec2-base
+#: Linear shape (768x768, 3072x768, 768x3072), at N = 98 rows (2 x 1 s) and N = 1592 rows
+#: (8 x 4 s), one thread, 2026-12-01 (a shared 2-core machine, load 1.5-2):
 #:
-#: * ``native``: faster up to P = 0.03 at N = 98 rows (2 x 1 s; 0.1 for two of the shapes) and
-#:   up to P >= 0.05 at N = 1592 rows (8 x 4 s); one thread, 2026-12-01.
-#: * ``reference``: faster at P = 0.001, slower from P = 0.003 (N = 98).
-#: * ``triton``: not yet measured on a GPU (none was available); 0.01 is a placeholder chosen
-#:   below the CPU crossovers. ``bench/gpu_check.py`` measures the crossover on CUDA
-#:   (section ``sparse_weight_grad``); set this from its figures.
-DENSITY_THRESHOLDS: dict[str, float] = {
-    "reference": 0.001,
-    "native": 0.03,
-    "triton": 0.01,
+#: * ``native`` fp32: 1.7-4.7x faster at P = 0.05 (crossover at P >= 0.1 in the same runs).
+#: * ``native`` bf16: 1.6-3.2x faster at P = 0.01, parity at P = 0.03 (the CPU's bf16 GEMM is
+#:   3-4x faster than its fp32 one, the SDDMM is not). fp16 is given bf16's threshold, untimed.
+#: * ``reference``: about 2x faster at P = 0.001, slower from P = 0.003 (N = 98).
+#: * ``triton``: not yet measured on a GPU (none was available); 0.01 is a placeholder below the
+#:   CPU crossovers. ``bench/gpu_check.py`` reports the crossover per dtype on CUDA (section
+#:   ``sparse_weight_grad``, ``suggested_threshold``); set these from its figures.
+DENSITY_THRESHOLDS: dict[str, dict[torch.dtype, float]] = {
+    "reference": {torch.float32: 0.001, torch.bfloat16: 0.001, torch.float16: 0.001},
+    "native": {torch.float32: 0.05, torch.bfloat16: 0.01, torch.float16: 0.01},
+    "triton": {torch.float32: 0.01, torch.bfloat16: 0.01, torch.float16: 0.01},
 }
 
 
 def use_sparse_path(
-    k: int, numel: int, backend: str, mode: str = "auto", thresholds: Mapping[str, float] | None = None
+    k: int,
+    numel: int,
+    backend: str,
+    mode: str = "auto",
+    thresholds: Mapping[str, float | Mapping[torch.dtype, float]] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> bool:
     """Whether a Linear weight with ``k`` of ``numel`` entries in the child takes the SDDMM path.
 
@@ -64,8 +72,9 @@ def use_sparse_path(
         k, numel: child entries and all entries of the weight.
         backend: resolved backend name (``reference`` / ``native`` / ``triton``).
         mode: ``"auto"``, ``"dense"`` or ``"sparse"`` (see the module docstring).
-        thresholds: per-backend density thresholds for ``"auto"`` (default
-            :data:`DENSITY_THRESHOLDS`).
+        thresholds: density thresholds for ``"auto"`` per backend, each a float or a
+            ``{weight dtype: float}`` mapping (default :data:`DENSITY_THRESHOLDS`).
+        dtype: the weight's dtype (the dense GEMM's speed depends on it).
     """
     if mode not in WEIGHT_GRAD_MODES:
         raise ValueError(f"unknown weight-gradient mode {mode!r}; choose one of {', '.join(WEIGHT_GRAD_MODES)}")
@@ -73,8 +82,10 @@ def use_sparse_path(
         return False
     if mode == "sparse":
         return True
-    table = DENSITY_THRESHOLDS if thresholds is None else thresholds
-    return k / numel <= table[backend]
+    threshold = (DENSITY_THRESHOLDS if thresholds is None else thresholds)[backend]
+    if isinstance(threshold, Mapping):
+        threshold = threshold.get(dtype, threshold[torch.float32])
+    return k / numel <= threshold
 
 
 @dataclass(frozen=True)
@@ -185,8 +196,8 @@ def install_sparse_weight_grad(
         model: the module holding the Linears (e.g. the whole model, upstream and head).
         optimizer: the :class:`~adtuning.optim.SparseAdamW` training the child network.
         mode: ``"auto"``, ``"dense"`` or ``"sparse"``.
-        thresholds: per-backend density thresholds for ``"auto"`` (default
-            :data:`DENSITY_THRESHOLDS`).
+        thresholds: density thresholds for ``"auto"`` per backend, each a float or a
+            ``{weight dtype: float}`` mapping (default :data:`DENSITY_THRESHOLDS`).
 
     Returns:
         a :class:`SparseWeightGrad`; call :meth:`SparseWeightGrad.remove` before the optimizer
@@ -209,7 +220,7 @@ def install_sparse_weight_grad(
             continue
         indices = optimizer.indices(weight)
         density = indices.numel() / weight.numel()
-        if not use_sparse_path(indices.numel(), weight.numel(), handle.backend, mode, thresholds):
+        if not use_sparse_path(indices.numel(), weight.numel(), handle.backend, mode, thresholds, weight.dtype):
             handle.dense[name] = density
             continue
         if "forward" in module.__dict__:

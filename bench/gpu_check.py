@@ -25,8 +25,8 @@ Run from the repository root (adtuning need not be installed)::
    and of a short training run with the SDDMM path against the dense path (section
    ``sparse_weight_grad_correctness``); per wav2vec2-base Linear shape over 8 x 4 s, the SDDMM
    against the dense weight-gradient GEMM + gather it replaces at P = 0.001 ... 0.3, fp32 and
-   bf16, with the crossover density that ``adtuning.sparse_grad.DENSITY_THRESHOLDS["triton"]``
-   should hold (``sparse_weight_grad``); and one wav2vec2-base training step (8 x 4 s), full
+   bf16, with the crossover densities that ``adtuning.sparse_grad.DENSITY_THRESHOLDS["triton"]``
+   should hold per dtype (``sparse_weight_grad``); and one wav2vec2-base training step (8 x 4 s), full
    fine-tuning with fused AdamW against CHILD-TUNING with dense and with sparse weight
    gradients: median time and peak memory, as ratios to full fine-tuning (``e2e_train_step``).
 

@@ -158,8 +158,9 @@ def test_native_sddmm_is_deterministic_across_thread_counts():
 
 def test_use_sparse_path_follows_mode_and_threshold():
     assert WEIGHT_GRAD_MODES == ("auto", "dense", "sparse")
-    for backend, threshold in DENSITY_THRESHOLDS.items():
-        assert 0 < threshold < 1
+    for backend, per_dtype in DENSITY_THRESHOLDS.items():
+        assert set(per_dtype) == {torch.float32, torch.bfloat16, torch.float16}
+        assert all(0 < threshold < 1 for threshold in per_dtype.values())
         assert use_sparse_path(1, 10**6, backend, "auto")
         assert not use_sparse_path(10**6, 10**6, backend, "auto")
         assert use_sparse_path(10**6, 10**6, backend, "sparse")
@@ -167,6 +168,12 @@ def test_use_sparse_path_follows_mode_and_threshold():
         assert not use_sparse_path(0, 10**6, backend, "sparse")
     assert use_sparse_path(5, 10, "native", "auto", thresholds={"native": 0.5})
     assert not use_sparse_path(6, 10, "native", "auto", thresholds={"native": 0.5})
+    per_dtype = {"native": {torch.float32: 0.5, torch.bfloat16: 0.1}}
+    assert use_sparse_path(3, 10, "native", "auto", thresholds=per_dtype, dtype=torch.float32)
+    assert not use_sparse_path(3, 10, "native", "auto", thresholds=per_dtype, dtype=torch.bfloat16)
+    assert use_sparse_path(3, 10, "native", "auto", thresholds=per_dtype, dtype=torch.float16)  # fp32's
+    native = DENSITY_THRESHOLDS["native"]
+    assert native[torch.bfloat16] < native[torch.float32]  # the CPU's bf16 GEMM is the faster one
     with pytest.raises(ValueError, match="weight-gradient mode"):
         use_sparse_path(1, 2, "native", "fast")
 
