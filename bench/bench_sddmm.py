@@ -9,10 +9,9 @@ What one backward does for a trained Linear of wav2vec2-base (768x768 attention 
 
 Both in the same session, on random fp32 and bf16 activations (the latter: bf16 frozen
 weights) with N = batch x frames rows and random sorted int32 child indices, for P from 0.001
-to 0.3. The density where the SDDMM stops
-beating the baseline sets the backend's and dtype's entry of
-``adtuning.sparse_grad.DENSITY_THRESHOLDS``;
-the module's ``crossover`` fixture prints the crossover this session measured for each shape.
+to 0.3. The density where the SDDMM stops beating the baseline sets the backend's and dtype's
+entry of ``adtuning.sparse_grad.DENSITY_THRESHOLDS``; the module's ``crossover`` fixture
+prints the crossover this session measured for each shape.
 
 Size: ``ADTUNING_BENCH_SDDMM`` = ``cpu`` (2 x 1 s: 98 rows, default on CPU) or ``full`` (8 x 4 s:
 1592 rows, default on CUDA), or ``key=value`` overrides of ``rows, rounds``. On CPU the
