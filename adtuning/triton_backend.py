@@ -52,8 +52,8 @@ def _load_kernels():
 
 
 def _make_ops(kernels) -> Backend:
-    # gather, sparse_adamw and sddmm launchers already have the reference signatures; linear_fisher
-    # also takes tile-tuning keywords, which the backend contract does not expose.
+    # gather and sparse_adamw launchers already have the reference signatures; linear_fisher and
+    # sddmm also take tuning keywords, which the backend contract does not expose.
     def linear_fisher_(
         x: torch.Tensor,
         dy: torch.Tensor,
@@ -64,9 +64,19 @@ def _make_ops(kernels) -> Backend:
         """Triton twin of :func:`adtuning.reference.linear_fisher_ref_` (one tiled launch)."""
         kernels.linear_fisher(x, dy, fisher_w, fisher_b, lengths)
 
+    def sddmm(
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        indices: torch.Tensor,
+        out: torch.Tensor | None = None,
+        accumulate: bool = False,
+    ) -> torch.Tensor:
+        """Triton twin of :func:`adtuning.reference.sddmm_ref` (one launch)."""
+        return kernels.sddmm(dy, x, indices, out, accumulate)
+
     return Backend(
         name="triton", gather=kernels.gather, sparse_adamw_=kernels.sparse_adamw,
-        linear_fisher_=linear_fisher_, sddmm=kernels.sddmm,
+        linear_fisher_=linear_fisher_, sddmm=sddmm,
     )
 
 

@@ -547,11 +547,14 @@ def check_sparse_weight_grad(tb, ref, device: torch.device) -> list[dict]:
 
 
 def bench_sparse_weight_grad(tb, device: torch.device) -> dict:
-    """Per wav2vec2-base Linear shape, the SDDMM against dense GEMM + gather, and the crossover."""
+    """Per wav2vec2-base Linear shape, the SDDMM (both operand layouts of the kernel) against
+    dense GEMM + gather, and the crossover density of the launcher's default layout."""
+    from adtuning.kernels import sddmm as sddmm_kernel
+
     shapes, rows, fractions = WAV2VEC2_BASE_SHAPES, SDDMM_BENCH_ROWS, SDDMM_BENCH_FRACTIONS
     if DRY_RUN:
         shapes, rows, fractions = [(33, 17)], 5, (0.01, 0.3)
-    table, crossover = [], {}
+    table, crossover, crossover_transposed = [], {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         for out_f, in_f in shapes:
             dy = torch.randn(rows, out_f, device=device).to(dtype)
@@ -560,19 +563,26 @@ def bench_sparse_weight_grad(tb, device: torch.device) -> dict:
             dense_idx = torch.randperm(numel, device=device)[:max(1, numel // 100)].sort().values.to(torch.int32)
             dense_out = torch.zeros(dense_idx.numel(), device=device)
             dense_ms = median_ms(lambda: tb.gather(dy.t() @ x, dense_idx, out=dense_out, accumulate=True))
-            faster = []
+            faster, faster_transposed = [], []
             for fraction in fractions:
                 k = max(1, round(fraction * numel))
                 idx = torch.randperm(numel, device=device)[:k].sort().values.to(torch.int32)
                 out = torch.zeros(k, device=device)
                 ms = median_ms(lambda: tb.sddmm(dy, x, idx, out=out, accumulate=True))
+                transposed_ms = median_ms(lambda: sddmm_kernel(dy, x, idx, out=out, accumulate=True,
+                                                               transpose_operands=True))
                 table.append({"dtype": str(dtype).replace("torch.", ""), "out": out_f, "in": in_f, "N": rows,
-                              "P": fraction, "k": k, "sddmm_ms": ms, "dense_gemm_gather_ms": dense_ms,
-                              "speedup": dense_ms / ms})
+                              "P": fraction, "k": k, "sddmm_ms": ms, "sddmm_transposed_ms": transposed_ms,
+                              "dense_gemm_gather_ms": dense_ms, "speedup": dense_ms / ms,
+                              "speedup_transposed": dense_ms / transposed_ms})
                 if ms <= dense_ms:
                     faster.append(fraction)
-            crossover[f"{str(dtype).replace('torch.', '')} {out_f}x{in_f}"] = max(faster) if faster else 0.0
-    return {"rows": table, "crossover": crossover,
+                if transposed_ms <= dense_ms:
+                    faster_transposed.append(fraction)
+            key = f"{str(dtype).replace('torch.', '')} {out_f}x{in_f}"
+            crossover[key] = max(faster) if faster else 0.0
+            crossover_transposed[key] = max(faster_transposed) if faster_transposed else 0.0
+    return {"rows": table, "crossover": crossover, "crossover_transposed_operands": crossover_transposed,
             "suggested_threshold": {"fp32": min(v for k, v in crossover.items() if k.startswith("float32")),
                                     "bf16": min(v for k, v in crossover.items() if k.startswith("bfloat16"))}}
 
@@ -701,6 +711,8 @@ def _summary(results: dict) -> list[str]:
         lines.append("SDDMM vs dense GEMM + gather, crossover P per shape: "
                      + ", ".join(f"{k} {v:g}" for k, v in sg["crossover"].items())
                      + f"; suggested DENSITY_THRESHOLDS['triton'] {sg['suggested_threshold']}")
+        lines.append("  with transpose_operands=True: "
+                     + ", ".join(f"{k} {v:g}" for k, v in sg["crossover_transposed_operands"].items()))
     for row in results.get("e2e_train_step", []) if isinstance(results.get("e2e_train_step"), list) else []:
         ratios = ""
         if "time_ratio_to_full" in row:

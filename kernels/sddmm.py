@@ -8,6 +8,11 @@ once at the end. Nothing of the size of ``dW`` exists; each entry is summed by o
 fixed order (deterministic, no atomics). Sorted indices make neighbouring entries share their
 ``dy`` column (one row i) and read nearby ``x`` columns, so a frame's loads of a block hit few
 cache lines.
+
+With ``transpose_operands=True`` the launcher first copies ``dy`` and ``x`` into frame-contiguous
+layouts (one read and write of each, as the CPU kernel does), so that an entry's loads over a
+frame step are contiguous instead of one 4-byte word per 32-byte sector; the kernel is the same
+(it takes strides). Which is faster is for ``bench/gpu_check.py`` to measure.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from adtuning.kernels._common import check_compact, check_device, check_indices
 BLOCK_E = 128
 BLOCK_T = 16
 NUM_WARPS = 4
+# Default of ``transpose_operands``: off until a GPU timing says otherwise.
+TRANSPOSE_OPERANDS = False
 
 
 @triton.jit
@@ -72,6 +79,8 @@ def sddmm(
     indices: torch.Tensor,
     out: torch.Tensor | None = None,
     accumulate: bool = False,
+    *,
+    transpose_operands: bool | None = None,
 ) -> torch.Tensor:
     """Return ``float32((dy^T @ x).flatten()[indices])``, written into / added onto ``out`` when given.
 
@@ -81,6 +90,8 @@ def sddmm(
         indices: 1-D sorted unique int32/int64 flat indices into the [out, in] weight.
         out: optional contiguous fp32 buffer of length ``len(indices)``.
         accumulate: add into ``out`` instead of overwriting it (needs ``out``).
+        transpose_operands: copy ``dy`` and ``x`` to frame-contiguous layouts first (see the
+            module docstring; default :data:`TRANSPOSE_OPERANDS`). For benchmarks.
 
     Returns:
         ``out`` when given, else a new fp32 tensor of length ``len(indices)``.
@@ -108,6 +119,9 @@ def sddmm(
         return out
     if out_features * in_features == 0:
         raise ValueError(f"sddmm: {k} indices given for a weight with no entries")
+    if TRANSPOSE_OPERANDS if transpose_operands is None else transpose_operands:
+        # [N, features] views with strides (1, N): the frames of one feature are contiguous.
+        dy, x = dy.t().contiguous().t(), x.t().contiguous().t()
     grid = (triton.cdiv(k, BLOCK_E),)
     _sddmm_kernel[grid](
         dy, x, indices, out, k, frames, in_features,

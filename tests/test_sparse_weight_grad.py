@@ -449,3 +449,17 @@ def test_compact_grad_target_hands_out_one_buffer_per_step():
     assert fresh is not buffer and not accumulate
     with pytest.raises(KeyError):
         opt.compact_grad_target(torch.nn.Parameter(torch.zeros(3)))
+
+
+def test_triton_sddmm_with_transposed_operands_gives_the_same_values():
+    require_backend("triton")
+    from adtuning.kernels import sddmm
+
+    gen = torch.Generator().manual_seed(8)
+    for dtype in (torch.float32, torch.bfloat16):
+        dy, x = torch.randn(33, 31, generator=gen).to(dtype), torch.randn(33, 65, generator=gen).to(dtype)
+        idx = _indices(31 * 65, 301, torch.int64, seed=4)
+        plain = sddmm(dy, x, idx, transpose_operands=False)
+        transposed = sddmm(dy, x, idx, transpose_operands=True)
+        torch.testing.assert_close(transposed, plain, rtol=1e-6, atol=1e-6 * _bound(dy, x, idx).max().item())
+        torch.testing.assert_close(transposed, sddmm_ref(dy, x, idx), rtol=1e-5, atol=1e-5 * _bound(dy, x, idx).max().item())
