@@ -124,21 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fisher-clip", type=float, default=None, help="per-tensor gradient norm clip of --fisher-mode batch")
 
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=150, help="T: optimizer steps of a full run")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the child entries")
+    g.add_argument("--steps", type=int, default=None, help="T: optimizer steps of a full run (default: 300 on the embedded corpus, 150 with --data-dir)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate of the child entries (default: 5e-3 on the embedded corpus, 1e-3 with --data-dir)")
     g.add_argument("--head-lr", type=float, default=None, help="learning rate of the head and layer weights (default: --lr)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of --steps)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the child entries")
-    g.add_argument("--batch-size", type=int, default=16, help="utterances per micro-batch")
+    g.add_argument("--batch-size", type=int, default=None, help="utterances per micro-batch (default: 32 on the embedded corpus, 16 with --data-dir)")
     g.add_argument("--eval-batch-size", type=int, default=None, help="utterances per evaluation batch (default: --batch-size)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    g.add_argument("--eval-interval", type=int, default=None, help="dev evaluation every N steps for the curves (default: T/10; 0: only at rungs)")
+    g.add_argument("--eval-interval", type=int, default=None, help="dev evaluation every N steps for the curves (default: T/5 on the embedded corpus, T/10 with --data-dir; 0: only at rungs)")
 
     g = parser.add_argument_group("engine")
     g.add_argument("--fused", action="store_true", help="fused kernels: Triton on CUDA, native C++ on CPU (same as --backend fused)")
     g.add_argument("--backend", choices=["reference", "native", "triton", "fused"], default=None, help="kernel backend for the Fisher pass and the optimizer")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--weight-grad", choices=["auto", "dense", "sparse"], default="auto",
+                   help="Linear weight gradients: only the child entries (SDDMM into the optimizer's compact buffers), "
+                        "dense GEMM then gather, or auto (per tensor, by child density and the backend's measured threshold)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 on machines with at most 2 CPU cores, where one thread ran the embedded "
                         "default faster than two; else torch's default)")
@@ -153,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
+
+
+# Defaults that depend on the data: the embedded run (a 1M-parameter upstream, 2,048 short clips,
+# two CPU cores) needs a larger learning rate and batch than real corpora with a base model.
+EMBEDDED_RUN_DEFAULTS = {"steps": 300, "lr": 5e-3, "batch_size": 32, "eval_fraction": 5}
+CORPUS_RUN_DEFAULTS = {"steps": 150, "lr": 1e-3, "batch_size": 16, "eval_fraction": 10}
+
+
+def _apply_run_defaults(args: argparse.Namespace) -> None:
+    """Fill --steps/--lr/--batch-size/--eval-interval left unset with the embedded run's
+    defaults (no --data-dir) or those for a real corpus."""
+    defaults = EMBEDDED_RUN_DEFAULTS if args.data_dir is None else CORPUS_RUN_DEFAULTS
+    for flag in ("steps", "lr", "batch_size"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, defaults[flag])
+    if args.eval_interval is None and args.steps >= 1:
+        args.eval_interval = max(1, args.steps // defaults["eval_fraction"])
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -401,13 +421,13 @@ class Recipe:
             rungs, keep = successive_halving(len(args.candidates), args.eta, args.r, args.c)
         else:
             rungs, keep = (args.r,), (args.c,)
-        eval_interval = args.eval_interval if args.eval_interval is not None else max(1, args.steps // 10)
+        eval_interval = args.eval_interval
         self.config = SearchConfig(
             total_steps=args.steps, rungs=rungs, keep=keep, lr=args.lr, head_lr=args.head_lr or args.lr,
             warmup_steps=args.warmup_steps if args.warmup_steps is not None else int(0.05 * args.steps),
             weight_decay=args.weight_decay, grad_accum=args.grad_accum,
             max_grad_norm=args.max_grad_norm or None, eval_interval=eval_interval, backend=self.backend, seed=args.seed,
-            checkpoint_interval=args.checkpoint_interval,
+            checkpoint_interval=args.checkpoint_interval, weight_grad=args.weight_grad,
         )
         self.searcher = AdaptiveSearch(self.problem, self.children, self.config, checkpoint_dir=self.out / "checkpoint",
                                        progress=not args.no_progress, on_event=self._event, baselines=args.baselines)
@@ -639,6 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
+        _apply_run_defaults(args)
         _check_args(args)
         recipe = Recipe(args)
         recipe.setup()
