@@ -28,11 +28,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from adtuning.optim import SparseAdamW
 
 log = logging.getLogger("adtuning")
 
@@ -92,10 +95,10 @@ def use_sparse_path(
 class _Route:
     """Where the compact weight gradient of one Linear goes."""
 
-    optimizer: Any  # SparseAdamW (not imported: optim imports nothing from here either)
+    optimizer: "SparseAdamW"
     weight: torch.Tensor
     indices: torch.Tensor
-    sddmm: Any
+    sddmm: Callable[..., torch.Tensor]
 
     def write(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         buffer, accumulate = self.optimizer.compact_grad_target(self.weight)
@@ -178,7 +181,7 @@ def _sparse_forward(module: nn.Linear, route: _Route):
 
 def install_sparse_weight_grad(
     model: nn.Module,
-    optimizer,
+    optimizer: "SparseAdamW",
     mode: str = "auto",
     *,
     thresholds: Mapping[str, float] | None = None,

@@ -463,3 +463,13 @@ def test_triton_sddmm_with_transposed_operands_gives_the_same_values():
         transposed = sddmm(dy, x, idx, transpose_operands=True)
         torch.testing.assert_close(transposed, plain, rtol=1e-6, atol=1e-6 * _bound(dy, x, idx).max().item())
         torch.testing.assert_close(transposed, sddmm_ref(dy, x, idx), rtol=1e-5, atol=1e-5 * _bound(dy, x, idx).max().item())
+
+
+def test_cli_flag_parses_with_auto_default():
+    from adtuning.train import build_parser
+
+    assert build_parser().parse_args([]).weight_grad == "auto"
+    assert build_parser().parse_args(["--weight-grad", "sparse"]).weight_grad == "sparse"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--weight-grad", "fast"])
+    assert SearchConfig(total_steps=1).weight_grad == "auto"
