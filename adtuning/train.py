@@ -16,6 +16,8 @@ A recipe in six steps — setup, Fisher, search, compare, evaluate, save:
 Without ``--data-dir`` it runs the embedded default: keyword spotting on a corpus synthesised
 with espeak-ng (cached) and the shipped pre-trained upstream ``adtuning-hubert-mini`` (see
 ``python -m adtuning.pretrain``) — no downloads, under two minutes on two idle CPU cores.
+``--task sid`` and ``--task ic`` without ``--data-dir`` likewise generate a VoxCeleb1-layout and a
+Fluent-Speech-Commands-layout corpus (:mod:`adtuning.speech.synth_tasks`; ``EMBEDDED_CORPORA``).
 """
 from __future__ import annotations
 
@@ -50,6 +52,22 @@ EMBEDDED_KS_CORPUS = dict(speakers=48, utterances_per_word=192, held_out_speaker
 """The embedded KS corpus: 48 downstream speakers (32 train, 8 dev, 8 test; disjoint from each
 other and from the upstream's pre-training speakers), 4 clips of each of the 10 keywords and
 6 filler words per speaker: 2,048 train clips, 512 dev clips, 384 test clips."""
+EMBEDDED_SID_CORPUS = dict(speakers=32, videos_per_speaker=5, utterances_per_video=4, dev_videos=1, test_videos=1, seed=1)
+"""The embedded SID corpus (VoxCeleb1 layout): 32 speakers, 5 sessions of 4 short phrases each;
+per speaker 3 sessions train, 1 dev, 1 test: 384 train, 128 dev, 128 test utterances."""
+EMBEDDED_IC_CORPUS = dict(speakers=40, held_out_speakers=0.15, seed=2)
+"""The embedded IC corpus (Fluent Speech Commands layout): 40 speakers (28 train, 6 valid,
+6 test), each saying the 31 intents once: 868 train, 186 valid, 186 test utterances."""
+EMBEDDED_CORPORA: dict[str, tuple[str, str, str, dict]] = {
+    "ks": ("keyword-spotting", f"{EMBEDDED_CORPUS}/speech_commands_v0.01",
+           "adtuning.speech.synth:generate_speech_commands", EMBEDDED_KS_CORPUS),
+    "sid": ("speaker-identification", "voxceleb1_synth/VoxCeleb1",
+            "adtuning.speech.synth_tasks:generate_voxceleb1", EMBEDDED_SID_CORPUS),
+    "ic": ("intent-classification", "fluent_speech_commands_synth/fluent_speech_commands_dataset",
+           "adtuning.speech.synth_tasks:generate_fluent_commands", EMBEDDED_IC_CORPUS),
+}
+"""Task -> (what, folder under --corpus-cache, "module:generator", generator kwargs) of the
+tasks with an embedded generated corpus (used when --data-dir is not given)."""
 
 
 class UsageError(Exception):
@@ -87,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = parser.add_argument_group("task and data")
     g.add_argument("--task", default="ks", choices=["ks", "ic", "sid", "asr", "pr", "sf", "sd"], help="SUPERB task")
-    g.add_argument("--data-dir", type=Path, default=None, help="corpus root in its standard layout (default: generate the embedded KS corpus)")
+    g.add_argument("--data-dir", type=Path, default=None, help="corpus root in its standard layout (default: generate the task's embedded corpus; ks, sid and ic have one)")
     g.add_argument("--corpus-cache", type=Path, default=DEFAULT_CORPUS_CACHE, help="where the embedded corpus is generated and cached")
     g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra dataset/task option (repeatable), e.g. lexicon=/path/lexicon.txt for pr; values are parsed as JSON when possible")
@@ -208,8 +226,8 @@ def _check_args(args: argparse.Namespace) -> None:
         bad("--warmup-steps", f"must be in [0, --steps={args.steps}], got {args.warmup_steps}")
     if args.data_dir is not None and not args.data_dir.is_dir():
         bad("--data-dir", f"{args.data_dir} is not a directory")
-    if args.data_dir is None and args.task != "ks":
-        bad("--data-dir", f"task {args.task!r} needs its corpus; only ks has an embedded default")
+    if args.data_dir is None and args.task not in EMBEDDED_CORPORA:
+        bad("--data-dir", f"task {args.task!r} needs its corpus; only {', '.join(EMBEDDED_CORPORA)} have an embedded default")
     if args.resume and args.overwrite:
         bad("--resume", "cannot be combined with --overwrite")
     if args.fused and args.backend not in (None, "fused"):
@@ -356,11 +374,13 @@ class Recipe:
         out.mkdir(parents=True, exist_ok=True)
 
     def _embedded_corpus(self) -> Path:
-        from adtuning.speech.synth import generate_speech_commands
+        import importlib
 
-        root = self.args.corpus_cache / EMBEDDED_CORPUS / "speech_commands_v0.01"
-        log.info("embedded default: keyword-spotting corpus synthesised with espeak-ng (cached in %s)", root.parent)
-        return generate_speech_commands(root, progress=not self.args.no_progress, **EMBEDDED_KS_CORPUS)
+        what, folder, generator, kwargs = EMBEDDED_CORPORA[self.args.task]
+        module, _, name = generator.partition(":")
+        root = self.args.corpus_cache / folder
+        log.info("embedded default: %s corpus synthesised with espeak-ng (cached in %s)", what, root.parent)
+        return getattr(importlib.import_module(module), name)(root, progress=not self.args.no_progress, **kwargs)
 
     def _write_config(self) -> None:
         config = {"args": _comparable_args(self.args), "base_model": self.args.upstream, "base_fingerprint": self.base_fingerprint,
