@@ -22,9 +22,6 @@ the keyword corpus).
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -88,8 +85,6 @@ def generate_pretraining_corpus(
         ``root`` as a :class:`~pathlib.Path`.
     """
     import numpy as np
-    import torch
-    from tqdm import tqdm
 
     root = Path(root).absolute()
     if speakers < 2 or not 1 <= held_out_speakers < speakers:
@@ -102,13 +97,6 @@ def generate_pretraining_corpus(
               "held_out_speakers": int(held_out_speakers), "max_seconds": float(max_seconds), "seed": int(seed),
               "vocabulary_size": len(vocabulary), "sample_rate": synth.SAMPLE_RATE}
     key = {"generator": "adtuning.speech.pretraining_corpus", "version": PRETRAINING_CORPUS_VERSION, "params": params}
-    manifest = synth._read_manifest(root)
-    if manifest is not None and {k: manifest.get(k) for k in key} == key:
-        return root
-    if not synth._is_ours_or_empty(root):
-        raise FileExistsError(f"{root} exists and was not made by generate_pretraining_corpus; remove it or choose another root")
-
-    engine = synth._synthesizer(None, None)
     plans = []
     for j, (voice, rate, pitch) in enumerate(triples):
         plan = []
@@ -117,39 +105,28 @@ def generate_pretraining_corpus(
             plan.append((voice, int(np.clip(round(rate * r.uniform(0.9, 1.1)), 80, 450)),
                          int(np.clip(pitch + int(r.integers(-4, 5)), 0, 100)), text))
         plans.append(plan)
-    tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    (tmp / synth._OWNER_MARKER).touch()
     max_samples = int(max_seconds * synth.SAMPLE_RATE)
     rows = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # resampling bit-identical whatever the thread count
-    bar = tqdm(total=speakers * sentences_per_speaker, desc="synthesising pre-training corpus", unit="utt", disable=not progress)
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, min(jobs or os.cpu_count() or 1, 4))) as pool:
-            futures = [pool.submit(synth._run_worker, engine.library, engine.data, plan) for plan in plans]
-            for j, (plan, fut) in enumerate(zip(plans, futures)):
-                split = "held_out" if j >= speakers - held_out_speakers else "train"
-                for i, ((*_, text), pcm) in enumerate(zip(plan, fut.result())):
-                    y = synth.trim_and_resample(pcm, max_samples)
-                    rng = synth._rng("pretraining-gain", seed, j, i)
-                    peak = float(np.abs(y).max(initial=0.0))
-                    if peak == 0:
-                        raise RuntimeError(f"espeak-ng produced silence for {text!r} ({plan[i][0]})")
-                    y = y * (rng.uniform(0.25, 0.8) / peak)
-                    y += rng.standard_normal(len(y)) * 10 ** (-rng.uniform(30.0, 45.0) / 20)
-                    synth._write_wav(tmp / f"s{j:03d}" / f"{i:04d}.wav", synth._quantise(y))
-                    rows.append(f"s{j:03d}\t{i}\t{split}\t{text}\n")
-                    bar.update(1)
+
+    def write(tmp: Path, j: int, i: int, pcm: bytes) -> None:
+        voice, _, _, text = plans[j][i]
+        y = synth.trim_and_resample(pcm, max_samples)
+        rng = synth._rng("pretraining-gain", seed, j, i)
+        peak = float(np.abs(y).max(initial=0.0))
+        if peak == 0:
+            raise RuntimeError(f"espeak-ng produced silence for {text!r} ({voice})")
+        y = y * (rng.uniform(0.25, 0.8) / peak)
+        y += rng.standard_normal(len(y)) * 10 ** (-rng.uniform(30.0, 45.0) / 20)
+        synth._write_wav(tmp / f"s{j:03d}" / f"{i:04d}.wav", synth._quantise(y))
+        split = "held_out" if j >= speakers - held_out_speakers else "train"
+        rows.append(f"s{j:03d}\t{i}\t{split}\t{text}\n")
+
+    def finish(tmp: Path) -> int:
         (tmp / "transcripts.tsv").write_text("".join(rows))
-        synth._move_into_place(tmp, root)
-        synth._write_json_atomic(root / synth.MANIFEST_NAME, dict(key, espeak_version=engine.version, utterances=len(rows)))
-    finally:
-        bar.close()
-        torch.set_num_threads(threads)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+        return len(rows)
+
+    return synth.synthesise_corpus(root, key, plans, write, finish, desc="synthesising pre-training corpus",
+                                   progress=progress, jobs=jobs)
 
 
 def read_pretraining_corpus(root: str | os.PathLike) -> dict[str, list[tuple[Path, str]]]:

@@ -51,7 +51,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 __all__ = [
     "SPEECH_COMMANDS_WORDS",
@@ -784,3 +784,44 @@ def _generate(train: Path, test: Path, spk: list[Speaker], words: list[str], unk
         "test_keyword_clips": n_test_keyword, "test_unknown_clips": min(n_class, len(test_unknown)),
         "test_silence_clips": n_class, "background_noise_files": len(_NOISE_KINDS),
     }
+
+
+def synthesise_corpus(root: Path, key: dict, plans: list[list[tuple[str, int, int, str]]],
+                      write: Callable[[Path, int, int, bytes], None], finish: Callable[[Path], int],
+                      *, desc: str, progress: bool, jobs: int | None) -> Path:
+    """The generation loop of the generated corpora other than the keyword one (pre-training,
+    SID, IC): cache check (``key`` equal to the manifest's), ownership check, one fresh espeak-ng
+    process per plan (a speaker's ``(voice, rate, pitch, text)`` items), ``write(tmp, plan,
+    item, pcm)`` per utterance in order, ``finish(tmp) -> utterances`` for the lists, then the
+    folder is moved into place and the manifest written last. Returns ``root``."""
+    import torch
+    from tqdm import tqdm
+
+    manifest = _read_manifest(root)
+    if manifest is not None and {k: manifest.get(k) for k in key} == key:
+        return root
+    if not _is_ours_or_empty(root):
+        raise FileExistsError(f"{root} exists and was not made by {key['generator']}; remove it or choose another root")
+    engine = _synthesizer(None, None)
+    tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    (tmp / _OWNER_MARKER).touch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # resampling bit-identical whatever the thread count
+    bar = tqdm(total=sum(map(len, plans)), desc=desc, unit="utt", disable=not progress)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs or os.cpu_count() or 1, 4))) as pool:
+            futures = [pool.submit(_run_worker, engine.library, engine.data, plan) for plan in plans]
+            for j, fut in enumerate(futures):
+                for i, pcm in enumerate(fut.result()):
+                    write(tmp, j, i, pcm)
+                    bar.update(1)
+        utterances = finish(tmp)
+        _move_into_place(tmp, root)
+        _write_json_atomic(root / MANIFEST_NAME, dict(key, espeak_version=engine.version, utterances=utterances))
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -42,11 +42,8 @@ import csv
 import hashlib
 import io
 import os
-import shutil
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 from adtuning.speech import synth
 from adtuning.speech.pretraining_corpus import pretraining_vocabulary
@@ -76,46 +73,6 @@ def _render(pcm: bytes, rng, max_samples: int, snr_db: tuple[float, float], nois
     level = float(np.abs(y).max())
     y = y + synth._noise(noise_kind, len(y), rng) * level * 10 ** (-rng.uniform(*snr_db) / 20)
     return synth._quantise(y)
-
-
-def _synthesise(root: Path, key: dict, plans: list[list[tuple[str, int, int, str]]],
-                write: Callable[[Path, int, int, bytes], None], finish: Callable[[Path], int],
-                *, desc: str, progress: bool, jobs: int | None) -> Path:
-    """The generation loop shared by both corpora (the structure of the pre-training corpus's):
-    cache check, ownership check, one espeak-ng process per plan (a speaker), ``write(tmp, plan,
-    item, pcm)`` per utterance in order, ``finish(tmp) -> utterances`` for the lists, then the
-    folder is moved into place and the manifest written last."""
-    import torch
-    from tqdm import tqdm
-
-    manifest = synth._read_manifest(root)
-    if manifest is not None and {k: manifest.get(k) for k in key} == key:
-        return root
-    if not synth._is_ours_or_empty(root):
-        raise FileExistsError(f"{root} exists and was not made by {key['generator']}; remove it or choose another root")
-    engine = synth._synthesizer(None, None)
-    tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    (tmp / synth._OWNER_MARKER).touch()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # resampling bit-identical whatever the thread count
-    bar = tqdm(total=sum(map(len, plans)), desc=desc, unit="utt", disable=not progress)
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, min(jobs or os.cpu_count() or 1, 4))) as pool:
-            futures = [pool.submit(synth._run_worker, engine.library, engine.data, plan) for plan in plans]
-            for j, fut in enumerate(futures):
-                for i, pcm in enumerate(fut.result()):
-                    write(tmp, j, i, pcm)
-                    bar.update(1)
-        utterances = finish(tmp)
-        synth._move_into_place(tmp, root)
-        synth._write_json_atomic(root / synth.MANIFEST_NAME, dict(key, espeak_version=engine.version, utterances=utterances))
-    finally:
-        bar.close()
-        torch.set_num_threads(threads)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 def _jitter(seed_parts: tuple, rate: int, pitch: int, rate_scale: float, rate_jitter: float, pitch_jitter: int):
@@ -182,8 +139,6 @@ def generate_voxceleb1(
     Returns:
         ``root`` as a :class:`~pathlib.Path`.
     """
-    import numpy as np
-
     root = Path(root).absolute()
     if speakers < 2 or utterances_per_video < 1 or dev_videos < 1 or test_videos < 1 \
             or videos_per_speaker < dev_videos + test_videos + 1:
@@ -226,7 +181,7 @@ def generate_voxceleb1(
         (tmp / "iden_split.txt").write_text("".join(lines))
         return len(lines)
 
-    return _synthesise(root, key, plans, write, finish, desc="synthesising SID corpus (VoxCeleb1 layout)",
+    return synth.synthesise_corpus(root, key, plans, write, finish, desc="synthesising SID corpus (VoxCeleb1 layout)",
                        progress=progress, jobs=jobs)
 
 
@@ -339,5 +294,5 @@ def generate_fluent_commands(
             (tmp / "data" / f"{name}_data.csv").write_text(buf.getvalue(), encoding="utf-8")
         return sum(map(len, rows))
 
-    return _synthesise(root, key, plans, write, finish, desc="synthesising IC corpus (Fluent Speech Commands layout)",
+    return synth.synthesise_corpus(root, key, plans, write, finish, desc="synthesising IC corpus (Fluent Speech Commands layout)",
                        progress=progress, jobs=jobs)
