@@ -1,9 +1,9 @@
 """A deterministic, generated keyword-spotting corpus in the Speech Commands v0.01 layout.
 
 The words are synthesised with espeak-ng, loaded through ctypes from the ``espeakng-loader``
-package (``pip install adtuning[synth]``), which ships ``libespeak-ng`` and its voice data.
-Nothing is downloaded. The corpus is small by default (it backs the CLI's built-in KS
-example and the tests) and larger on request.
+package (a dependency of adtuning), which ships ``libespeak-ng`` and its voice data.
+Nothing is downloaded. The corpus is small by default (the tests use it) and as large as
+asked (the CLI's embedded KS run, ``EMBEDDED_KS_CORPUS`` in :mod:`adtuning.train`).
 
 Layout written by :func:`generate_speech_commands` (``root`` is the training folder; the
 test folder is its sibling, as the two archives of the real corpus unpack)::
@@ -129,7 +129,7 @@ def _default_paths(library: str | None, data: str | None) -> tuple[str, str]:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError(
             "espeak-ng is needed to synthesise the corpus: pip install espeakng-loader "
-            "(or adtuning[synth])"
+            "(a dependency of adtuning; reinstall adtuning if it is missing)"
         ) from e
     if library is None:
         library = espeakng_loader.get_library_path()
