@@ -36,15 +36,14 @@ def sddmm_ref(
     in_features = x.shape[1]
     idx = indices.long()
     rows, cols = idx // max(in_features, 1), idx % max(in_features, 1)
-    values = torch.empty(idx.numel(), dtype=torch.float32, device=dy.device)
+    if out is None:
+        out, accumulate = torch.empty(idx.numel(), dtype=torch.float32, device=dy.device), False
     chunk = max(1, CHUNK_ELEMENTS // max(1, dy.shape[0]))
     for start in range(0, idx.numel(), chunk):
         r, c = rows[start:start + chunk], cols[start:start + chunk]
-        values[start:start + chunk] = (dy[:, r].float() * x[:, c].float()).sum(0)
-    if out is None:
-        return values
-    if accumulate:
-        out.add_(values)
-    else:
-        out.copy_(values)
+        part = (dy[:, r].float() * x[:, c].float()).sum(0)
+        if accumulate:
+            out[start:start + chunk] += part
+        else:
+            out[start:start + chunk] = part
     return out
