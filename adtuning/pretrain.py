@@ -152,7 +152,7 @@ class Utterances:
         return wav, wav_lengths, tgt, frame_lengths
 
 
-def load_split(items, centroids=None, stats=None):
+def load_split(items):
     """Read ``[(wav_path, text)]``; returns (int16 waveforms, MFCC frames per utterance)."""
     import soundfile as sf
 
