@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from adtuning.speech.pretraining_corpus import generate_pretraining_corpus, read_pretraining_corpus
-    from adtuning.train import DEFAULT_CORPUS_CACHE
+    from adtuning.embedded import DEFAULT_CORPUS_CACHE
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -17,7 +17,7 @@ Without ``--data-dir`` it runs the embedded default: keyword spotting on a corpu
 with espeak-ng (cached) and the shipped pre-trained upstream ``adtuning-hubert-mini`` (see
 ``python -m adtuning.pretrain``) — no downloads, under two minutes on two idle CPU cores.
 ``--task sid`` and ``--task ic`` without ``--data-dir`` likewise generate a VoxCeleb1-layout and a
-Fluent-Speech-Commands-layout corpus (:mod:`adtuning.speech.synth_tasks`; ``EMBEDDED_CORPORA``).
+Fluent-Speech-Commands-layout corpus (registry: :mod:`adtuning.embedded`).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from adtuning.atomic import atomic_write
 from adtuning.backends import BackendUnavailableError, get_backend, resolve_backend_name
 from adtuning.checkpoint import save_delta, weights_fingerprint
 from adtuning.child import ChildNetwork
+from adtuning.embedded import CORPUS_RUN_DEFAULTS, DEFAULT_CORPUS_CACHE, EMBEDDED_CORPORA, embedded_corpus
 from adtuning.fisher import estimate_fisher, fisher_summary
 from adtuning.search import BASELINES, AdaptiveSearch, SearchConfig, successive_halving
 
@@ -46,28 +47,6 @@ log = logging.getLogger("adtuning")
 
 DEFAULT_UPSTREAM = "adtuning-hubert-mini"  # adtuning.speech.DEFAULT_UPSTREAM, without importing transformers for --help
 
-DEFAULT_CORPUS_CACHE = Path(os.environ.get("ADTUNING_CACHE", Path.home() / ".cache" / "adtuning")) / "corpora"
-EMBEDDED_CORPUS = "speech_commands_synth"
-EMBEDDED_KS_CORPUS = dict(speakers=48, utterances_per_word=192, held_out_speakers=1 / 6, seed=0)
-"""The embedded KS corpus: 48 downstream speakers (32 train, 8 dev, 8 test; disjoint from each
-other and from the upstream's pre-training speakers), 4 clips of each of the 10 keywords and
-6 filler words per speaker: 2,048 train clips, 512 dev clips, 384 test clips."""
-EMBEDDED_SID_CORPUS = dict(speakers=32, videos_per_speaker=5, utterances_per_video=4, dev_videos=1, test_videos=1, seed=1)
-"""The embedded SID corpus (VoxCeleb1 layout): 32 speakers, 5 sessions of 4 short phrases each;
-per speaker 3 sessions train, 1 dev, 1 test: 384 train, 128 dev, 128 test utterances."""
-EMBEDDED_IC_CORPUS = dict(speakers=40, held_out_speakers=0.15, seed=2)
-"""The embedded IC corpus (Fluent Speech Commands layout): 40 speakers (28 train, 6 valid,
-6 test), each saying the 31 intents once: 868 train, 186 valid, 186 test utterances."""
-EMBEDDED_CORPORA: dict[str, tuple[str, str, str, dict]] = {
-    "ks": ("keyword-spotting", f"{EMBEDDED_CORPUS}/speech_commands_v0.01",
-           "adtuning.speech.synth:generate_speech_commands", EMBEDDED_KS_CORPUS),
-    "sid": ("speaker-identification", "voxceleb1_synth/VoxCeleb1",
-            "adtuning.speech.synth_tasks:generate_voxceleb1", EMBEDDED_SID_CORPUS),
-    "ic": ("intent-classification", "fluent_speech_commands_synth/fluent_speech_commands_dataset",
-           "adtuning.speech.synth_tasks:generate_fluent_commands", EMBEDDED_IC_CORPUS),
-}
-"""Task -> (what, folder under --corpus-cache, "module:generator", generator kwargs) of the
-tasks with an embedded generated corpus (used when --data-dir is not given)."""
 
 
 class UsageError(Exception):
@@ -176,16 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Defaults that depend on the data: the embedded run (a 1M-parameter upstream, 2,048 short clips,
-# two CPU cores) needs a larger learning rate and batch than real corpora with a base model.
-EMBEDDED_RUN_DEFAULTS = {"steps": 300, "lr": 5e-3, "batch_size": 32, "eval_fraction": 5}
-CORPUS_RUN_DEFAULTS = {"steps": 150, "lr": 1e-3, "batch_size": 16, "eval_fraction": 10}
-
-
 def _apply_run_defaults(args: argparse.Namespace) -> None:
-    """Fill --steps/--lr/--batch-size/--eval-interval left unset with the embedded run's
+    """Fill --steps/--lr/--batch-size/--eval-interval left unset with the task's embedded-run
     defaults (no --data-dir) or those for a real corpus."""
-    defaults = EMBEDDED_RUN_DEFAULTS if args.data_dir is None else CORPUS_RUN_DEFAULTS
+    if args.data_dir is not None:
+        defaults = CORPUS_RUN_DEFAULTS.as_dict()
+    else:  # a task without an embedded corpus is refused by _check_args
+        defaults = EMBEDDED_CORPORA.get(args.task, embedded_corpus("ks")).run_defaults.as_dict()
     for flag in ("steps", "lr", "batch_size"):
         if getattr(args, flag) is None:
             setattr(args, flag, defaults[flag])
@@ -374,13 +350,10 @@ class Recipe:
         out.mkdir(parents=True, exist_ok=True)
 
     def _embedded_corpus(self) -> Path:
-        import importlib
-
-        what, folder, generator, kwargs = EMBEDDED_CORPORA[self.args.task]
-        module, _, name = generator.partition(":")
-        root = self.args.corpus_cache / folder
-        log.info("embedded default: %s corpus synthesised with espeak-ng (cached in %s)", what, root.parent)
-        return getattr(importlib.import_module(module), name)(root, progress=not self.args.no_progress, **kwargs)
+        corpus = embedded_corpus(self.args.task)
+        log.info("embedded default: %s corpus synthesised with espeak-ng (cached in %s)",
+                 corpus.what, (self.args.corpus_cache / corpus.folder).parent)
+        return corpus.generate(self.args.corpus_cache, progress=not self.args.no_progress)
 
     def _write_config(self) -> None:
         config = {"args": _comparable_args(self.args), "base_model": self.args.upstream, "base_fingerprint": self.base_fingerprint,

@@ -2,11 +2,13 @@
 determinism, read back by the real readers, speaker splits, cache, and the CLI end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from adtuning import train
+from adtuning.embedded import EMBEDDED_CORPORA
 from adtuning.speech import synth
 from adtuning.speech.corpora import build_dataset
 from adtuning.speech.synth_tasks import (FSC_INTENTS, distinct_speakers, generate_fluent_commands,
@@ -82,8 +84,9 @@ def test_speakers_are_disjoint_from_pretraining_and_between_tasks(corpora):
         assert triples and not triples & pretraining
         assert all(pitch % 2 == 0 for _, _, pitch in triples)  # default_speakers' even pitches
     # The embedded defaults: distinct seeds, so the SID and IC corpora share no speaker either.
-    sid = set(distinct_speakers(train.EMBEDDED_SID_CORPUS["speakers"], train.EMBEDDED_SID_CORPUS["seed"]))
-    ic = set(synth.default_speakers(train.EMBEDDED_IC_CORPUS["speakers"], train.EMBEDDED_IC_CORPUS["seed"]))
+    sid_params, ic_params = EMBEDDED_CORPORA["sid"].params, EMBEDDED_CORPORA["ic"].params
+    sid = set(distinct_speakers(sid_params["speakers"], sid_params["seed"]))
+    ic = set(synth.default_speakers(ic_params["speakers"], ic_params["seed"]))
     assert len(sid) == 32 and not sid & ic and not (sid | ic) & set(synth.pretraining_speakers(64, 0))
 
 
@@ -124,8 +127,9 @@ def test_foreign_folder_is_never_replaced(task, tmp_path):
 
 @pytest.mark.parametrize("task", sorted(GENERATORS))
 def test_cli_runs_the_embedded_corpus_end_to_end(task, tmp_path, monkeypatch, capsys):
-    what, folder, generator, _ = train.EMBEDDED_CORPORA[task]
-    monkeypatch.setitem(train.EMBEDDED_CORPORA, task, (what, folder, generator, GENERATORS[task][1]))
+    corpus = EMBEDDED_CORPORA[task]
+    monkeypatch.setitem(EMBEDDED_CORPORA, task, dataclasses.replace(corpus, params=GENERATORS[task][1]))
+    folder = corpus.folder
     out = tmp_path / "run"
     argv = ["--task", task, "--steps", "4", "--batch-size", "4", "--fisher-samples", "8", "--eval-interval", "2",
             "--no-progress", "--log-level", "WARNING", "--output-dir", str(out), "--corpus-cache", str(tmp_path / "cache")]

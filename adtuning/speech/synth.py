@@ -3,7 +3,7 @@
 The words are synthesised with espeak-ng, loaded through ctypes from the ``espeakng-loader``
 package (a dependency of adtuning), which ships ``libespeak-ng`` and its voice data.
 Nothing is downloaded. The corpus is small by default (the tests use it) and as large as
-asked (the CLI's embedded KS run, ``EMBEDDED_KS_CORPUS`` in :mod:`adtuning.train`).
+asked (the CLI's embedded KS run, registered in :mod:`adtuning.embedded`).
 
 Layout written by :func:`generate_speech_commands` (``root`` is the training folder; the
 test folder is its sibling, as the two archives of the real corpus unpack)::

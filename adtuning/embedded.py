@@ -1,0 +1,103 @@
+"""The registry of embedded corpora: the tasks that run without ``--data-dir``.
+
+For each such task the CLI generates (once, cached under ``--corpus-cache``) a small corpus with
+the project's espeak-ng synthesiser, in the on-disk layout of the real corpus, so the ordinary
+readers of :mod:`adtuning.speech.corpora` read it unchanged. Each entry says what the corpus is,
+where it lives in the cache, which generator writes it with which parameters, and the run
+defaults (steps, learning rate, batch size, dev-evaluation fraction) that suit it.
+
+This module is a leaf (no torch, no transformers) so that ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """Defaults for --steps / --lr / --batch-size and the dev evaluation every steps/eval_fraction."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    eval_fraction: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "eval_fraction": self.eval_fraction}
+
+
+DEFAULT_CORPUS_CACHE = Path(os.environ.get("ADTUNING_CACHE", Path.home() / ".cache" / "adtuning")) / "corpora"
+"""Where generated corpora are cached (``--corpus-cache``; ``$ADTUNING_CACHE/corpora``)."""
+
+# A 1M-parameter pre-trained upstream, a few thousand short clips and two CPU cores need a larger
+# learning rate and batch than a base model on a real corpus (CORPUS_RUN_DEFAULTS).
+EMBEDDED_RUN_DEFAULTS = RunDefaults(steps=300, lr=5e-3, batch_size=32, eval_fraction=5)
+CORPUS_RUN_DEFAULTS = RunDefaults(steps=150, lr=1e-3, batch_size=16, eval_fraction=10)
+
+
+@dataclass(frozen=True)
+class EmbeddedCorpus:
+    """One task's embedded corpus.
+
+    ``folder`` is the corpus root relative to the cache (what ``--data-dir`` would point at);
+    ``generator`` is ``"module:function"``, called as ``function(root, progress=..., **params)``
+    and returning the root it wrote (or found valid in the cache).
+    """
+
+    task: str
+    what: str
+    folder: str
+    generator: str
+    params: dict[str, Any]
+    run_defaults: RunDefaults = EMBEDDED_RUN_DEFAULTS
+    notes: str = field(default="", compare=False)
+
+    def generate(self, cache: Path, *, progress: bool = True, **overrides: Any) -> Path:
+        """Generate (or reuse from ``cache``) this corpus and return its root."""
+        module, _, name = self.generator.partition(":")
+        fn = getattr(importlib.import_module(module), name)
+        return fn(Path(cache) / self.folder, progress=progress, **{**self.params, **overrides})
+
+
+EMBEDDED_CORPORA: dict[str, EmbeddedCorpus] = {}
+
+
+def register(corpus: EmbeddedCorpus) -> EmbeddedCorpus:
+    """Add ``corpus`` to the registry (one entry per task)."""
+    if corpus.task in EMBEDDED_CORPORA:
+        raise ValueError(f"task {corpus.task!r} already has an embedded corpus")
+    EMBEDDED_CORPORA[corpus.task] = corpus
+    return corpus
+
+
+def embedded_corpus(task: str) -> EmbeddedCorpus:
+    """The registered embedded corpus of ``task``; a clear KeyError naming the known tasks otherwise."""
+    try:
+        return EMBEDDED_CORPORA[task]
+    except KeyError:
+        raise KeyError(f"task {task!r} has no embedded corpus (known: {', '.join(EMBEDDED_CORPORA)})") from None
+
+
+register(EmbeddedCorpus(
+    task="ks", what="keyword-spotting", folder="speech_commands_synth/speech_commands_v0.01",
+    generator="adtuning.speech.synth:generate_speech_commands",
+    params=dict(speakers=48, utterances_per_word=192, held_out_speakers=1 / 6, seed=0),
+    notes="48 downstream speakers (32 train, 8 dev, 8 test; disjoint from each other and from the "
+          "upstream's pre-training speakers), 4 clips of each of the 10 keywords and 6 filler words per "
+          "speaker: 2,051 train, 515 dev and 384 test clips."))
+register(EmbeddedCorpus(
+    task="sid", what="speaker-identification", folder="voxceleb1_synth/VoxCeleb1",
+    generator="adtuning.speech.synth_tasks:generate_voxceleb1",
+    params=dict(speakers=32, videos_per_speaker=5, utterances_per_video=4, dev_videos=1, test_videos=1, seed=1),
+    notes="VoxCeleb1 layout: 32 speakers, 5 sessions of 4 short phrases each; per speaker 3 sessions "
+          "train, 1 dev, 1 test: 384 train, 128 dev, 128 test utterances."))
+register(EmbeddedCorpus(
+    task="ic", what="intent-classification", folder="fluent_speech_commands_synth/fluent_speech_commands_dataset",
+    generator="adtuning.speech.synth_tasks:generate_fluent_commands",
+    params=dict(speakers=40, held_out_speakers=0.15, seed=2),
+    notes="Fluent Speech Commands layout: 40 speakers (28 train, 6 valid, 6 test), each saying the "
+          "31 intents once: 868 train, 186 valid, 186 test utterances."))
