@@ -67,7 +67,12 @@ FISHER_DTYPES = (
 TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                torch.int32: "i32", torch.int64: "i64"}
 KERNEL_MODULES = {"gather": "_gather_kernel", "sparse_adamw": "_sparse_adamw_kernel",
-                  "linear_fisher": "_linear_fisher_kernel"}
+                  "linear_fisher": "_linear_fisher_kernel", "sddmm": "_sddmm_kernel"}
+# (frames, out_features, in_features, k) of the SDDMM launches: a 1 x 1 layer with one entry
+# (constants everywhere), an odd mid-size layer, and wav2vec2-base's feed-forward layer over
+# 8 x 4 s (1,599 frames per sample) at the child densities of P = 0.001 and 0.01.
+SDDMM_SHAPES = ((1, 1, 1, 1), (17, 33, 97, 31), (12_792, 3072, 768, 2_359), (12_792, 3072, 768, 23_593))
+QUICK_SDDMM_SHAPES = ((12_792, 3072, 768, 2_359),)
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
@@ -142,7 +147,7 @@ def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
 
 def _launch_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     """(label, call of a public launcher on meta tensors) for every representative launch."""
-    from adtuning.kernels import gather, linear_fisher, sparse_adamw
+    from adtuning.kernels import gather, linear_fisher, sddmm, sparse_adamw
     from adtuning.kernels.linear_fisher import TUNING_CANDIDATES
 
     ks = QUICK_ELEMENTWISE_K if quick else ELEMENTWISE_K
@@ -176,6 +181,21 @@ def _launch_cases(quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                       _meta(batch, dtype=lengths_dtype) if lengths_dtype is not None else None,
                       **tiling)
 
+    # SDDMM (sparse weight gradients): equal and mixed input dtypes, both index types, with and
+    # without accumulation into the compact buffer, strided or frame-contiguous operands.
+    for x_dtype, dy_dtype in FISHER_DTYPES:
+        for frames, out_f, in_f, k in (QUICK_SDDMM_SHAPES if quick else SDDMM_SHAPES):
+            for index_dtype in (torch.int32, torch.int64):
+                for accumulate in (False, True):
+                    for transposed in ((False,) if quick else (False, True)):
+                        def call(x_dtype=x_dtype, dy_dtype=dy_dtype, frames=frames, out_f=out_f, in_f=in_f,
+                                 k=k, index_dtype=index_dtype, accumulate=accumulate, transposed=transposed):
+                            sddmm(_meta(frames, out_f, dtype=dy_dtype), _meta(frames, in_f, dtype=x_dtype),
+                                  _meta(k, dtype=index_dtype), out=_meta(k), accumulate=accumulate,
+                                  transpose_operands=transposed)
+                        yield (f"sddmm x={TRITON_TYPE[x_dtype]} dy={TRITON_TYPE[dy_dtype]} "
+                               f"N,out,in,k={frames},{out_f},{in_f},{k} idx={TRITON_TYPE[index_dtype]} "
+                               f"accumulate={accumulate} frame-contiguous={transposed}"), call
     for x_dtype, dy_dtype in FISHER_DTYPES:
         for shape in (QUICK_FISHER_SHAPES if quick else FISHER_SHAPES):
             for has_bias in (True, False):
