@@ -1,4 +1,4 @@
-"""Backend selection: one contract, three implementations.
+"""Backend selection: one contract, three implementations that register themselves.
 
 ===========  ==========  ==========================================================
 backend      device      implementation
@@ -8,7 +8,8 @@ native       CPU         ``csrc/`` C++ ops registered as ``torch.ops.adtuning.*`
 triton       CUDA        ``adtuning.kernels`` (the top-level ``kernels/`` folder)
 ===========  ==========  ==========================================================
 
-``"fused"`` resolves to ``triton`` on CUDA and ``native`` on CPU. Asking for a backend that
+``"fused"`` resolves to the backend that claims the device (``triton`` on CUDA, ``native`` on
+CPU). Asking for a backend that
 cannot run raises :class:`BackendUnavailableError` naming what is missing; there is never a
 silent fallback to the reference path.
 
@@ -23,55 +24,38 @@ Every backend object exposes the same four operations:
 ``sddmm(dy, x, indices, out=None, accumulate=False) -> Tensor``
     the child entries of a Linear weight gradient, ``float32((dy^T @ x).flatten()[indices])``,
     without the dense ``dy^T @ x`` (see :func:`adtuning.reference.sddmm_ref`).
+
+The contract types and the registry live in the leaf module :mod:`adtuning.backend_contract`
+(its docstring has the design note and the module graph); each backend module registers
+itself there when imported, and this module imports them all and is the front door.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
-from adtuning import reference
+# Importing a backend module registers it (cheap: nothing is built or compiled at import);
+# the order of these imports is the order of BACKENDS.
+from adtuning import reference as _reference  # noqa: F401, I001
+from adtuning import native as _native  # noqa: F401
+from adtuning import triton_backend as _triton_backend  # noqa: F401
+from adtuning.backend_contract import Backend, BackendUnavailableError, fused_provider, providers
 
-log = logging.getLogger("adtuning")
+__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "get_backend", "resolve_backend_name"]
 
-BACKENDS = ("reference", "native", "triton")
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here; the message says what is missing."""
-
-
-@dataclass(frozen=True)
-class Backend:
-    """The hot operations of one backend (see the module docstring for the contracts)."""
-
-    name: str
-    gather: Callable[..., torch.Tensor]
-    sparse_adamw_: Callable[..., None]
-    linear_fisher_: Callable[..., None]
-    sddmm: Callable[..., torch.Tensor]
-
-
-REFERENCE = Backend(
-    name="reference",
-    gather=reference.gather_ref,
-    sparse_adamw_=reference.sparse_adamw_ref_,
-    linear_fisher_=reference.linear_fisher_ref_,
-    sddmm=reference.sddmm_ref,
-)
+BACKENDS = tuple(providers())
+"""The registered backend names (``"fused"`` is an alias resolved per device)."""
 
 
 def resolve_backend_name(name: str, device: torch.device | str | None = None) -> str:
-    """Map ``"fused"`` to ``"triton"`` (CUDA) or ``"native"`` (CPU); validate other names."""
+    """Map ``"fused"`` to the backend that claims ``device``'s type; validate other names."""
     if name == "fused":
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        return "triton" if dev.type == "cuda" else "native"
+        device_type = torch.device(device).type if device is not None else "cpu"
+        provider = fused_provider(device_type)
+        if provider is None:
+            raise BackendUnavailableError(f"no fused backend for device type {device_type!r}; choose 'reference'")
+        return provider.name
     if name not in BACKENDS:
-        raise ValueError(
-            f"unknown backend {name!r}; choose one of {', '.join(BACKENDS + ('fused',))}"
-        )
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS + ('fused',))}")
     return name
 
 
@@ -82,13 +66,4 @@ def get_backend(name: str = "reference", device: torch.device | str | None = Non
         BackendUnavailableError: the backend's requirements (compiled ops, Triton, CUDA)
             are missing; the message names them.
     """
-    resolved = resolve_backend_name(name, device)
-    if resolved == "reference":
-        return REFERENCE
-    if resolved == "native":
-        from adtuning import native
-
-        return native.backend()
-    from adtuning import triton_backend
-
-    return triton_backend.backend()
+    return providers()[resolve_backend_name(name, device)].load()

@@ -9,13 +9,13 @@ Environment:
 
 ``ADTUNING_DISABLE_NATIVE=1``
     the native ops are off; :func:`backend` raises
-    :class:`~adtuning.backends.BackendUnavailableError` (the reference backend still works).
+    :class:`~adtuning.backend_contract.BackendUnavailableError` (the reference backend still works).
 ``ADTUNING_NATIVE_CACHE=DIR``
     the cache root, instead of ``~/.cache/adtuning/native`` (``$XDG_CACHE_HOME`` is honoured).
     Builds go to ``DIR/<key>``, where the key names the torch and Python versions and hashes
     the sources, the compiler flags and the CPU (the code is compiled for the host CPU).
 
-A failed build raises :class:`~adtuning.backends.BackendUnavailableError` whose message
+A failed build raises :class:`~adtuning.backend_contract.BackendUnavailableError` whose message
 carries the tail of the compiler output and names the file with all of it. Concurrent
 processes may build at once: ``cpp_extension`` serialises them with a lock file in the
 build directory.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from adtuning.backends import Backend, BackendUnavailableError
+from adtuning.backend_contract import Backend, BackendProvider, BackendUnavailableError, register_backend
 
 log = logging.getLogger("adtuning")
 
@@ -344,7 +344,7 @@ def sddmm(
 
 
 def backend() -> Backend:
-    """The ``native`` :class:`~adtuning.backends.Backend`, building the ops on first use.
+    """The ``native`` :class:`~adtuning.backend_contract.Backend`, building the ops on first use.
 
     Raises:
         BackendUnavailableError: disabled by ``ADTUNING_DISABLE_NATIVE`` or the build failed
@@ -355,3 +355,5 @@ def backend() -> Backend:
         name="native", gather=gather, sparse_adamw_=sparse_adamw_, linear_fisher_=linear_fisher_,
         sddmm=sddmm,
     )
+
+register_backend(BackendProvider("native", backend, fused_on=("cpu",), description="csrc/ C++ ops (torch.ops.adtuning.*); CPU"))

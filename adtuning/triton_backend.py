@@ -1,10 +1,10 @@
 """The ``triton`` backend: the Triton kernels of ``adtuning.kernels`` behind the backend contract.
 
-:func:`backend` returns a :class:`adtuning.backends.Backend` whose operations have exactly the
+:func:`backend` returns a :class:`adtuning.backend_contract.Backend` whose operations have exactly the
 signatures of the reference twins (:mod:`adtuning.reference`). Triton kernels run on CUDA
 tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, which must be
 set before ``adtuning.kernels`` is first imported; the tests do this). Anything else is a
-:class:`~adtuning.backends.BackendUnavailableError`, never a fallback to another backend.
+:class:`~adtuning.backend_contract.BackendUnavailableError`, never a fallback to another backend.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from adtuning.backends import Backend, BackendUnavailableError
+from adtuning.backend_contract import Backend, BackendProvider, BackendUnavailableError, register_backend
 
 
 def _interpreting() -> bool:
@@ -84,7 +84,7 @@ _BACKEND: Backend | None = None
 
 
 def backend() -> Backend:
-    """Return the ``triton`` :class:`~adtuning.backends.Backend`.
+    """Return the ``triton`` :class:`~adtuning.backend_contract.Backend`.
 
     Raises:
         BackendUnavailableError: triton cannot be imported, or there is no CUDA device and
@@ -95,3 +95,5 @@ def backend() -> Backend:
     if _BACKEND is None:
         _BACKEND = _make_ops(kernels)
     return _BACKEND
+
+register_backend(BackendProvider("triton", backend, fused_on=("cuda",), description="kernels/ Triton kernels; CUDA or TRITON_INTERPRET=1"))
