@@ -26,11 +26,13 @@ def test_read_audio_errors_name_the_file(tmp_path):
         read_audio(stereo)
 
 
-def test_read_audio_resamples_and_slices(tmp_path):
+def test_read_audio_resamples_when_asked_and_slices(tmp_path):
     p = write(tmp_path / "8k.wav", tone(200.0, 1.0, 0)[::2], sr=8000)
-    wav = read_audio(p)
+    with pytest.raises(CorpusError, match="8k.wav has sample rate 8000 Hz.*resample=true"):
+        read_audio(p)
+    wav = read_audio(p, resample=True)
     assert wav.dtype == np.float32 and abs(len(wav) - SR) <= 2
-    part = read_audio(p, start=1000, stop=3000)
+    part = read_audio(p, start=1000, stop=3000, resample=True)
     assert len(part) == 2000
     np.testing.assert_allclose(read_audio(write(tmp_path / "16k.wav", tone(200.0, 0.5, 1)), start=10, stop=20),
                                sf.read(str(tmp_path / "16k.wav"), dtype="float32")[0][10:20])

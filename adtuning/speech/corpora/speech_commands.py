@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adtuning.speech.audio import SAMPLE_RATE, CorpusError, read_audio, require_dir
+from adtuning.speech.audio import SAMPLE_RATE, CorpusError, audio_options, corpus_path, read_audio, read_lines, require_dir
 from adtuning.speech.data import SpeechDataset
 
 CLASSES = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "_unknown_", "_silence_")
@@ -36,8 +36,28 @@ def _hash_split(name: str) -> str:
     return "dev" if pct < 10 else "test" if pct < 20 else "train"
 
 
-def _read_list(path: Path) -> set[str]:
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+def _read_list(root: Path, path: Path) -> dict[str, int]:
+    """``{"<word>/<file>.wav": line}`` of ``validation_list.txt`` / ``testing_list.txt``.
+
+    Raises:
+        CorpusError: naming the file and line: an entry that is not ``<word>/<file>.wav``,
+            leaves ``root``, is listed twice, or names a file that does not exist.
+    """
+    entries: dict[str, int] = {}
+    for n, line in enumerate(read_lines(path), start=1):
+        rel = line.strip()
+        if not rel:
+            continue
+        where = f"{path} line {n}"
+        audio = corpus_path(root, rel, where)
+        if len(audio.relative_to(root).parts) != 2 or not rel.endswith(".wav"):
+            raise CorpusError(f"{where}: expected '<word>/<file>.wav', got {rel[:200]!r}")
+        if rel in entries:
+            raise CorpusError(f"{where}: {rel} is listed twice (first on line {entries[rel]})")
+        if not audio.is_file():
+            raise CorpusError(f"{where}: listed file not found: {audio}")
+        entries[rel] = n
+    return entries
 
 
 class SpeechCommandsDataset(SpeechDataset):
@@ -47,12 +67,21 @@ class SpeechCommandsDataset(SpeechDataset):
         root: the ``speech_commands_v0.01`` folder.
         split: ``train``, ``dev`` or ``test``.
         test_root: the ``speech_commands_test_set_v0.01`` folder (default: sibling of ``root``).
+        resample, downmix: :func:`~adtuning.speech.audio.read_audio` policy for files that are
+            not 16 kHz mono (default: such files are errors).
+
+    Raises:
+        CorpusError: a missing folder, an unknown class folder in the test set, a word folder
+            named ``_silence_``, only one of the two list files, a bad list entry (see
+            :func:`_read_list`), a clip in both lists, or an empty split.
     """
 
     task = "ks"
 
-    def __init__(self, root: str | Path, split: str, *, test_root: str | Path | None = None):
+    def __init__(self, root: str | Path, split: str, *, test_root: str | Path | None = None,
+                 resample: bool = False, downmix: bool = False):
         super().__init__(split)
+        self.audio = audio_options(resample, downmix)
         self.class_index = {c: i for i, c in enumerate(CLASSES)}
         self.items: list[tuple[int, Path]] = []
         if split == "test":
@@ -67,8 +96,17 @@ class SpeechCommandsDataset(SpeechDataset):
             self.root = require_dir(root, "Speech Commands v0.01")
             val_list, test_list = self.root / "validation_list.txt", self.root / "testing_list.txt"
             lists = None
-            if val_list.is_file() and test_list.is_file():
-                lists = (_read_list(val_list), _read_list(test_list))
+            if val_list.is_file() != test_list.is_file():
+                # With one list the other split would silently come from the hash rule instead.
+                present, absent = (val_list, test_list) if val_list.is_file() else (test_list, val_list)
+                raise CorpusError(f"Speech Commands: {present} exists but {absent} does not; "
+                                  "provide both lists or neither (then the hash rule splits the clips)")
+            if val_list.is_file():
+                lists = (_read_list(self.root, val_list), _read_list(self.root, test_list))
+                both = sorted(set(lists[0]) & set(lists[1]))
+                if both:
+                    raise CorpusError(f"{test_list} line {lists[1][both[0]]}: {both[0]} is also in {val_list} "
+                                      f"(line {lists[0][both[0]]}); a clip belongs to one split")
             unknown = self.class_index["_unknown_"]
             for d in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name != "_background_noise_"):
                 label = self.class_index.get(d.name, unknown)
@@ -105,11 +143,11 @@ class SpeechCommandsDataset(SpeechDataset):
     def load(self, index, rng=None):
         label, path = self.items[index]
         if label == self.class_index["_silence_"] and self.split != "test":
-            wav = read_audio(path)
+            wav = read_audio(path, **self.audio)
             if len(wav) > SAMPLE_RATE:
                 rng = rng or np.random.default_rng(index)
                 start = int(rng.integers(0, len(wav) - SAMPLE_RATE + 1))
                 wav = wav[start:start + SAMPLE_RATE]
         else:
-            wav = read_audio(path)
+            wav = read_audio(path, **self.audio)
         return {"wav": wav * _GAIN, "label": label, "id": f"{path.parent.name}/{path.stem}"}
