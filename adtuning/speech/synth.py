@@ -68,6 +68,10 @@ __all__ = [
     "pretraining_speakers",
     "speech_commands_test_root",
     "generate_speech_commands",
+    "synthesise_corpus",
+    "trim_and_resample",
+    "render_utterance",
+    "jitter",
 ]
 
 SPEECH_COMMANDS_WORDS: tuple[str, ...] = (
@@ -188,6 +192,8 @@ class EspeakSynthesizer:
             lib.espeak_Synchronize.restype = ctypes.c_int
             lib.espeak_Info.argtypes = [ctypes.c_void_p]
             lib.espeak_Info.restype = ctypes.c_char_p
+            lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+            lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
         except AttributeError as e:
             raise RuntimeError(f"{self.library} is not a usable espeak-ng library: {e}") from e
         rate = lib.espeak_Initialize(
@@ -246,6 +252,26 @@ class EspeakSynthesizer:
             raise RuntimeError(f"espeak_Synth failed ({err}) for {text!r} with voice {voice!r}")
         self._lib.espeak_Synchronize()
         return b"".join(self._chunks)
+
+    def phonemes(self, text: str, voice: str) -> list[list[str]]:
+        """espeak-ng's own phonemisation of ``text`` (``espeak_TextToPhonemes``): the phonemes
+        the synthesiser speaks for it with ``voice``'s language, as espeak-ng's ASCII phoneme
+        names with their stress marks (``"'"`` primary, ``","`` secondary) attached, one list
+        per phonemised word group. espeak-ng joins unstressed function words to their
+        neighbour and links words across boundaries (``;``, ``r-``), so a group is not always
+        one word of ``text``.
+        """
+        self.set_voice(voice)
+        buf = ctypes.create_string_buffer(text.encode("utf-8") + b"\0")
+        ptr = ctypes.c_void_p(ctypes.addressof(buf))
+        groups: list[list[str]] = []
+        # phonememode: ASCII names (bit 1 clear), "_" between phonemes (bits 8-23); one clause per call
+        mode = ord("_") << 8
+        while ptr.value:
+            out = self._lib.espeak_TextToPhonemes(ctypes.byref(ptr), _CHARS_UTF8, mode)
+            for group in (out or b"").decode().split():
+                groups.append([p for p in group.split("_") if p])
+        return groups
 
 
 def _has_breath(data: str, voice: str) -> bool:
@@ -439,15 +465,18 @@ def _assign_speakers(triples: Sequence[tuple[str, int, int]], seed: int, held_ou
 # --------------------------------------------------------------------------- audio
 
 
-def trim_and_resample(pcm: bytes, max_samples: int | None = None):
+def trim_and_resample(pcm: bytes, max_samples: int | None = None, threshold: float = 0.02):
     """espeak-ng int16 bytes at 22.05 kHz -> float64 numpy samples at 16 kHz with the leading
-    and trailing silence trimmed (20 ms kept around the speech), at most ``max_samples``."""
+    and trailing silence trimmed (20 ms kept around the speech), at most ``max_samples``.
+
+    Silence is what stays below ``threshold`` times the peak; transcribed corpora pass a lower
+    one than the default so that a weak final consonant is never cut from its label."""
     import numpy as np
     import torch
     import torchaudio.functional as AF
 
     x = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
-    loud = np.flatnonzero(np.abs(x) > 0.02 * max(float(np.abs(x).max(initial=0.0)), 1e-9))
+    loud = np.flatnonzero(np.abs(x) > threshold * max(float(np.abs(x).max(initial=0.0)), 1e-9))
     if loud.size:
         pad = int(0.02 * _ESPEAK_RATE_HZ)  # keep 20 ms around the speech
         x = x[max(0, loud[0] - pad) : loud[-1] + pad]
@@ -470,6 +499,35 @@ def _place(pcm: bytes, rng):
     level = float(np.abs(y).max(initial=0.0)) or 0.5
     clip += rng.standard_normal(_CLIP) * level * 10 ** (-rng.uniform(28.0, 42.0) / 20)
     return _quantise(clip)
+
+
+def render_utterance(pcm: bytes, rng, max_samples: int | None, snr_db: tuple[float, float],
+                     noise_kind: str = "white", threshold: float = 0.02):
+    """espeak-ng bytes -> int16 16 kHz utterance of the sentence-level corpora: silences trimmed
+    (:func:`trim_and_resample` with ``threshold``), at most ``max_samples``, a random gain, and
+    background noise of ``noise_kind`` at an SNR drawn from ``snr_db`` (relative to the peak)."""
+    import numpy as np
+
+    y = trim_and_resample(pcm, max_samples, threshold)
+    peak = float(np.abs(y).max(initial=0.0))
+    if peak == 0:
+        raise RuntimeError("espeak-ng produced silence")
+    y = y * (rng.uniform(0.25, 0.8) / peak)
+    level = float(np.abs(y).max())
+    y = y + _noise(noise_kind, len(y), rng) * level * 10 ** (-rng.uniform(*snr_db) / 20)
+    return _quantise(y)
+
+
+def jitter(seed_parts: tuple, rate: int, pitch: int, rate_scale: float, rate_jitter: float,
+           pitch_jitter: int) -> tuple[int, int]:
+    """A speaker's (rate, pitch) for one utterance: rate scaled by ``rate_scale`` and a uniform
+    factor within +-``rate_jitter``, pitch moved by at most +-``pitch_jitter``; seeded by
+    ``seed_parts``, clipped to espeak-ng's ranges."""
+    import numpy as np
+
+    r = _rng("jitter", *seed_parts)
+    return (int(np.clip(round(rate * rate_scale * r.uniform(1 - rate_jitter, 1 + rate_jitter)), 80, 450)),
+            int(np.clip(pitch + int(r.integers(-pitch_jitter, pitch_jitter + 1)), 0, 100)))
 
 
 def _quantise(x):
@@ -790,7 +848,7 @@ def synthesise_corpus(root: Path, key: dict, plans: list[list[tuple[str, int, in
                       write: Callable[[Path, int, int, bytes], None], finish: Callable[[Path], int],
                       *, desc: str, progress: bool, jobs: int | None) -> Path:
     """The generation loop of the generated corpora other than the keyword one (pre-training,
-    SID, IC): cache check (``key`` equal to the manifest's), ownership check, one fresh espeak-ng
+    SID, IC, ASR/PR, SF, SD): cache check (``key`` equal to the manifest's), ownership check, one fresh espeak-ng
     process per plan (a speaker's ``(voice, rate, pitch, text)`` items), ``write(tmp, plan,
     item, pcm)`` per utterance in order, ``finish(tmp) -> utterances`` for the lists, then the
     folder is moved into place and the manifest written last. Returns ``root``."""

@@ -57,32 +57,6 @@ IC_CORPUS_VERSION = 1
 """Bumped whenever the IC corpus's bytes change for equal parameters; invalidates caches."""
 
 
-# --------------------------------------------------------------------------- shared loop
-
-
-def _render(pcm: bytes, rng, max_samples: int, snr_db: tuple[float, float], noise_kind: str = "white"):
-    """espeak-ng bytes -> int16 16 kHz clip: trimmed, random gain, background noise at an SNR
-    drawn from ``snr_db`` (relative to the speech peak)."""
-    import numpy as np
-
-    y = synth.trim_and_resample(pcm, max_samples)
-    peak = float(np.abs(y).max(initial=0.0))
-    if peak == 0:
-        raise RuntimeError("espeak-ng produced silence")
-    y = y * (rng.uniform(0.25, 0.8) / peak)
-    level = float(np.abs(y).max())
-    y = y + synth._noise(noise_kind, len(y), rng) * level * 10 ** (-rng.uniform(*snr_db) / 20)
-    return synth._quantise(y)
-
-
-def _jitter(seed_parts: tuple, rate: int, pitch: int, rate_scale: float, rate_jitter: float, pitch_jitter: int):
-    import numpy as np
-
-    r = synth._rng("jitter", *seed_parts)
-    return (int(np.clip(round(rate * rate_scale * r.uniform(1 - rate_jitter, 1 + rate_jitter)), 80, 450)),
-            int(np.clip(pitch + int(r.integers(-pitch_jitter, pitch_jitter + 1)), 0, 100)))
-
-
 # --------------------------------------------------------------------------- SID (VoxCeleb1)
 
 
@@ -165,7 +139,7 @@ def generate_voxceleb1(
             for k in range(utterances_per_video):
                 r = synth._rng("sid-phrase", seed, j, v, k)
                 text = " ".join(vocabulary[int(i)] for i in r.integers(0, len(vocabulary), int(r.integers(2, 6))))
-                plan.append((voice, *_jitter(("sid", seed, j, v, k), rate, pitch, channel[0], 0.04, 1), text))
+                plan.append((voice, *synth.jitter(("sid", seed, j, v, k), rate, pitch, channel[0], 0.04, 1), text))
                 info.append((f"id{10001 + j}/{video}/{k + 1:05d}.wav", which, channel))
         plans.append(plan)
         meta.append(info)
@@ -173,7 +147,7 @@ def generate_voxceleb1(
 
     def write(tmp: Path, j: int, i: int, pcm: bytes) -> None:
         rel, _, (_, kind, snr) = meta[j][i]
-        y = _render(pcm, synth._rng("sid-gain", seed, j, i), max_samples, (snr - 2.0, snr + 2.0), kind)
+        y = synth.render_utterance(pcm, synth._rng("sid-gain", seed, j, i), max_samples, (snr - 2.0, snr + 2.0), kind)
         synth._write_wav(tmp / "wav" / rel, y)
 
     def finish(tmp: Path) -> int:
@@ -273,7 +247,7 @@ def generate_fluent_commands(
             action, obj, location = FSC_INTENTS[int(n)]
             options = fsc_phrasings(action, obj, location)
             text = options[int(synth._rng("ic-phrase", seed, j, i).integers(0, len(options)))]
-            plan.append((s.voice, *_jitter(("ic", seed, j, i), s.rate, s.pitch, 1.0, 0.08, 3), text))
+            plan.append((s.voice, *synth.jitter(("ic", seed, j, i), s.rate, s.pitch, 1.0, 0.08, 3), text))
             name = uuid.UUID(bytes=hashlib.sha1(f"adtuning-ic|{seed}|{j}|{i}".encode()).digest()[:16], version=4)
             info.append([f"wavs/speakers/{s.hash}/{name}.wav", s.hash, text, action, obj, location])
         plans.append(plan)
@@ -281,7 +255,7 @@ def generate_fluent_commands(
     max_samples = int(max_seconds * synth.SAMPLE_RATE)
 
     def write(tmp: Path, j: int, i: int, pcm: bytes) -> None:
-        synth._write_wav(tmp / rows[j][i][0], _render(pcm, synth._rng("ic-gain", seed, j, i), max_samples, (28.0, 42.0)))
+        synth._write_wav(tmp / rows[j][i][0], synth.render_utterance(pcm, synth._rng("ic-gain", seed, j, i), max_samples, (28.0, 42.0)))
 
     def finish(tmp: Path) -> int:
         (tmp / "data").mkdir()
