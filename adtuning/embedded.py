@@ -45,7 +45,10 @@ class EmbeddedCorpus:
 
     ``folder`` is the corpus root relative to the cache (what ``--data-dir`` would point at);
     ``generator`` is ``"module:function"``, called as ``function(root, progress=..., **params)``
-    and returning the root it wrote (or found valid in the cache).
+    and returning the root it wrote (or found valid in the cache). ``task_options`` are the
+    defaults of ``--task-option`` for this corpus (reader and head options; an explicit
+    ``--task-option`` wins); ``"{root}"`` in a string value stands for the corpus root
+    (:meth:`resolved_task_options`).
     """
 
     task: str
@@ -54,6 +57,7 @@ class EmbeddedCorpus:
     generator: str
     params: dict[str, Any]
     run_defaults: RunDefaults = EMBEDDED_RUN_DEFAULTS
+    task_options: dict[str, Any] = field(default_factory=dict)
     notes: str = field(default="", compare=False)
 
     def generate(self, cache: Path, *, progress: bool = True, **overrides: Any) -> Path:
@@ -61,6 +65,10 @@ class EmbeddedCorpus:
         module, _, name = self.generator.partition(":")
         fn = getattr(importlib.import_module(module), name)
         return fn(Path(cache) / self.folder, progress=progress, **{**self.params, **overrides})
+
+    def resolved_task_options(self, root: str | os.PathLike) -> dict[str, Any]:
+        """:attr:`task_options` with ``"{root}"`` in string values replaced by ``root``."""
+        return {k: v.replace("{root}", str(root)) if isinstance(v, str) else v for k, v in self.task_options.items()}
 
 
 EMBEDDED_CORPORA: dict[str, EmbeddedCorpus] = {}
@@ -101,3 +109,35 @@ register(EmbeddedCorpus(
     params=dict(speakers=40, held_out_speakers=0.15, seed=2),
     notes="Fluent Speech Commands layout: 40 speakers (28 train, 6 valid, 6 test), each saying the "
           "31 intents once: 868 train, 186 valid, 186 test utterances."))
+register(EmbeddedCorpus(
+    task="asr", what="speech-recognition", folder="librispeech_synth/LibriSpeech",
+    generator="adtuning.speech.synth_asr:generate_librispeech",
+    params=dict(speakers=32, held_out_speakers=0.125, chapters_per_speaker=2, utterances_per_chapter=16, seed=6),
+    run_defaults=RunDefaults(steps=400, lr=1e-2, batch_size=16, eval_fraction=5),
+    # A small head for a 1M-parameter upstream on 2 CPU cores (the recipe's is 2 x 1024 BiLSTM).
+    task_options=dict(project_dim=256, rnn_dim=256, rnn_layers=1),
+    notes="LibriSpeech layout: 32 American-English speakers (24 train-clean-100, 4 dev-clean, 4 test-clean), "
+          "2 chapters of 16 sentences of 3-7 words each: 768 / 128 / 128 utterances."))
+register(EmbeddedCorpus(
+    task="pr", what="phoneme-recognition", folder="librispeech_synth/LibriSpeech",
+    generator="adtuning.speech.synth_asr:generate_librispeech",
+    params=dict(speakers=32, held_out_speakers=0.125, chapters_per_speaker=2, utterances_per_chapter=16, seed=6),
+    run_defaults=RunDefaults(steps=400, lr=1e-2, batch_size=16, eval_fraction=5),
+    task_options=dict(lexicon="{root}/librispeech-lexicon.txt"),
+    notes="The ASR corpus (same folder) and its lexicon, espeak-ng's own phonemisation mapped to CMU phones."))
+register(EmbeddedCorpus(
+    task="sf", what="slot-filling", folder="snips_synth/SNIPS",
+    generator="adtuning.speech.synth_snips:generate_snips",
+    params=dict(train_sentences=800, valid_sentences=120, test_sentences=120, seed=4),
+    run_defaults=RunDefaults(steps=400, lr=1e-2, batch_size=16, eval_fraction=5),
+    task_options=dict(project_dim=256, rnn_dim=256, rnn_layers=1),
+    notes="Audio SNIPS layout: the recipe's 16 speaker names (8 train, 4 valid, 4 test), 7 intents x 4 templates "
+          "with slot values: 800 / 120 / 120 utterances."))
+register(EmbeddedCorpus(
+    task="sd", what="speaker-diarization", folder="librimix_synth/data",
+    generator="adtuning.speech.synth_librimix:generate_librimix",
+    params=dict(speakers=24, held_out_speakers=1 / 6, train_mixtures=400, dev_mixtures=64, test_mixtures=64, seed=5),
+    run_defaults=RunDefaults(steps=300, lr=5e-3, batch_size=16, eval_fraction=5),
+    task_options=dict(hidden_size=128),
+    notes="LibriMix / Kaldi layout: 24 speakers (16 train, 4 dev, 4 test), two-speaker recordings of 2-4 "
+          "alternating turns, half of them overlapping: 400 / 64 / 64 recordings."))

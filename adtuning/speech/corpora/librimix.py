@@ -75,7 +75,8 @@ class LibriMixDiarizationDataset(SpeechDataset):
                 raise CorpusError(f"LibriMix recording {rec} has {len(speakers)} speakers ({speakers}); "
                                   f"num_speakers is {num_speakers}")
             seconds = durations.get(rec)
-            n_samples = int(seconds * SAMPLE_RATE) if seconds is not None else audio_num_samples(self.wavs[rec])
+            # round, not truncate: reco2dur holds rounded decimals (2.01 s * 16000 = 32159.999...)
+            n_samples = round(seconds * SAMPLE_RATE) if seconds is not None else audio_num_samples(self.wavs[rec])
             n_frames = n_samples // frame_shift
             for st in range(0, n_frames, chunk_size):
                 self.chunks.append((rec, st, min(n_frames, st + chunk_size)))
