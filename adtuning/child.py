@@ -21,13 +21,53 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
-from adtuning.atomic import atomic_write
+from adtuning.atomic import atomic_write_files, check_fields, read_json_object, remove_stale_temporaries, sha256_hex
 
 INT32_LIMIT = 2**31
 FORMAT_VERSION = 1
 _LAYER_PATTERN = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+_CHECKSUM = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+# <path>.json of a saved child: key -> (allowed JSON types, required). Unlisted keys are allowed.
+METADATA_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "format": ((str,), True),
+    "version": ((int,), True),
+    "method": ((str,), True),
+    "p": ((float,), True),
+    "k": ((int,), True),
+    "n": ((int,), False),
+    "threshold": ((float, type(None)), False),
+    "seed": ((int, type(None)), False),
+    "shapes": ((dict,), True),
+    "extra": ((dict,), False),
+    "indices_sha256": ((str,), False),
+}
+
+
+class ChildError(ValueError):
+    """A saved child network cannot be read or does not fit the model; the message names the file."""
+
+
+def index_set_problem(idx: torch.Tensor, numel: int) -> str | None:
+    """Why ``idx`` is not a compressed index set of a ``numel``-entry tensor (None: it is one).
+
+    An index set is int32 or int64, 1-D, strictly increasing (sorted, unique) and within
+    ``[0, numel)``.
+    """
+    if idx.dtype not in (torch.int32, torch.int64):
+        return f"has dtype {idx.dtype}; expected int32 or int64"
+    if idx.dim() != 1:
+        return f"must be 1-D, got shape {tuple(idx.shape)}"
+    if idx.numel() == 0:
+        return None
+    if int(idx.min()) < 0 or int(idx.max()) >= numel:
+        return f"has indices outside [0, {numel})"
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        return "is not sorted and unique"
+    return None
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -302,20 +342,33 @@ class ChildNetwork:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``<path>.safetensors`` (indices) and ``<path>.json`` (metadata), atomically.
+        """Write ``<path>.safetensors`` (indices) and ``<path>.json`` (metadata with the indices'
+        checksum), both complete or neither replaced.
 
         ``path`` may be given with or without the ``.safetensors`` suffix. Returns the
         safetensors path.
+
+        Raises:
+            ChildError: an index vector is not a valid index set (never written).
+            adtuning.atomic.WriteError: disk full or another OS error; the previous files stay
+                valid and no temporary file is left.
         """
         base = Path(path)
         if base.suffix == ".safetensors":
             base = base.with_suffix("")
-        base.parent.mkdir(parents=True, exist_ok=True)
+        tensor_path, meta_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+        for name, idx in self.indices.items():
+            problem = index_set_problem(idx, math.prod(self.shapes[name]) if name in self.shapes else 0)
+            if problem:
+                raise ChildError(f"refusing to write {tensor_path}: indices of {name!r} {problem}")
         tensors = {f"indices.{name}": idx.contiguous() for name, idx in self.indices.items()}
         meta = self.metadata()
-        tensor_path = base.with_suffix(".safetensors")
-        atomic_write(tensor_path, lambda tmp: save_file(tensors, tmp, metadata={"adtuning": json.dumps(meta)}))
-        atomic_write(base.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        blob = save_safetensors(tensors, metadata={"adtuning": json.dumps(meta)})
+        meta["indices_sha256"] = sha256_hex(blob)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for target in (tensor_path, meta_path):
+            remove_stale_temporaries(target)  # left by a writer that was killed
+        atomic_write_files({tensor_path: blob, meta_path: json.dumps(meta, indent=2).encode()})
         return tensor_path
 
     @classmethod
@@ -324,7 +377,16 @@ class ChildNetwork:
         path: str | os.PathLike,
         named_params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
     ) -> "ChildNetwork":
-        """Read a child written by :meth:`save`; with ``named_params``, check names and shapes."""
+        """Read a child written by :meth:`save`; with ``named_params``, check names and shapes.
+
+        Raises:
+            FileNotFoundError: one of the two files is missing.
+            ChildError: naming the file: invalid JSON or a metadata key missing or of the wrong
+                type, indices that do not match the checksum in the JSON, a safetensors file
+                that cannot be parsed, an index tensor that is not a valid index set of its
+                tensor (see :func:`index_set_problem`), a count other than ``k``, or (with
+                ``named_params``) a tensor the model lacks or has with another shape.
+        """
         base = Path(path)
         if base.suffix in (".safetensors", ".json"):
             base = base.with_suffix("")
@@ -332,25 +394,49 @@ class ChildNetwork:
         for needed in (tensor_path, meta_path):
             if not needed.is_file():
                 raise FileNotFoundError(f"child network file missing: {needed}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"child network metadata {meta_path} is not valid JSON: {err}") from err
+        meta = read_json_object(meta_path, ChildError)
         if meta.get("format") != "adtuning.child":
-            raise ValueError(f"{meta_path} is not an adtuning child network (format={meta.get('format')!r})")
+            raise ChildError(f"{meta_path} is not an adtuning child network (format={meta.get('format')!r:.80})")
+        if meta.get("version") != FORMAT_VERSION or isinstance(meta.get("version"), bool):
+            raise ChildError(f"{meta_path}: unsupported child network version {meta.get('version')!r:.80} "
+                             f"(this adtuning reads {FORMAT_VERSION})")
+        check_fields(meta, METADATA_FIELDS, str(meta_path), ChildError)
+        if meta["method"] not in ("fisher", "bernoulli"):
+            raise ChildError(f"{meta_path}: method must be 'fisher' or 'bernoulli', got {meta['method'][:80]!r}")
+        if not 0 < meta["p"] <= 1:
+            raise ChildError(f"{meta_path}: p must be in (0, 1], got {meta['p']!r}")
+        shapes = {}
+        for name, shape in meta["shapes"].items():
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise ChildError(f"{meta_path}: shapes[{name[:80]!r}] must be a list of non-negative integers")
+            shapes[name] = tuple(shape)
+        n = sum(math.prod(shape) for shape in shapes.values())
+        if "n" in meta and meta["n"] != n:
+            raise ChildError(f"{meta_path}: n={meta['n']} but the shapes hold {n} entries")
+        if not 0 <= meta["k"] <= n:
+            raise ChildError(f"{meta_path}: k={meta['k']} is not between 0 and n={n}")
         try:
-            tensors = load_file(str(tensor_path))
-        except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"child network indices {tensor_path} could not be read: {err}") from err
-        shapes = {name: tuple(shape) for name, shape in meta["shapes"].items()}
+            blob = tensor_path.read_bytes()
+        except OSError as err:
+            raise ChildError(f"child network indices {tensor_path} cannot be read: {err.strerror or err}") from err
+        expected = meta.get("indices_sha256")
+        if expected is not None and (not _CHECKSUM.match(expected) or sha256_hex(blob) != expected):
+            raise ChildError(f"{tensor_path} does not match {meta_path} (indices_sha256): a write was torn or one "
+                             "of the files was replaced")
+        try:
+            tensors = load_safetensors(blob)
+        except Exception as err:  # safetensors raises its own error types for malformed files
+            raise ChildError(f"child network indices {tensor_path} could not be read: {err}") from err
         indices = {}
         for key, idx in tensors.items():
+            if not key.startswith("indices."):
+                raise ChildError(f"{tensor_path}: unexpected tensor {key[:80]!r} (expected indices.<name>)")
             name = key[len("indices."):]
             if name not in shapes:
-                raise ValueError(f"{tensor_path}: index tensor {name!r} has no shape in {meta_path}")
-            numel = math.prod(shapes[name])
-            if idx.dim() != 1 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel)):
-                raise ValueError(f"{tensor_path}: indices of {name!r} are out of range for shape {shapes[name]}")
+                raise ChildError(f"{tensor_path}: index tensor {name!r} has no shape in {meta_path}")
+            problem = index_set_problem(idx, math.prod(shapes[name]))
+            if problem:
+                raise ChildError(f"{tensor_path}: indices of {name!r} {problem} (tensor shape {shapes[name]})")
             indices[name] = idx
         ordered = {name: indices[name] for name in shapes if name in indices}
         child = cls(
@@ -359,13 +445,15 @@ class ChildNetwork:
             p=float(meta["p"]),
             k=int(meta["k"]),
             threshold=meta.get("threshold"),
-            method=meta.get("method", "fisher"),
+            method=meta["method"],
             seed=meta.get("seed"),
             extra=meta.get("extra", {}),
         )
         if sum(i.numel() for i in ordered.values()) != child.k:
-            raise ValueError(f"{tensor_path}: holds {sum(i.numel() for i in ordered.values())} indices but k={child.k}")
+            raise ChildError(f"{tensor_path}: holds {sum(i.numel() for i in ordered.values())} indices but k={child.k}")
         if named_params is not None:
-            child.check_against(named_params)
+            try:
+                child.check_against(named_params)
+            except (KeyError, ValueError) as err:
+                raise ChildError(f"{tensor_path}: {err.args[0] if err.args else err}") from None
         return child
-

@@ -12,21 +12,25 @@ Command line::
     python -m adtuning.export DELTA_DIR --merge OUT_DIR
 
 The base model is the one named in ``delta.json`` (``--base`` overrides it, e.g. a local copy of
-the same weights); a delta is refused on any other base model (weights fingerprint).
+the same weights); a delta is refused on any other base model (weights fingerprint) unless
+``--force`` is given. A merged model is written to a temporary folder and moved into place
+only when complete.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
-from adtuning.atomic import atomic_write
+from adtuning.atomic import WriteError, read_json_object, replace_dir, write_bytes
 from adtuning.checkpoint import DeltaError, apply_delta, read_delta_config
 
 log = logging.getLogger("adtuning")
@@ -34,28 +38,47 @@ log = logging.getLogger("adtuning")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_finetuned(delta_dir: str | Path, base: str | None = None, *, device: str | torch.device = "cpu"):
+def _model_config(delta_dir: str | Path) -> dict:
+    """``delta.json``, checked for what building the model needs (task, dtype)."""
+    meta = read_delta_config(delta_dir)
+    where = Path(delta_dir) / "delta.json"
+    if "task" not in meta:
+        raise DeltaError(f"{where}: missing key 'task' (needed to build the task head)")
+    if meta.get("base_dtype", "float32") not in _DTYPES:
+        raise DeltaError(f"{where}: base_dtype must be one of {', '.join(_DTYPES)}, got {meta['base_dtype'][:80]!r}")
+    return meta
+
+
+def load_finetuned(delta_dir: str | Path, base: str | None = None, *, device: str | torch.device = "cpu",
+                   force: bool = False):
     """Build the base upstream and the task head named by ``delta_dir`` and apply the delta.
 
     Args:
         delta_dir: a folder written by ``python -m adtuning.train`` (``delta.safetensors`` + ``delta.json``).
         base: the base upstream (hub id, local directory or tiny name); default: the one in ``delta.json``.
         device: where the model goes.
+        force: apply the delta even if the base weights differ from those it was trained on
+            (same names and shapes; a warning is logged).
 
     Returns:
         A :class:`adtuning.speech.SpeechModel` in eval mode.
 
     Raises:
-        DeltaError: unreadable delta, or a base model other than the one it was trained on.
+        DeltaError: unreadable or inconsistent delta, or (without ``force``) a base model other
+            than the one it was trained on.
     """
     from adtuning.speech import SpeechModel, build_task, build_upstream
 
-    meta = read_delta_config(delta_dir)
+    meta = _model_config(delta_dir)
     upstream = build_upstream(base or meta["base_model"], dtype=_DTYPES[meta.get("base_dtype", "float32")], seed=meta.get("base_seed", 0))
-    task = build_task(meta["task"], upstream_dim=upstream.hidden_size, num_layers=upstream.num_layers,
-                      **{**meta.get("task_kwargs", {}), **_split_options(meta)[1]})
+    try:
+        task = build_task(meta["task"], upstream_dim=upstream.hidden_size, num_layers=upstream.num_layers,
+                          **{**meta.get("task_kwargs", {}), **_split_options(meta)[1]})
+    except (TypeError, ValueError, KeyError) as err:  # unknown task or options that do not fit it
+        raise DeltaError(f"{Path(delta_dir) / 'delta.json'}: cannot build the task head {meta['task'][:40]!r} "
+                         f"from task_kwargs/task_options: {err}") from err
     model = SpeechModel(upstream, task)
-    apply_delta(delta_dir, dict(model.upstream.named_parameters()), dict(model.task.named_parameters()))
+    apply_delta(delta_dir, dict(model.upstream.named_parameters()), dict(model.task.named_parameters()), force=force)
     return model.to(device).eval()
 
 
@@ -65,32 +88,57 @@ def _split_options(meta: dict) -> tuple[dict, dict]:
     return split_task_options(meta["task"], meta.get("task_options", {}))
 
 
-def merge_delta(delta_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
+def merge_delta(delta_dir: str | Path, out_dir: str | Path, base: str | None = None, *, force: bool = False) -> Path:
     """Write base + delta as a plain transformers model directory (``save_pretrained``).
 
     The downstream head is written beside it as ``adtuning_head.safetensors`` with
     ``adtuning_head.json`` (task and options), since transformers has no class for it.
+    Everything is written into a temporary folder beside ``out_dir`` that replaces ``out_dir``
+    only when complete, so a failure (disk full) leaves no partial model and a previous merge
+    intact.
+
+    Raises:
+        DeltaError: see :func:`load_finetuned`; or the merged weights are not finite.
+        FileExistsError: ``out_dir`` exists, is not empty and is not a previous merge.
+        adtuning.atomic.WriteError: the disk is full or another OS error while writing.
     """
     out_dir = Path(out_dir)
-    model = load_finetuned(delta_dir, base)
+    if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "adtuning_head.json").is_file())):
+        raise FileExistsError(f"--merge: {out_dir} exists and is not an empty folder or a previous merge; "
+                              "choose another folder")
+    model = load_finetuned(delta_dir, base, force=force)
     meta = read_delta_config(delta_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.upstream.model.save_pretrained(str(out_dir))
-    head = {name: p.detach().contiguous() for name, p in model.task.named_parameters()}
-    atomic_write(out_dir / "adtuning_head.safetensors", lambda tmp: save_file(head, tmp))
-    info = {"task": meta["task"], "task_kwargs": meta.get("task_kwargs", {}), "task_options": meta.get("task_options", {}),
-            "merged_from": str(delta_dir), "base_model": meta["base_model"], "p": meta["p"], "k": meta["k"]}
-    atomic_write(out_dir / "adtuning_head.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    for name, tensor in [*model.upstream.named_parameters(), *model.task.named_parameters()]:
+        if not bool(torch.isfinite(tensor).all()):
+            raise DeltaError(f"refusing to write the merged model to {out_dir}: {name} has NaN/inf values")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        try:
+            model.upstream.model.save_pretrained(str(staging))
+            head = {name: p.detach().contiguous() for name, p in model.task.named_parameters()}
+            write_bytes(staging / "adtuning_head.safetensors", save_safetensors(head))
+            info = {"task": meta["task"], "task_kwargs": meta.get("task_kwargs", {}), "task_options": meta.get("task_options", {}),
+                    "merged_from": str(delta_dir), "base_model": meta["base_model"], "p": meta["p"], "k": meta["k"]}
+            write_bytes(staging / "adtuning_head.json", json.dumps(info, indent=2).encode())
+        except OSError as err:
+            raise WriteError(err.errno, f"writing the merged model to {out_dir} failed: {err.strerror or err}; "
+                             "nothing was replaced") from err
+        replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out_dir
 
 
 def evaluate_delta(delta_dir: str | Path, data_dir: str | Path, split: str = "test", *, base: str | None = None,
-                   batch_size: int = 16, device: str | torch.device = "cpu", progress: bool = True) -> dict[str, float]:
-    """Metrics of base + delta on ``split`` of the corpus at ``data_dir``."""
+                   batch_size: int = 16, device: str | torch.device = "cpu", progress: bool = True,
+                   force: bool = False) -> dict[str, float]:
+    """Metrics of base + delta on ``split`` of the corpus at ``data_dir`` (``force``: see :func:`load_finetuned`)."""
     from adtuning.speech import build_dataset, make_loader
 
-    meta = read_delta_config(delta_dir)
-    model = load_finetuned(delta_dir, base, device=device)
+    meta = _model_config(delta_dir)
+    model = load_finetuned(delta_dir, base, device=device, force=force)
     dataset = build_dataset(meta["task"], data_dir, split, **_split_options(meta)[0])
     return model.evaluate(make_loader(dataset, batch_size, shuffle=False), progress=progress)
 
@@ -101,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("delta_dir", type=Path, help="delta folder written by python -m adtuning.train (…/delta)")
     parser.add_argument("--base", default=None, help="base upstream to apply it to (default: the one recorded in delta.json)")
+    parser.add_argument("--force", action="store_true",
+                        help="apply the delta even if the base weights differ from those it was trained on (same shapes)")
     parser.add_argument("--merge", type=Path, default=None, metavar="OUT_DIR", help="write base + delta as a transformers model directory")
     parser.add_argument("--evaluate", action="store_true", help="evaluate base + delta on --split of --data-dir")
     parser.add_argument("--data-dir", type=Path, default=None, help="corpus root (default: the one of the training run, from its config.json)")
@@ -113,25 +163,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: nothing to do: pass --merge OUT_DIR and/or --evaluate", file=sys.stderr)
         return 2
     try:
-        meta = read_delta_config(args.delta_dir)
+        meta = _model_config(args.delta_dir)
         print(f"delta: task {meta['task']}, base {meta['base_model']}, P={meta['p']:g}, k={meta['k']:,} of {meta['n']:,} scored entries")
         if args.merge:
-            out = merge_delta(args.delta_dir, args.merge, args.base)
+            out = merge_delta(args.delta_dir, args.merge, args.base, force=args.force)
             print(f"merged model written to {out}")
         if args.evaluate:
             data_dir = args.data_dir
             run_config = args.delta_dir.parent / "config.json"
             if data_dir is None and run_config.is_file():
-                data_dir = Path(json.loads(run_config.read_text())["data_dir"])
+                recorded = read_json_object(run_config, DeltaError).get("data_dir")
+                if not isinstance(recorded, str):
+                    raise DeltaError(f"{run_config}: no 'data_dir' string; pass --data-dir")
+                data_dir = Path(recorded)
             if data_dir is None:
                 print("error: --data-dir: needed (no run config.json next to the delta)", file=sys.stderr)
                 return 2
-            metrics = evaluate_delta(args.delta_dir, data_dir, args.split, base=args.base, batch_size=args.batch_size, device=args.device)
+            metrics = evaluate_delta(args.delta_dir, data_dir, args.split, base=args.base, batch_size=args.batch_size,
+                                     device=args.device, force=args.force)
             print(f"{args.split}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     except DeltaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # OSError: WriteError (disk full), missing files
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     return 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from adtuning import ChildNetwork
+from adtuning.child import ChildError
 
 SIZES = {"layers.0.w": (1,), "layers.0.v": (97,), "layers.1.w": (63, 65), "head": (4097,)}
 
@@ -98,7 +99,7 @@ def test_save_load_round_trip_and_model_check(tmp_path):
     with pytest.raises(ValueError, match="head.*shape"):
         ChildNetwork.load(tmp_path / "child", wrong_shape)
     missing = {n: t for n, t in model.items() if n != "head"}
-    with pytest.raises(KeyError, match="head"):
+    with pytest.raises(ChildError, match="child.safetensors.*not in the model: head"):
         ChildNetwork.load(tmp_path / "child", missing)
     with pytest.raises(FileNotFoundError, match="nothere"):
         ChildNetwork.load(tmp_path / "nothere")
