@@ -54,6 +54,12 @@ def test_44k1_resamples_and_a_rate_without_common_factor_is_refused(tmp_path):
         read_audio(odd, resample=True)
 
 
+def test_an_implausible_header_rate_is_refused_even_when_resampling(tmp_path):
+    slow = wav(tmp_path / "slow.wav", np.zeros(500, np.float32), sr=500)  # 1 s would become 32 s
+    with pytest.raises(CorpusError, match=r"slow\.wav: sample rate 500 Hz is outside the 1000-768000 Hz of real recordings"):
+        read_audio(slow, resample=True)
+
+
 def test_stereo_is_refused_unless_downmixed(tmp_path):
     left, right = tone(300.0, 0.25, 0), tone(700.0, 0.25, 1)
     p = wav(tmp_path / "stereo.wav", np.stack([left, right], axis=1), subtype="FLOAT")

@@ -33,6 +33,9 @@ SAMPLE_RATE = 16000
 # (7919 Hz -> 16 kHz: 127 M entries); beyond this many entries a header is more likely garbage
 # than a real recording, and the conversion would take minutes and gigabytes.
 MAX_RESAMPLE_KERNEL = 1 << 22
+# Rates a recording can plausibly have; outside them the header is garbage (and resampling 1 Hz
+# "audio" to 16 kHz would multiply its length by 16000).
+MIN_SOURCE_RATE, MAX_SOURCE_RATE = 1000, 768000
 
 AUDIO_OPTIONS = ("resample", "downmix")
 """Reader keyword arguments that set the :func:`read_audio` policy."""
@@ -216,7 +219,10 @@ def read_audio(
         if not resample:
             raise CorpusError(f"audio file {path} has sample rate {native} Hz; {sample_rate} Hz is required "
                               "(set the reader option resample=true to convert)")
-        if native <= 0 or _resample_kernel_entries(native, sample_rate) > MAX_RESAMPLE_KERNEL:
+        if not MIN_SOURCE_RATE <= native <= MAX_SOURCE_RATE:
+            raise CorpusError(f"audio file {path}: sample rate {native} Hz is outside the {MIN_SOURCE_RATE}-"
+                              f"{MAX_SOURCE_RATE} Hz of real recordings (corrupt header?)")
+        if _resample_kernel_entries(native, sample_rate) > MAX_RESAMPLE_KERNEL:
             raise CorpusError(f"audio file {path}: cannot resample {native} Hz to {sample_rate} Hz "
                               "(the rates have no usable common factor; convert the file first)")
     if native == sample_rate:
