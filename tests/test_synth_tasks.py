@@ -255,7 +255,8 @@ def _embedded_speakers(task):
     """The (voice, rate, pitch) speakers of a task's embedded default corpus, without generating it."""
     params = EMBEDDED_CORPORA[task].params
     if task == "sid":
-        return set(distinct_speakers(params["speakers"], params["seed"]))
+        return set(distinct_speakers(params["speakers"], params["seed"], params.get("min_pitch_gap", 6),
+                                     params.get("min_rate_gap", 20)))
     if task in ("asr", "pr"):
         return set(librispeech_speakers(params["speakers"], params["seed"]))
     if task == "sf":

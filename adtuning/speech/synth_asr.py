@@ -156,6 +156,7 @@ def generate_librispeech(
     chapters_per_speaker: int = 2,
     utterances_per_chapter: int = 16,
     words: tuple[int, int] = (3, 7),
+    vocabulary_size: int | None = None,
     seed: int = 3,
     progress: bool = True,
     jobs: int | None = None,
@@ -172,6 +173,8 @@ def generate_librispeech(
         chapters_per_speaker, utterances_per_chapter: each speaker reads this many chapters of
             this many utterances (a chapter is a folder with its ``.trans.txt``).
         words: (fewest, most) words per sentence.
+        vocabulary_size: draw the sentences from this many words of the shipped vocabulary (a
+            subset chosen by ``seed``; the lexicon lists them); default: all of it.
         seed: speakers, their split, ids, sentences, jitter and gains derive from it.
         progress: a tqdm bar.
         jobs: parallel espeak-ng processes (default: CPU count, at most 4); output unchanged.
@@ -194,6 +197,11 @@ def generate_librispeech(
     if not 1 <= words[0] <= words[1]:
         raise ValueError(f"words must be (fewest, most) with 1 <= fewest <= most, got {words}")
     vocabulary = librispeech_vocabulary()
+    if vocabulary_size is not None:
+        if not 1 <= vocabulary_size <= len(vocabulary):
+            raise ValueError(f"vocabulary_size must be in [1, {len(vocabulary)}], got {vocabulary_size}")
+        keep = synth._rng("asr-vocabulary", seed).choice(len(vocabulary), vocabulary_size, replace=False)
+        vocabulary = [vocabulary[int(i)] for i in sorted(keep)]
     spk = synth._assign_speakers(librispeech_speakers(speakers, seed), seed, held_out_speakers)
     ids = sorted(int(i) for i in synth._rng("asr-speaker-ids", seed).choice(np.arange(100, 10000), speakers, replace=False))
     id_order = [int(k) for k in synth._rng("asr-id-order", seed).permutation(speakers)]

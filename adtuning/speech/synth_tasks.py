@@ -90,6 +90,9 @@ def generate_voxceleb1(
     dev_videos: int = 1,
     test_videos: int = 1,
     max_seconds: float = 3.0,
+    words: tuple[int, int] = (2, 5),
+    min_pitch_gap: int = 6,
+    min_rate_gap: int = 20,
     seed: int = 1,
     progress: bool = True,
     jobs: int | None = None,
@@ -106,6 +109,9 @@ def generate_voxceleb1(
         dev_videos, test_videos: how many of each speaker's sessions (the last ones) form the
             dev and test splits; the others are training.
         max_seconds: longer utterances are cut.
+        words: (fewest, most) words per phrase.
+        min_pitch_gap, min_rate_gap: how far apart two speakers of one voice are at least, in
+            pitch or in rate (see :func:`distinct_speakers`).
         seed: speakers, phrases, jitter, channels and gains derive from it.
         progress: a tqdm bar.
         jobs: parallel espeak-ng processes (default: CPU count, at most 4); output unchanged.
@@ -119,12 +125,14 @@ def generate_voxceleb1(
         raise ValueError("need >= 2 speakers, >= 1 utterance per video, >= 1 dev and test video and at least "
                          f"one training video; got speakers={speakers}, videos_per_speaker={videos_per_speaker}, "
                          f"utterances_per_video={utterances_per_video}, dev_videos={dev_videos}, test_videos={test_videos}")
+    if not 1 <= words[0] <= words[1]:
+        raise ValueError(f"words must be (fewest, most) with 1 <= fewest <= most, got {words}")
     vocabulary = pretraining_vocabulary()
-    triples = distinct_speakers(speakers, seed)
+    triples = distinct_speakers(speakers, seed, min_pitch_gap, min_rate_gap)
     params = {"speakers": [list(t) for t in triples], "videos_per_speaker": int(videos_per_speaker),
               "utterances_per_video": int(utterances_per_video), "dev_videos": int(dev_videos),
               "test_videos": int(test_videos), "max_seconds": float(max_seconds), "seed": int(seed),
-              "vocabulary_size": len(vocabulary), "sample_rate": synth.SAMPLE_RATE}
+              "words": [int(words[0]), int(words[1])], "vocabulary_size": len(vocabulary), "sample_rate": synth.SAMPLE_RATE}
     key = {"generator": "adtuning.speech.synth_tasks.generate_voxceleb1", "version": SID_CORPUS_VERSION, "params": params}
 
     plans, meta = [], []  # meta[j][i] = (relative path, split id, channel)
@@ -138,7 +146,7 @@ def generate_voxceleb1(
             video = _video_id(seed, j, v)
             for k in range(utterances_per_video):
                 r = synth._rng("sid-phrase", seed, j, v, k)
-                text = " ".join(vocabulary[int(i)] for i in r.integers(0, len(vocabulary), int(r.integers(2, 6))))
+                text = " ".join(vocabulary[int(i)] for i in r.integers(0, len(vocabulary), int(r.integers(words[0], words[1] + 1))))
                 plan.append((voice, *synth.jitter(("sid", seed, j, v, k), rate, pitch, channel[0], 0.04, 1), text))
                 info.append((f"id{10001 + j}/{video}/{k + 1:05d}.wav", which, channel))
         plans.append(plan)
