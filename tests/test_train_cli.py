@@ -208,7 +208,7 @@ def test_export_evaluates_with_the_run_data(finished_run, capsys):
         (["--candidates", "0.1,0.1"], "duplicate"),
         (["--r", "1.5"], "--r"),
         (["--c", "3", "--candidates", "0.1,0.01"], "--c"),
-        (["--task", "asr"], "--data-dir"),
+        (["--task", "asr", "--data-dir", "/nonexistent/LibriSpeech"], "--data-dir"),  # every task has an embedded corpus
         (["--data-dir", "/nonexistent/corpus"], "/nonexistent/corpus"),
         (["--rungs", "0.2"], "--rungs/--keep"),
         (["--fused", "--backend", "native"], "--fused"),
