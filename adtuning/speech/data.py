@@ -5,6 +5,12 @@ order, the length buckets, the optional N-hour subset and every random crop come
 ``numpy.random.default_rng`` seeded with those values, never from global state. Resuming at
 batch ``n`` of epoch ``e`` is ``make_loader(..., epoch=e, skip_batches=n)`` (or
 ``loader.state_dict()`` / :meth:`BatchStream.load_state_dict` for an endless stream).
+
+Data parallelism: ``make_loader(..., shard=(rank, world_size))`` plans the *global* batches
+exactly as one process would (``batch_size`` is the global batch size) and yields only this
+rank's contiguous part of each one, so the union over ranks, batch by batch, is the
+single-process stream. Every rank yields one item per global batch, in step: ``None`` where
+its part is empty (a last batch smaller than the world size).
 """
 from __future__ import annotations
 
@@ -146,12 +152,18 @@ class SpeechLoader:
 
     Iterating yields batch dicts (see :func:`collate`). :attr:`position` counts the batches of
     the epoch consumed so far (including skipped ones); :meth:`state_dict` records it.
+
+    A sharded loader (``global_sizes`` given) yields this rank's part of every global batch,
+    with the global batch's item count under ``"global_batch_size"``, or ``None`` where the
+    part is empty; positions count global batches.
     """
 
     def __init__(self, dataset: SpeechDataset, batches: list[list[int]], order: np.ndarray, *, seed: int, epoch: int,
-                 skip_batches: int, random: bool, num_workers: int, pin_memory: bool):
+                 skip_batches: int, random: bool, num_workers: int, pin_memory: bool,
+                 global_sizes: list[int] | None = None):
         self.dataset, self.seed, self.epoch = dataset, seed, epoch
         self.batches = batches
+        self.global_sizes = global_sizes
         self.order = order
         self.skip_batches = min(skip_batches, len(batches))
         self.position = self.skip_batches
@@ -167,15 +179,20 @@ class SpeechLoader:
         """Batches in the whole epoch (skipped ones included)."""
         return len(self.batches)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
         remaining = self.batches[self.skip_batches:]
         if not remaining:
             return
-        loader = DataLoader(_Fetch(self.dataset, self.order, self.seed, self.epoch, self._random),
-                            batch_sampler=remaining, collate_fn=self.dataset.collate,
-                            num_workers=self._num_workers, pin_memory=self._pin_memory)
+        # DataLoader cannot fetch an empty batch: load the non-empty ones, yield None for the rest.
+        loaded = [b for b in remaining if b]
+        loader = iter(DataLoader(_Fetch(self.dataset, self.order, self.seed, self.epoch, self._random),
+                                 batch_sampler=loaded, collate_fn=self.dataset.collate,
+                                 num_workers=self._num_workers, pin_memory=self._pin_memory)) if loaded else iter(())
         self.position = self.skip_batches
-        for batch in loader:
+        for i, positions in enumerate(remaining, start=self.skip_batches):
+            batch = next(loader) if positions else None
+            if batch is not None and self.global_sizes is not None:
+                batch["global_batch_size"] = self.global_sizes[i]
             self.position += 1
             yield batch
 
@@ -228,14 +245,42 @@ def plan_batches(dataset: SpeechDataset, batch_size: int, *, shuffle: bool, seed
     return order, batches
 
 
+def shard_batches(batches: Sequence[Sequence[int]], rank: int, world_size: int) -> list[list[int]]:
+    """This rank's part of every global batch: the ``rank``-th of ``world_size`` contiguous,
+    near-equal slices (sizes differ by at most one; ``[]`` when the batch has fewer items than
+    ranks), so that concatenating the parts of ranks 0..W-1 gives the global batch back."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard: need 0 <= rank < world_size, got rank {rank} of {world_size}")
+    parts = []
+    for batch in batches:
+        n = len(batch)
+        start, stop = (rank * n) // world_size, ((rank + 1) * n) // world_size
+        parts.append(list(batch[start:stop]))
+    return parts
+
+
+def limit_items(batches: Sequence[Sequence[int]], max_items: int) -> list[list[int]]:
+    """The first ``max_items`` items of ``batches`` in batch order (the last batch cut)."""
+    if max_items < 1:
+        raise ValueError(f"max_items must be >= 1, got {max_items}")
+    kept, left = [], max_items
+    for batch in batches:
+        if left <= 0:
+            break
+        kept.append(list(batch[:left]))
+        left -= len(kept[-1])
+    return kept
+
+
 def make_loader(dataset: SpeechDataset, batch_size: int, *, shuffle: bool, seed: int = 0, bucket: bool = True,
                 max_hours: float | None = None, epoch: int = 0, skip_batches: int = 0, balanced: bool | None = None,
-                drop_last: bool = False, num_workers: int = 0, pin_memory: bool = False) -> SpeechLoader:
+                drop_last: bool = False, num_workers: int = 0, pin_memory: bool = False,
+                shard: tuple[int, int] | None = None, max_items: int | None = None) -> SpeechLoader:
     """A deterministic, resumable loader over one epoch of ``dataset``.
 
     Args:
         dataset: a corpus reader (:func:`adtuning.speech.build_dataset`).
-        batch_size: utterances per batch.
+        batch_size: utterances per batch (with ``shard``: per *global* batch, over all ranks).
         shuffle: draw a new order every epoch (training) or keep a fixed one (evaluation).
         seed: the seed of orders, subsets and crops.
         bucket: group utterances of similar length (less padding).
@@ -246,14 +291,26 @@ def make_loader(dataset: SpeechDataset, batch_size: int, *, shuffle: bool, seed:
             which is True only for the KS training set).
         drop_last: drop a final incomplete batch.
         num_workers, pin_memory: passed to ``torch.utils.data.DataLoader``.
+        shard: ``(rank, world_size)``: yield only this rank's part of each global batch (see
+            :func:`shard_batches`; ``None`` for an empty part), the batch dicts carrying the
+            global batch's size as ``"global_batch_size"``. The global plan is the
+            single-process plan of ``batch_size``.
+        max_items: only the first ``max_items`` items of the epoch's plan, in batch order (the
+            Fisher pass's sample budget, cut before sharding).
     """
     if balanced is None:
         balanced = shuffle and dataset.sample_weights is not None
     indices = subset_hours(dataset, max_hours, seed) if max_hours is not None else None
     order, batches = plan_batches(dataset, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, bucket=bucket,
                                   indices=indices, balanced=balanced, drop_last=drop_last)
+    if max_items is not None:
+        batches = limit_items(batches, max_items)
+    global_sizes = None
+    if shard is not None:
+        global_sizes = [len(b) for b in batches]
+        batches = shard_batches(batches, *shard)
     return SpeechLoader(dataset, batches, order, seed=seed, epoch=epoch, skip_batches=skip_batches, random=shuffle,
-                        num_workers=num_workers, pin_memory=pin_memory)
+                        num_workers=num_workers, pin_memory=pin_memory, global_sizes=global_sizes)
 
 
 class BatchStream:
