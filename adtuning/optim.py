@@ -73,6 +73,9 @@ class SparseAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self._indices: dict[torch.Tensor, torch.Tensor] = {}
         self._compact_grads: dict[torch.Tensor, torch.Tensor | None] = {}
+        # With bound storage (bind_compact_grad_storage), each sparse parameter's compact
+        # gradient lives at a fixed view of one caller-owned flat buffer.
+        self._grad_views: dict[torch.Tensor, torch.Tensor] = {}
         self._hooks = []
         groups = [self._prepare_group(g) for g in _as_groups(params)]
         super().__init__(groups, defaults)
@@ -127,7 +130,11 @@ class SparseAdamW(torch.optim.Optimizer):
         buffer = self._compact_grads.get(param)
         idx = self._indices[param]
         if buffer is None:
-            self._compact_grads[param] = self.backend.gather(grad, idx)
+            view = self._grad_views.get(param)
+            if view is None:
+                self._compact_grads[param] = self.backend.gather(grad, idx)
+            else:
+                self._compact_grads[param] = self.backend.gather(grad, idx, out=view, accumulate=False)
         else:
             self.backend.gather(grad, idx, out=buffer, accumulate=True)
         param.grad = None  # the dense gradient is dead weight from here on
@@ -147,9 +154,68 @@ class SparseAdamW(torch.optim.Optimizer):
         buffer = self._compact_grads[param]
         if buffer is not None:
             return buffer, True
-        buffer = torch.empty(self._indices[param].numel(), dtype=torch.float32, device=param.device)
+        buffer = self._grad_views.get(param)
+        if buffer is None:
+            buffer = torch.empty(self._indices[param].numel(), dtype=torch.float32, device=param.device)
         self._compact_grads[param] = buffer
         return buffer, False
+
+    def compact_grad_numel(self) -> int:
+        """Total child entries of the sparse parameters (the length of their compact gradients)."""
+        return sum(self._indices[p].numel() for p in self.sparse_parameters())
+
+    def bind_compact_grad_storage(self, storage: torch.Tensor) -> None:
+        """Keep the compact gradients in ``storage`` from now on: one flat fp32 buffer of
+        :meth:`compact_grad_numel` entries on the parameters' device, holding the compact
+        gradient of every sparse parameter (in :meth:`sparse_parameters` order) at a fixed
+        offset. A collective can then reduce all child gradients in place, in one call.
+
+        The semantics are unchanged: a parameter without a gradient this step still reports
+        ``None`` from :meth:`compact_grad` (its view is merely not written);
+        ``zero_grad(set_to_none=True)`` forgets which views hold a gradient, ``False`` zeroes
+        them. Gradients already accumulated are moved into the storage.
+
+        Raises:
+            ValueError: ``storage`` has the wrong size, dtype, device or layout.
+        """
+        params = self.sparse_parameters()
+        total = self.compact_grad_numel()
+        if storage.dim() != 1 or storage.numel() != total or storage.dtype != torch.float32 or not storage.is_contiguous():
+            raise ValueError(f"SparseAdamW.bind_compact_grad_storage: need a contiguous 1-D float32 tensor of {total} "
+                             f"entries, got {tuple(storage.shape)} {storage.dtype}")
+        if params and storage.device != params[0].device:
+            raise ValueError(f"SparseAdamW.bind_compact_grad_storage: storage is on {storage.device}, "
+                             f"the parameters on {params[0].device}")
+        views, offset = {}, 0
+        for p in params:
+            n = self._indices[p].numel()
+            views[p] = storage[offset:offset + n]
+            offset += n
+        for p, view in views.items():
+            current = self._compact_grads.get(p)
+            if current is not None and current is not view:
+                view.copy_(current)
+                self._compact_grads[p] = view
+        self._grad_views = views
+
+    def release_compact_grad_storage(self) -> None:
+        """Stop using the storage of :meth:`bind_compact_grad_storage` (gradients held there are
+        copied out, so nothing refers to the caller's buffer afterwards)."""
+        for p, view in self._grad_views.items():
+            if self._compact_grads.get(p) is view:
+                self._compact_grads[p] = view.clone()
+        self._grad_views = {}
+
+    def fill_missing_compact_grads(self) -> None:
+        """Give every sparse parameter without a compact gradient this step a zero one (in its
+        bound view when storage is bound): after a data-parallel reduction every rank holds
+        the same gradients, including for parameters another rank had no gradient for."""
+        for p in self.sparse_parameters():
+            if self._compact_grads[p] is None:
+                view = self._grad_views.get(p)
+                if view is None:
+                    view = torch.empty(self._indices[p].numel(), dtype=torch.float32, device=p.device)
+                self._compact_grads[p] = view.zero_()
 
     def sparse_parameters(self) -> list[torch.Tensor]:
         """The parameters of the sparse groups that have child entries (in group order)."""
