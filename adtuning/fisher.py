@@ -16,6 +16,10 @@ squared *per-sample* gradient. Two algorithms compute it:
 Because samples must not interact in the forward pass (no batch norm, masked padding), the
 gradient of the summed loss w.r.t. sample n's activations is sample n's own gradient.
 
+Data parallel (``data_parallel=``): each rank scores its part of every global batch; the
+per-sample sums of all scored entries and the sample count live in one flat buffer that is
+all-reduced once at the end, so every rank returns the scores of the whole sample set.
+
 ``mode="batch"`` reproduces the published CHILD-TUNING / AD-TUNING code instead: the square
 of each mini-batch gradient (optionally clipped per tensor), averaged over batches.
 """
@@ -25,7 +29,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +38,9 @@ from tqdm.auto import tqdm
 
 from adtuning.backends import get_backend, resolve_backend_name
 from adtuning.reference.layernorm_fisher import layernorm_fisher_ref_
+
+if TYPE_CHECKING:
+    from adtuning.distributed import DataParallel
 
 log = logging.getLogger("adtuning")
 
@@ -273,6 +280,7 @@ def estimate_fisher(
     clip_norm: float | None = None,
     progress: bool = True,
     algorithm: str | None = None,
+    data_parallel: "DataParallel | None" = None,
 ) -> dict[str, torch.Tensor]:
     """Estimate the diagonal empirical Fisher information of the scored parameters.
 
@@ -298,6 +306,13 @@ def estimate_fisher(
             backward per batch with the backend's kernels); default: ``"loop"`` for the
             reference backend, ``"in-backward"`` otherwise. ``"in-backward"`` with
             ``backend="reference"`` runs the reference kernels inside backward (for tests).
+        data_parallel: a :class:`~adtuning.distributed.DataParallel`: ``batches`` are this
+            rank's parts of the global batches (``None`` for an empty part; every rank must
+            see the same number of global batches) and the result is the Fisher of all ranks'
+            samples, the same on every rank. ``"per-sample"``: the sums and the sample count are
+            all-reduced once, in one buffer. ``"batch"``: each global batch's mean gradient is
+            all-reduced (densely, as the published code does under DDP) before it is squared.
+            Limit the samples in the sharded loader (``max_items``), not with ``max_samples``.
 
     Returns:
         ``{name: fp32 tensor shaped like the parameter}`` on the parameter's device.
@@ -306,10 +321,21 @@ def estimate_fisher(
         raise ValueError(f"estimate_fisher: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"estimate_fisher: max_samples must be >= 1, got {max_samples}")
+    if data_parallel is not None and max_samples is not None:
+        raise ValueError("estimate_fisher: with data_parallel, cut the global sample budget in the sharded loader "
+                         "(make_loader(..., max_items=)), not with max_samples")
     scored = _resolve_params(model, params)
     device = next(iter(scored.values())).device
     backend_name = resolve_backend_name(backend, device)
-    fisher = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in scored.items()}
+    if data_parallel is None:
+        fisher = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in scored.items()}
+    else:
+        # Views of one flat buffer (+1 entry: the sample count): one all-reduce at the end.
+        flat = torch.zeros(sum(p.numel() for p in scored.values()) + 1, dtype=torch.float32, device=device)
+        fisher, offset = {}, 0
+        for n, p in scored.items():
+            fisher[n] = flat[offset:offset + p.numel()].view(p.shape)
+            offset += p.numel()
     total = getattr(batches, "__len__", None)
     bar = tqdm(batches, total=total() if total else None, desc=f"Fisher ({mode}, {backend_name})", unit="batch", disable=not progress)
 
@@ -342,6 +368,13 @@ def estimate_fisher(
             for batch in bar:
                 if max_samples is not None and samples >= max_samples:
                     break
+                if batch is None:  # this rank's part of the global batch is empty
+                    if data_parallel is None:
+                        raise ValueError("estimate_fisher: a batch is None (only a sharded loader yields empty parts)")
+                    if mode == "batch":
+                        _accumulate_batch_mode(None, scored, fisher, clip_norm, data_parallel)
+                    num_batches += 1
+                    continue
                 if in_backward:
                     _ACTIVE_PASS = state
                     state.lengths = None
@@ -354,7 +387,7 @@ def estimate_fisher(
                 if max_samples is not None:
                     count = min(count, max_samples - samples)
                 if mode == "batch":
-                    _accumulate_batch_mode(losses[:count], scored, fisher, clip_norm)
+                    _accumulate_batch_mode(losses[:count], scored, fisher, clip_norm, data_parallel)
                 elif in_backward:
                     used = losses[:count].sum()
                     torch.autograd.backward(used, inputs=[anchor], retain_graph=bool(fallback_params))
@@ -370,6 +403,14 @@ def estimate_fisher(
     finally:
         _ACTIVE_PASS = None
         bar.close()
+    if data_parallel is not None:
+        if mode == "batch":
+            # Every global batch was reduced before squaring: the sums are already global.
+            samples = num_batches
+        else:
+            flat[-1] = samples
+            data_parallel.all_reduce_sum_(flat)
+            samples = int(flat[-1])
     if samples == 0:
         raise ValueError("estimate_fisher: no samples were seen (empty batches?)")
     denominator = num_batches if mode == "batch" else samples
@@ -378,9 +419,12 @@ def estimate_fisher(
     return fisher
 
 
-def _accumulate_batch_mode(losses, scored, fisher, clip_norm):
+def _accumulate_batch_mode(losses, scored, fisher, clip_norm, data_parallel=None):
     names = list(scored)
-    grads = torch.autograd.grad(losses.mean(), [scored[n] for n in names], allow_unused=True)
+    if data_parallel is None:
+        grads = torch.autograd.grad(losses.mean(), [scored[n] for n in names], allow_unused=True)
+    else:
+        grads = _global_batch_gradient(losses, scored, names, data_parallel)
     for name, grad in zip(names, grads):
         if grad is None:
             continue
@@ -389,6 +433,33 @@ def _accumulate_batch_mode(losses, scored, fisher, clip_norm):
             norm = torch.linalg.vector_norm(grad)
             grad = grad * torch.clamp(clip_norm / (norm + 1e-6), max=1.0)
         fisher[name].add_(grad.square())
+
+
+def _global_batch_gradient(losses, scored, names, data_parallel):
+    """The gradient of the *global* batch's mean loss on every rank: this rank's summed-loss
+    gradient and sample count (zero for an empty part) in one dense buffer, all-reduced."""
+    device = next(iter(scored.values())).device
+    flat = torch.zeros(sum(scored[n].numel() for n in names) + 1, dtype=torch.float32, device=device)
+    if losses is not None and losses.numel():
+        grads = torch.autograd.grad(losses.sum(), [scored[n] for n in names], allow_unused=True)
+        offset = 0
+        for name, grad in zip(names, grads):
+            numel = scored[name].numel()
+            if grad is not None:
+                flat[offset:offset + numel] = grad.reshape(-1).float()
+            offset += numel
+        flat[-1] = losses.numel()
+    data_parallel.all_reduce_sum_(flat)
+    count = flat[-1].item()
+    if count == 0:
+        raise ValueError("estimate_fisher: a global batch without samples")
+    flat.div_(count)
+    out, offset = [], 0
+    for name in names:
+        numel = scored[name].numel()
+        out.append(flat[offset:offset + numel].view(scored[name].shape))
+        offset += numel
+    return out
 
 
 def fisher_summary(fisher: Mapping[str, torch.Tensor]) -> dict[str, float]:

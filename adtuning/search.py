@@ -26,6 +26,14 @@ Two optional comparisons run after the search on the same model copy:
 Everything needed to continue is saved by :meth:`AdaptiveSearch.save_checkpoint` (atomically,
 safetensors + JSON); :meth:`AdaptiveSearch.load_checkpoint` resumes to the same final result,
 also when interrupted during the comparisons.
+
+Data parallel (``data_parallel=``, see :mod:`adtuning.distributed`): every rank runs the same
+plan on its own model copy. The problem serves each rank its part of every global batch and
+returns its share of the global loss; after the last micro-batch of a step one all-reduce sums
+the compact child gradients, the head gradients and the loss (:class:`~adtuning.distributed.GradientReducer`),
+and every rank clips and steps identically. Dev metrics come back reduced from the problem, so
+every rank takes the same rung decision. Rank 0 writes checkpoints (with every rank's RNG
+state); resuming needs the same world size.
 """
 from __future__ import annotations
 
@@ -45,13 +53,16 @@ from tqdm.auto import tqdm
 
 from adtuning.atomic import atomic_write
 from adtuning.child import INT32_LIMIT, ChildNetwork
+from adtuning.distributed import DataParallel, GradientReducer
 from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup
 from adtuning.sparse_grad import WEIGHT_GRAD_MODES, SparseWeightGrad, install_sparse_weight_grad
 
 log = logging.getLogger("adtuning")
 
-CHECKPOINT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)  # version 1 predates regret and baselines; it reads as "none run yet"
+CHECKPOINT_VERSION = 3
+# Version 1 predates regret and baselines (it reads as "none run yet"); version 2 predates data
+# parallelism (it reads as world size 1).
+_READABLE_VERSIONS = (1, 2, 3)
 
 #: Baselines :meth:`AdaptiveSearch.run_baselines` can train, with the P they amount to.
 BASELINES = {"head-only": 0.0, "full": 1.0}
@@ -70,9 +81,14 @@ class TrainingProblem(Protocol):
         head_params: ``{name: parameter}`` trained densely (head + layer-weighted sum).
         train_batches(epoch, skip): deterministic iterator over the training batches of
             ``epoch`` (its shuffle depends only on the seed and the epoch), starting after
-            ``skip`` batches.
-        loss(batch): the scalar training loss of a batch.
-        evaluate(split): ``{metric: value}`` on ``"dev"`` or ``"test"``.
+            ``skip`` batches. Data parallel: this rank's parts of the global batches, one item
+            per global batch on every rank (``None`` for an empty part); ``skip`` counts
+            global batches.
+        loss(batch): the scalar training loss of a batch. Data parallel: this rank's share of
+            the global batch's loss (the global loss is the sum over ranks), or ``None`` when
+            the rank holds no sample of it.
+        evaluate(split): ``{metric: value}`` on ``"dev"`` or ``"test"`` (data parallel: of the
+            whole split, the same on every rank).
         has_split(split): whether that split exists.
         primary_metric, higher_is_better: how candidates are ranked.
     """
@@ -234,6 +250,9 @@ class AdaptiveSearch:
         on_event: optional callback ``on_event(kind, info_dict)`` for logging / TensorBoard.
         baselines: kinds from :data:`BASELINES` that :meth:`run_baselines` trains (their
             progress is part of the checkpoint, so they are fixed here).
+        data_parallel: the process group of a data-parallel run (``None``: one process). All
+            ranks construct the search with the same children and config; only rank 0 writes
+            checkpoints (pass the same ``checkpoint_dir`` everywhere).
     """
 
     def __init__(
@@ -246,6 +265,7 @@ class AdaptiveSearch:
         progress: bool = True,
         on_event: Callable[[str, dict], None] | None = None,
         baselines: Sequence[str] = (),
+        data_parallel: DataParallel | None = None,
     ) -> None:
         if not children:
             raise ValueError("AdaptiveSearch needs at least one candidate child network")
@@ -259,11 +279,12 @@ class AdaptiveSearch:
         self.progress = progress
         self.on_event = on_event or (lambda kind, info: None)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.dp = data_parallel
         upstream = dict(problem.upstream_params)
         for child in children:
             child.check_against(upstream, where="the upstream")
         self.initial_head = {n: p.detach().clone() for n, p in problem.head_params.items()}
-        initial_rng = torch.Generator().manual_seed(config.seed).get_state()
+        initial_rng = torch.Generator().manual_seed(_rank_seed(config.seed, self.rank)).get_state()
         self.candidates = []
         for i, child in enumerate(children):
             self.candidates.append(Candidate(index=i, child=child, base_values=child.gather(upstream), rng_state=initial_rng.clone()))
@@ -281,11 +302,32 @@ class AdaptiveSearch:
         self.active: Candidate | None = None
         self._optimizer: SparseAdamW | None = None
         self._sparse_grad: SparseWeightGrad | None = None
+        self._reducer: GradientReducer | None = None
         self._scheduler = None
         self.swap_seconds = 0.0
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
+        #: Data parallel: wall time of the per-step gradient all-reduces and their count.
+        self.allreduce_seconds = 0.0
+        self.allreduce_steps = 0
         self._since_checkpoint = 0
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 without data parallelism)."""
+        return 0 if self.dp is None else self.dp.rank
+
+    @property
+    def world_size(self) -> int:
+        """Processes training together (1 without data parallelism)."""
+        return 1 if self.dp is None else self.dp.world_size
+
+    def allreduce_bytes_per_step(self, cand: Candidate) -> int:
+        """Bytes one optimizer step of ``cand`` all-reduces: ``4 * (k + head entries + 1)`` (the
+        extra entry is the step's loss); 0 without data parallelism."""
+        if self.dp is None:
+            return 0
+        return 4 * (cand.child.k + sum(p.numel() for p in self.problem.head_params.values()) + 1)
 
     # ---- swapping ---------------------------------------------------------------------
 
@@ -313,6 +355,8 @@ class AdaptiveSearch:
         )
         # The active candidate's child decides which Linears take the sparse gradient path.
         self._sparse_grad = install_sparse_weight_grad(self.problem.model, self._optimizer, cfg.weight_grad)
+        if self.dp is not None:
+            self._reducer = GradientReducer(self.dp, self._optimizer, list(head.values()))
         self._scheduler = get_linear_schedule_with_warmup(self._optimizer, cfg.warmup_steps, cfg.total_steps)
         if cand.optimizer_state is not None:
             # The paused state becomes the live state: no second copy of the moments.
@@ -363,6 +407,9 @@ class AdaptiveSearch:
         if self._sparse_grad is not None:
             self._sparse_grad.remove()
             self._sparse_grad = None
+        if self._reducer is not None:
+            self._reducer.release()
+            self._reducer = None
         self._optimizer.remove_hooks()
         self._optimizer = self._scheduler = None
 
@@ -405,10 +452,21 @@ class AdaptiveSearch:
         try:
             while cand.step < until:
                 total = 0.0
+                if self._reducer is not None:
+                    self._reducer.prepare()
                 for _ in range(cfg.grad_accum):
-                    loss = self.problem.loss(next(batches)) / cfg.grad_accum
+                    loss = self.problem.loss(next(batches))
+                    if loss is None:  # data parallel: this rank holds no sample of the global batch
+                        continue
+                    loss = loss / cfg.grad_accum
                     loss.backward()
                     total += float(loss.detach())
+                if self._reducer is not None:
+                    # One all-reduce per step, after the last micro-batch; clipping sees its result.
+                    reduce_start = time.perf_counter()
+                    total = self._reducer.reduce(total)
+                    self.allreduce_seconds += time.perf_counter() - reduce_start
+                    self.allreduce_steps += 1
                 if cfg.max_grad_norm is not None:
                     opt.clip_grad_norm_(cfg.max_grad_norm)
                 opt.step()
@@ -627,16 +685,33 @@ class AdaptiveSearch:
     # ---- checkpoints --------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path | None:
-        """Write everything needed to continue (atomically: tensors, then the JSON that names them)."""
+        """Write everything needed to continue (atomically: tensors, then the JSON that names them).
+
+        Data parallel: a collective, called by every rank at the same point of the plan. The
+        replicas are checked to be identical, every rank's RNG states are gathered, and rank 0
+        alone writes (other ranks return ``None``).
+        """
         if self.checkpoint_dir is None:
             return None
         self._since_checkpoint = 0
+        rank_rngs = None
+        if self.dp is not None:
+            self._check_replicas()
+            rank_rngs = self.dp.all_gather_object(
+                [torch.get_rng_state() if c is self.active else c.rng_state for c in self.candidates + self.baselines])
+            if not self.dp.is_main:
+                return None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if self.active is not None:
             self._capture(self.active, offload=True)
         tensors: dict[str, torch.Tensor] = {}
-        records = [self._record(cand, f"c{cand.index}", tensors) for cand in self.candidates]
-        baselines = [self._record(cand, f"baseline.{cand.baseline}", tensors) for cand in self.baselines]
+        records = [self._record(cand, _prefix(cand), tensors) for cand in self.candidates]
+        baselines = [self._record(cand, _prefix(cand), tensors) for cand in self.baselines]
+        for rank, states in enumerate(rank_rngs or [], start=0):
+            if rank == 0:
+                continue
+            for cand, state in zip(self.candidates + self.baselines, states):
+                tensors[f"{_prefix(cand)}.rng.rank{rank}"] = state.contiguous()
         serial = int(time.time() * 1e6)
         tensor_name = f"search-{serial}.safetensors"
         atomic_write(self.checkpoint_dir / tensor_name, lambda tmp: save_file(tensors, tmp))
@@ -649,6 +724,9 @@ class AdaptiveSearch:
             "swap_seconds": self.swap_seconds,
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
+            "world_size": self.world_size,
+            "allreduce_seconds": self.allreduce_seconds,
+            "allreduce_steps": self.allreduce_steps,
         }
         path = atomic_write(self.checkpoint_dir / "search.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
         for old in self.checkpoint_dir.glob("search-*.safetensors"):
@@ -657,6 +735,16 @@ class AdaptiveSearch:
         if self.active is not None:
             self._drop_snapshot(self.active)
         return path
+
+    def _check_replicas(self) -> None:
+        """Data parallel: raise unless the active candidate's trained tensors (whole upstream
+        tensors holding child entries, and the head) are the same on every rank."""
+        if self.active is None:
+            return
+        upstream = self.problem.upstream_params
+        tensors = {f"upstream {n}": upstream[n] for n in self.active.child.indices}
+        tensors.update({f"head {n}": p for n, p in self.problem.head_params.items()})
+        self.dp.check_replicas(tensors, f"the trained parameters of {self.active.name}")
 
     @staticmethod
     def _record(cand: Candidate, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
@@ -681,17 +769,23 @@ class AdaptiveSearch:
         }
 
     def load_checkpoint(self) -> bool:
-        """Restore the state written by :meth:`save_checkpoint`; False if there is none."""
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / "search.json").is_file():
+        """Restore the state written by :meth:`save_checkpoint`; False if there is none.
+
+        Data parallel: a collective. Rank 0 reads the checkpoint and broadcasts it (nodes need
+        not share a file system); each rank takes its own RNG states from it.
+
+        Raises:
+            ValueError: the checkpoint does not fit this search, or it was written by a job of
+                another world size (each rank's data shard and random stream depend on it, so
+                the run could not continue as it would have; resume with the same number of
+                processes).
+        """
+        if self.checkpoint_dir is None:
             return False
-        meta_path = self.checkpoint_dir / "search.json"
-        meta = json.loads(meta_path.read_text())
-        if meta.get("version") not in _READABLE_VERSIONS:
-            raise ValueError(f"{meta_path}: unsupported checkpoint version {meta.get('version')}")
-        tensor_path = self.checkpoint_dir / meta["tensors"]
-        if not tensor_path.is_file():
-            raise FileNotFoundError(f"{meta_path} names {tensor_path}, which is missing")
-        tensors = load_file(str(tensor_path))
+        loaded = self._read_checkpoint() if self.dp is None else self.dp.run_on_main(self._read_checkpoint)
+        if loaded is None:
+            return False
+        meta_path, meta, tensors = loaded
         if len(meta["candidates"]) != len(self.candidates):
             raise ValueError(f"{meta_path}: {len(meta['candidates'])} candidates saved, this search has {len(self.candidates)}")
         saved_baselines = [rec["baseline"] for rec in meta.get("baselines", [])]
@@ -700,14 +794,33 @@ class AdaptiveSearch:
         if self.active is not None:
             self._deactivate()
         for rec, cand in zip(meta["candidates"], self.candidates):
-            self._restore(rec, cand, f"c{cand.index}", tensors, meta_path)
+            self._restore(rec, cand, _prefix(cand), tensors, meta_path)
         for rec, cand in zip(meta.get("baselines", []), self.baselines):
-            self._restore(rec, cand, f"baseline.{cand.baseline}", tensors, meta_path)
+            self._restore(rec, cand, _prefix(cand), tensors, meta_path)
         self.swap_seconds, self.train_seconds, self.eval_seconds = meta["swap_seconds"], meta["train_seconds"], meta["eval_seconds"]
+        self.allreduce_seconds, self.allreduce_steps = meta.get("allreduce_seconds", 0.0), meta.get("allreduce_steps", 0)
         if meta["active"] is not None:
             self._activate((self.candidates + self.baselines)[meta["active"]])
         log.info("resumed the search from %s (steps so far: %d)", meta_path, self.steps_spent())
         return True
+
+    def _read_checkpoint(self) -> tuple[Path, dict, dict[str, torch.Tensor]] | None:
+        """``(path of search.json, its JSON, its tensors)``, or ``None`` when there is no checkpoint."""
+        meta_path = self.checkpoint_dir / "search.json"
+        if not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text())
+        if meta.get("version") not in _READABLE_VERSIONS:
+            raise ValueError(f"{meta_path}: unsupported checkpoint version {meta.get('version')}")
+        saved_world = int(meta.get("world_size", 1))
+        if saved_world != self.world_size:
+            raise ValueError(f"{meta_path}: the run was checkpointed by {saved_world} process(es) and this job has "
+                             f"{self.world_size}; resume with the same world size (torchrun --nnodes x --nproc_per_node = "
+                             f"{saved_world}): each rank's data shard and random stream depend on it")
+        tensor_path = self.checkpoint_dir / meta["tensors"]
+        if not tensor_path.is_file():
+            raise FileNotFoundError(f"{meta_path} names {tensor_path}, which is missing")
+        return meta_path, meta, load_file(str(tensor_path))
 
     def _restore(self, rec: dict, cand: Candidate, prefix: str, tensors: dict[str, torch.Tensor], meta_path: Path) -> None:
         if abs(rec["p"] - cand.p) > 1e-12 or rec["k"] != cand.child.k:
@@ -716,7 +829,7 @@ class AdaptiveSearch:
         device = {n: ("cpu" if cand.baseline else p.device) for n, p in self.problem.upstream_params.items()}
         cand.values = {n: tensors[f"{prefix}.values.{n}"].to(device[n]) for n in cand.child.indices if f"{prefix}.values.{n}" in tensors}
         cand.head = {n: tensors[f"{prefix}.head.{n}"].to(p.device) for n, p in self.problem.head_params.items() if f"{prefix}.head.{n}" in tensors}
-        cand.rng_state = tensors[f"{prefix}.rng"]
+        cand.rng_state = tensors[f"{prefix}.rng" if self.rank == 0 else f"{prefix}.rng.rank{self.rank}"]
         opt_meta = rec["optimizer"]
         if opt_meta is None:
             cand.optimizer_state = None
@@ -731,6 +844,17 @@ class AdaptiveSearch:
         cand.final = rec.get("final", {})
         cand.train_losses = [tuple(x) for x in rec["train_losses"]]
         cand.rung_metrics = {int(k): v for k, v in rec["rung_metrics"].items()}
+
+
+def _prefix(cand: Candidate) -> str:
+    """Where a candidate's tensors live in the checkpoint."""
+    return f"c{cand.index}" if cand.baseline is None else f"baseline.{cand.baseline}"
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """The RNG seed of ``rank``: ``seed`` itself on rank 0 (a one-process run is unchanged),
+    distinct streams elsewhere, so that ranks draw independent dropout masks."""
+    return seed if rank == 0 else seed + 1_000_003 * rank
 
 
 def _baseline_child(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> ChildNetwork:

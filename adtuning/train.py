@@ -18,6 +18,10 @@ with espeak-ng (cached) and the shipped pre-trained upstream ``adtuning-hubert-m
 ``python -m adtuning.pretrain``) — no downloads, under two minutes on two idle CPU cores.
 ``--task sid`` and ``--task ic`` without ``--data-dir`` likewise generate a VoxCeleb1-layout and a
 Fluent-Speech-Commands-layout corpus (registry: :mod:`adtuning.embedded`).
+
+Under ``torchrun --nproc_per_node W -m adtuning.train ...`` the same recipe runs data parallel
+(:mod:`adtuning.distributed`): ``--batch-size B`` is per process and W processes train exactly
+like one process with ``--batch-size W*B``; rank 0 writes the run folder.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from adtuning.atomic import atomic_write
 from adtuning.backends import BackendUnavailableError, get_backend, resolve_backend_name
 from adtuning.checkpoint import save_delta, weights_fingerprint
 from adtuning.child import ChildNetwork
+from adtuning.distributed import DEFAULT_TIMEOUT_S, DataParallel
 from adtuning.embedded import CORPUS_RUN_DEFAULTS, DEFAULT_CORPUS_CACHE, EMBEDDED_CORPORA, embedded_corpus
 from adtuning.fisher import estimate_fisher, fisher_summary
 from adtuning.search import BASELINES, AdaptiveSearch, SearchConfig, successive_halving
@@ -79,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m adtuning.train",
         description="AD-TUNING: Fisher-selected child networks of a speech SSL upstream, with the adaptive early-stop search over P. "
-        "Without --data-dir, runs the embedded keyword-spotting default (generated corpus, the shipped pre-trained upstream).",
+        "Without --data-dir, runs the embedded keyword-spotting default (generated corpus, the shipped pre-trained upstream). "
+        "Data parallel on several GPUs or nodes: torchrun --nproc_per_node W -m adtuning.train ... (batch sizes are per process).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = parser.add_argument_group("task and data")
@@ -100,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("AD-TUNING search")
     g.add_argument("--candidates", type=_floats, default=(0.001, 0.01, 0.1), help="child ratios P to search over")
-    g.add_argument("--r", type=float, default=0.2, help="early training ratio: candidates are compared after r*T steps")
+    g.add_argument("--r", "--early-ratio", dest="r", type=float, default=0.2,
+                   help="early training ratio: candidates are compared after r*T steps (under torchrun write --early-ratio: "
+                        "torchrun's own parser takes --r for an abbreviation of its --rdzv-* flags)")
     g.add_argument("--c", type=int, default=1, help="how many candidates continue to T steps")
     g.add_argument("--rungs", type=_floats, default=None, help="several rungs (fractions of T); overrides --r (needs --keep)")
     g.add_argument("--keep", type=_ints, default=None, help="survivors after each of --rungs")
@@ -115,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "full (P=1: every scored upstream entry, AdamW); comma-separated")
 
     g = parser.add_argument_group("Fisher pass")
-    g.add_argument("--fisher-samples", type=int, default=512, help="training samples used for the Fisher pass")
+    g.add_argument("--fisher-samples", type=int, default=512, help="training samples used for the Fisher pass (in total, over all processes)")
     g.add_argument("--fisher-mode", choices=["per-sample", "batch"], default="per-sample", help="eq. 6 per-sample scores, or the published code's squared batch gradients")
-    g.add_argument("--fisher-batch-size", type=int, default=None, help="batch size of the Fisher pass (default: --batch-size)")
+    g.add_argument("--fisher-batch-size", type=int, default=None, help="batch size of the Fisher pass, per process (default: --batch-size)")
     g.add_argument("--fisher-clip", type=float, default=None, help="per-tensor gradient norm clip of --fisher-mode batch")
 
     g = parser.add_argument_group("optimisation")
@@ -126,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-lr", type=float, default=None, help="learning rate of the head and layer weights (default: --lr)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of --steps)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the child entries")
-    g.add_argument("--batch-size", type=int, default=None, help="utterances per micro-batch (default: 32 on the embedded corpus, 16 with --data-dir)")
-    g.add_argument("--eval-batch-size", type=int, default=None, help="utterances per evaluation batch (default: --batch-size)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="utterances per micro-batch and process (default: 32 on the embedded corpus, 16 with --data-dir); under "
+                        "torchrun with W processes each takes its part of a global batch of W*B, the same optimisation as "
+                        "--batch-size W*B on one process")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="utterances per evaluation batch and process (default: --batch-size)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="global gradient-norm clip (0: off)")
     g.add_argument("--eval-interval", type=int, default=None, help="dev evaluation every N steps for the curves (default: T/5 on the embedded corpus, T/10 with --data-dir; 0: only at rungs)")
@@ -143,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's, one per core; on a 2-core machine that is shared with other "
                         "jobs, 1 can be faster)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and dropout")
+
+    g = parser.add_argument_group("data parallel (under torchrun)")
+    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds a process waits for the others in a collective before the job fails (it must exceed the "
+                        "generation of an embedded corpus, which rank 0 does alone)")
 
     g = parser.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("outputs/adtuning"), help="run folder (config, summary.json, delta, plots, checkpoints)")
@@ -206,6 +222,11 @@ def _check_args(args: argparse.Namespace) -> None:
         bad("--data-dir", f"task {args.task!r} needs its corpus; only {', '.join(EMBEDDED_CORPORA)} have an embedded default")
     if args.resume and args.overwrite:
         bad("--resume", "cannot be combined with --overwrite")
+    if not args.dist_timeout > 0:
+        bad("--dist-timeout", f"must be > 0 seconds, got {args.dist_timeout}")
+    for flag in ("eval_batch_size", "fisher_batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            bad("--" + flag.replace("_", "-"), f"must be >= 1, got {getattr(args, flag)}")
     if args.fused and args.backend not in (None, "fused"):
         bad("--fused", f"conflicts with --backend {args.backend}")
     for kind in args.baselines:
@@ -232,12 +253,20 @@ def _task_options(pairs: Sequence[str]) -> dict[str, Any]:
 # The problem the search trains
 
 class SpeechProblem:
-    """Adapts a :class:`adtuning.speech.SpeechModel` and its loaders to the search."""
+    """Adapts a :class:`adtuning.speech.SpeechModel` and its loaders to the search.
 
-    def __init__(self, model, train_set, dev_set, test_set, args):
+    Data parallel (``dp`` given): loaders plan the global batches (``W`` times the per-process
+    batch sizes) and yield this rank's part; :meth:`loss` returns this rank's share of the
+    global batch's loss and :meth:`evaluate` the metrics of the whole split.
+    """
+
+    def __init__(self, model, train_set, dev_set, test_set, args, dp: DataParallel | None = None):
         from adtuning.speech import make_loader
 
         self.model = model
+        self.dp = dp
+        self.world_size = 1 if dp is None else dp.world_size
+        self._shard = None if dp is None else (dp.rank, dp.world_size)
         self.train_set, self.dev_set, self.test_set = train_set, dev_set, test_set
         self.upstream_params = dict(model.upstream.named_parameters())
         self.head_params = dict(model.task.named_parameters())
@@ -248,26 +277,72 @@ class SpeechProblem:
 
     def train_batches(self, epoch: int, skip: int):
         return iter(self._make_loader(
-            self.train_set, self.args.batch_size, shuffle=True, seed=self.args.seed, epoch=epoch, skip_batches=skip,
-            max_hours=self.args.max_train_hours, num_workers=self.args.num_workers,
+            self.train_set, self.args.batch_size * self.world_size, shuffle=True, seed=self.args.seed, epoch=epoch,
+            skip_batches=skip, max_hours=self.args.max_train_hours, num_workers=self.args.num_workers, shard=self._shard,
         ))
 
     def fisher_batches(self):
+        """The Fisher pass's batches (data parallel: this rank's parts, cut to ``--fisher-samples``
+        in total before sharding, since ``estimate_fisher`` cannot count other ranks' samples)."""
         return self._make_loader(
-            self.train_set, self.args.fisher_batch_size or self.args.batch_size, shuffle=True, seed=self.args.seed + 1,
-            epoch=0, balanced=False, max_hours=self.args.max_train_hours, num_workers=self.args.num_workers,
+            self.train_set, (self.args.fisher_batch_size or self.args.batch_size) * self.world_size, shuffle=True,
+            seed=self.args.seed + 1, epoch=0, balanced=False, max_hours=self.args.max_train_hours,
+            num_workers=self.args.num_workers, shard=self._shard,
+            max_items=None if self.dp is None else self.args.fisher_samples,
         )
 
     def loss(self, batch):
-        return self.model.loss(batch)
+        if self.dp is None:
+            return self.model.loss(batch)
+        share = self._loss_share(batch)
+        return None if batch is None else self.model.loss(batch) * share
+
+    def _loss_share(self, batch) -> float:
+        """This rank's weight in the global batch's loss: the fraction of the loss's normaliser
+        it holds. Every recipe loss is a mean over samples except SD's, a mean over label
+        frames, whose global count takes one scalar all-reduce."""
+        if self.args.task == "sd":
+            frames = torch.zeros((), dtype=torch.float64, device=self.dp.device)
+            if batch is not None:
+                frames += float(batch["label_lengths"].sum())
+            mine = float(frames)
+            total = float(self.dp.all_reduce_sum_(frames))
+            return mine / total
+        if batch is None:
+            return 0.0
+        return len(batch["ids"]) / batch["global_batch_size"]
 
     def has_split(self, split: str) -> bool:
         return (self.dev_set if split == "dev" else self.test_set) is not None
 
     def evaluate(self, split: str) -> dict[str, float]:
         dataset = self.dev_set if split == "dev" else self.test_set
-        loader = self._make_loader(dataset, self.args.eval_batch_size or self.args.batch_size, shuffle=False, seed=self.args.seed, num_workers=self.args.num_workers)
-        return self.model.evaluate(loader, progress=not self.args.no_progress)
+        batch_size = (self.args.eval_batch_size or self.args.batch_size) * self.world_size
+        loader = self._make_loader(dataset, batch_size, shuffle=False, seed=self.args.seed, num_workers=self.args.num_workers,
+                                   shard=self._shard)
+        if self.dp is None:
+            return self.model.evaluate(loader, progress=not self.args.no_progress)
+        return self._evaluate_sharded(loader)
+
+    @torch.no_grad()
+    def _evaluate_sharded(self, loader) -> dict[str, float]:
+        """This rank's part of the split through the task's accumulator, merged over the ranks
+        (counts summed, hypotheses concatenated), then the metric of the whole split."""
+        from adtuning.speech.model import batch_to
+
+        model, task = self.model, self.model.task
+        was_training = model.training
+        model.eval()
+        try:
+            state = task.new_eval_state()
+            for batch in loader:
+                if batch is None:
+                    continue
+                batch = batch_to(batch, model.device)
+                task.eval_update(state, model(batch), batch)
+        finally:
+            model.train(was_training)
+        return task.eval_compute(self.dp.merge_eval_states(state))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,8 +351,11 @@ class SpeechProblem:
 class Recipe:
     """setup -> fisher -> search -> evaluate -> save, driven by parsed CLI arguments."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, dp: DataParallel | None = None):
         self.args = args
+        self.dp = dp
+        self.is_main = dp is None or dp.is_main
+        self.world_size = 1 if dp is None else dp.world_size
         self.out: Path = args.output_dir
         self.started = time.time()
         self.summary: dict[str, Any] = {}
@@ -287,9 +365,15 @@ class Recipe:
 
     # 1. setup -------------------------------------------------------------------------------
     def setup(self) -> None:
-        args = self.args
-        self._prepare_output_dir()
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        args, dp = self.args, self.dp
+        if dp is None:
+            self._prepare_output_dir()
+            self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        else:
+            # Rank 0 owns the run folder; a refusal there is raised on every rank.
+            dp.run_on_main(self._prepare_output_dir)
+            self.device = dp.device
+            log.info("%s", dp.describe())
         backend = "fused" if args.fused else (args.backend or "reference")
         self.backend = resolve_backend_name(backend, self.device)
         try:
@@ -303,7 +387,9 @@ class Recipe:
 
         from adtuning.speech import SpeechModel, build_dataset, build_task, build_upstream
 
-        data_dir = args.data_dir or self._embedded_corpus()
+        data_dir = args.data_dir
+        if data_dir is None:
+            data_dir = self._embedded_corpus() if dp is None else dp.staged(self._embedded_corpus)
         dataset_options, task_options = split_task_options(args.task, _task_options(args.task_option))
         self.train_set = build_dataset(args.task, data_dir, "train", **dataset_options)
         self.dev_set = build_dataset(args.task, data_dir, "dev", **dataset_options)
@@ -319,7 +405,13 @@ class Recipe:
             task = build_task(args.task, upstream_dim=upstream.hidden_size, num_layers=upstream.num_layers,
                               **{**getattr(self.train_set, "task_kwargs", {}), **task_options})
         self.model = SpeechModel(upstream, task).to(self.device)
-        self.problem = SpeechProblem(self.model, self.train_set, self.dev_set, self.test_set, args)
+        if dp is not None:
+            # Every rank built the same base model and head from the seed; make sure before training.
+            dp.check_replicas({f"head {n}": p for n, p in task.named_parameters()}, "the initial heads")
+            fingerprints = dp.all_gather_object(self.base_fingerprint)
+            if len(set(fingerprints)) != 1:
+                raise RuntimeError(f"data parallel: the ranks loaded different upstreams (fingerprints {fingerprints})")
+        self.problem = SpeechProblem(self.model, self.train_set, self.dev_set, self.test_set, args, dp)
         self.upstream_entries = sum(p.numel() for p in upstream.parameters())
         self.scored_names = list(upstream.default_scored_parameters())
         self.data_dir = data_dir
@@ -334,7 +426,13 @@ class Recipe:
         if args.resume and not has_run:
             raise UsageError(f"--resume: {out} holds no run to continue (no config.json)")
         if args.resume:
-            saved = json.loads((out / "config.json").read_text())["args"]
+            config = json.loads((out / "config.json").read_text())
+            saved_world = int(config.get("world_size", 1))
+            if saved_world != self.world_size:
+                raise UsageError(f"--resume: {out} was run by {saved_world} process(es) and this job has {self.world_size}; "
+                                 f"resume with the same world size (torchrun --nnodes x --nproc_per_node = {saved_world}), since "
+                                 "each process's data shard and random stream depend on it")
+            saved = config["args"]
             current = _comparable_args(args)
             # A flag added after the run was started counts as given at its default.
             defaults = _comparable_args(build_parser().parse_args([]))
@@ -357,11 +455,14 @@ class Recipe:
 
     def _write_config(self) -> None:
         config = {"args": _comparable_args(self.args), "base_model": self.args.upstream, "base_fingerprint": self.base_fingerprint,
-                  "data_dir": str(self.data_dir), "backend": self.backend, "device": str(self.device)}
-        if not self.args.resume:
+                  "data_dir": str(self.data_dir), "backend": self.backend, "device": str(self.device),
+                  "world_size": self.world_size}
+        if not self.args.resume and self.is_main:
             atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
     def _open_tensorboard(self) -> None:
+        if not self.is_main:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
         except Exception:  # tensorboard is optional
@@ -372,11 +473,21 @@ class Recipe:
     def fisher(self) -> None:
         args = self.args
         children_dir = self.out / "children"
-        paths = [children_dir / f"p{p:g}.safetensors" for p in args.candidates]
+        # No dot in the stem: ChildNetwork.save takes "p0.01" for stem "p0" and suffix ".01".
+        paths = [children_dir / (f"p{p:g}".replace(".", "_") + ".safetensors") for p in args.candidates]
         upstream_params = self.problem.upstream_params
-        if args.resume and all(p.is_file() for p in paths):
-            self.children = [ChildNetwork.load(p, upstream_params) for p in paths]
-            self.fisher_info = json.loads((children_dir / "fisher.json").read_text())
+        dp = self.dp
+
+        def load_saved():
+            if not (args.resume and all(p.is_file() for p in paths)):
+                return None
+            return [ChildNetwork.load(p, upstream_params) for p in paths], json.loads((children_dir / "fisher.json").read_text())
+
+        saved = load_saved() if dp is None else dp.run_on_main(load_saved)
+        if saved is not None:
+            self.children, self.fisher_info = saved
+            if dp is not None:
+                self.children = dp.broadcast_children(self.children)
             log.info("resume: loaded %d child networks from %s", len(self.children), children_dir)
             return
         start = time.perf_counter()
@@ -385,18 +496,28 @@ class Recipe:
             self.children = [ChildNetwork.bernoulli(scored, p, seed=args.seed) for p in args.candidates]
             self.fisher_info = {"method": "bernoulli"}
         else:
+            # Data parallel: each rank scores its part of the --fisher-samples; the sums are
+            # all-reduced inside, so every rank returns the scores of all of them.
             scores = estimate_fisher(
                 self.model, self.problem.fisher_batches(), lambda model, batch: model.per_sample_nll(batch),
                 params=[f"upstream.{n}" for n in self.scored_names], mode=args.fisher_mode, backend=self.backend,
-                max_samples=args.fisher_samples, clip_norm=args.fisher_clip, progress=not args.no_progress,
+                max_samples=args.fisher_samples if dp is None else None, clip_norm=args.fisher_clip,
+                progress=not args.no_progress and self.is_main, data_parallel=dp,
             )
             scores = {name[len("upstream."):]: value for name, value in scores.items()}
-            self.children = ChildNetwork.nested(scores, args.candidates)
-            from adtuning.plots import log_score_histogram
+            self.children = ChildNetwork.nested(scores, args.candidates) if self.is_main else None
+            self.fisher_info = {"method": "fisher", "mode": args.fisher_mode}
+            if self.is_main:
+                from adtuning.plots import log_score_histogram
 
-            self.fisher_info = {"method": "fisher", "mode": args.fisher_mode, "summary": fisher_summary(scores),
-                                "histogram": log_score_histogram(scores), "seconds": time.perf_counter() - start}
+                self.fisher_info.update(summary=fisher_summary(scores), histogram=log_score_histogram(scores),
+                                        seconds=time.perf_counter() - start)
             del scores
+        if dp is not None:
+            # Every rank trains rank 0's index sets: identical children by construction.
+            self.children = dp.broadcast_children(self.children)
+        if not self.is_main:
+            return
         for child, path in zip(self.children, paths):
             child.save(path)
         atomic_write(children_dir / "fisher.json", lambda tmp: Path(tmp).write_text(json.dumps(self.fisher_info)))
@@ -423,7 +544,8 @@ class Recipe:
             checkpoint_interval=args.checkpoint_interval, weight_grad=args.weight_grad,
         )
         self.searcher = AdaptiveSearch(self.problem, self.children, self.config, checkpoint_dir=self.out / "checkpoint",
-                                       progress=not args.no_progress, on_event=self._event, baselines=args.baselines)
+                                       progress=not args.no_progress and self.is_main, on_event=self._event,
+                                       baselines=args.baselines, data_parallel=self.dp)
         if args.resume:
             self.searcher.load_checkpoint()
         if torch.cuda.is_available() and self.device.type == "cuda":
@@ -466,8 +588,14 @@ class Recipe:
             log.info("final %s (P=%g): %s", split, self.best.p, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     # 6. save --------------------------------------------------------------------------------
-    def save(self) -> dict:
+    def save(self) -> dict | None:
+        """Rank 0 writes the delta, summary.json and the plots and returns the summary; other
+        ranks write nothing and return ``None``."""
         args, best = self.args, self.best
+        if not self.is_main:
+            if self.writer is not None:
+                self.writer.close()
+            return None
         delta_dir = save_delta(
             self.out / "delta", self.problem.upstream_params, best.child, self.problem.head_params,
             {"base_model": args.upstream, "base_fingerprint": self.base_fingerprint, "base_dtype": "bfloat16" if args.bf16 else "float32",
@@ -483,6 +611,7 @@ class Recipe:
                 "dev_at_rungs": {str(rung_steps[i]): m for i, m in sorted(cand.rung_metrics.items())},
                 "curve": cand.curve, "train_loss": cand.train_losses,
                 "layer_ratios": cand.child.layer_ratios(),
+                "allreduce_bytes_per_step": self.searcher.allreduce_bytes_per_step(cand),
             }
             if self.regret is not None:
                 entry.update(final_dev=cand.final["dev"], final_test=cand.final.get("test"))
@@ -500,6 +629,7 @@ class Recipe:
             "fisher": {k: v for k, v in self.fisher_info.items() if k != "histogram"},
             "delta_dir": str(delta_dir), "delta_bytes": sum(f.stat().st_size for f in delta_dir.iterdir()),
             "versions": _versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "world_size": self.world_size, "data_parallel": self._data_parallel_summary(),
         }
         if self.regret is not None:
             # regret (dev) is the headline; regret_test only when the task has a test split.
@@ -516,6 +646,25 @@ class Recipe:
         if self.writer is not None:
             self.writer.close()
         return self.summary
+
+    def _data_parallel_summary(self) -> dict | None:
+        """What data parallelism cost: bytes all-reduced per step (per candidate), next to what
+        torch DDP all-reduces for the same trainable tensors (the dense gradient of every scored
+        upstream entry plus the head, ``4 * (N + head)``: full fine-tuning, and CHILD-TUNING's
+        masked dense gradient alike), and time in the gradient all-reduces and in all collectives."""
+        if self.dp is None:
+            return None
+        head = sum(p.numel() for p in self.problem.head_params.values())
+        scored = self.children[0].n
+        return {
+            "backend": self.dp.backend, "world_size": self.world_size,
+            "global_batch_size": self.args.batch_size * self.world_size * self.args.grad_accum,
+            "head_entries": head,
+            "allreduce_bytes_per_step": {f"{c.p:g}": self.searcher.allreduce_bytes_per_step(c) for c in self.searcher.candidates},
+            "scored_entries": scored, "ddp_dense_bytes_per_step": 4 * (scored + head),
+            "allreduce_steps": self.searcher.allreduce_steps, "allreduce_seconds": self.searcher.allreduce_seconds,
+            "collective_seconds": self.dp.collective_seconds,
+        }
 
     def _plots(self) -> list[str]:
         from adtuning import plots
@@ -573,7 +722,8 @@ def _optional_split(build_dataset, task, data_dir, options):
 
 def _comparable_args(args: argparse.Namespace) -> dict:
     """The flags that define a run (what --resume must not change)."""
-    skip = {"resume", "overwrite", "no_progress", "no_plots", "log_level", "num_workers", "checkpoint_interval", "threads"}
+    skip = {"resume", "overwrite", "no_progress", "no_plots", "log_level", "num_workers", "checkpoint_interval", "threads",
+            "dist_timeout"}
     return {k: _jsonable(v) for k, v in vars(args).items() if k not in skip}
 
 
@@ -644,14 +794,28 @@ def _regret_line(summary: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the recipe; returns the process exit code (0 ok, 2 usage/input error, 1 failure)."""
+    """Run the recipe; returns the process exit code (0 ok, 2 usage/input error, 1 failure).
+
+    Under torchrun every process runs this; a process that fails prints its error with its
+    rank and exits, and torchrun stops the others.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    rank = os.environ.get("RANK") if _launched_world() > 1 else None
+    where = "" if rank is None else f"[rank {rank}] "
+    level = getattr(logging, args.log_level)
+    if rank not in (None, "0") and level < logging.WARNING:
+        level = logging.WARNING  # one copy of the log: rank 0's
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {where}%(message)s", datefmt="%H:%M:%S")
+    dp = None
     try:
         _apply_run_defaults(args)
         _check_args(args)
-        recipe = Recipe(args)
+        try:
+            dp = DataParallel.from_env(args.device, args.dist_timeout)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        recipe = Recipe(args, dp)
         recipe.setup()
         recipe.fisher()
         recipe.search()
@@ -659,13 +823,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe.evaluate()
         summary = recipe.save()
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Usage errors are raised alike on every rank (rank 0's checks are broadcast).
+        if dp is not None:
+            dp.close()
+        print(f"{where}error: {err}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        # Possibly this rank alone: leave the group as it is (the others may be inside a
+        # collective) and exit; torchrun then stops the other ranks.
+        print(f"{where}error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    _print_summary(summary)
+    if dp is not None:
+        dp.barrier()  # nobody tears down its connections while rank 0 may still be saving
+        dp.close()
+    if summary is not None:
+        _print_summary(summary)
     return 0
+
+
+def _launched_world() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 if __name__ == "__main__":
