@@ -29,6 +29,10 @@ Run from the repository root (adtuning need not be installed)::
    should hold per dtype (``sparse_weight_grad``); and one wav2vec2-base training step (8 x 4 s), full
    fine-tuning with fused AdamW against CHILD-TUNING with dense and with sparse weight
    gradients: median time and peak memory, as ratios to full fine-tuning (``e2e_train_step``).
+6. **Data parallel over NCCL** (only with 2 or more GPUs; ``ddp_nccl``, skipped otherwise):
+   ``bench/bench_ddp.py`` in 2 processes — bytes all-reduced per step and step time of the
+   compact all-reduce at P = 0.001, 0.01, 0.1 against torch DDP (full fine-tuning, and
+   CHILD-TUNING's dense masked gradient).
 
 ``--dry-run`` runs every section on the CPU instead, under ``TRITON_INTERPRET=1`` with tiny
 sizes and wall-clock timings, so that the script itself is tested before the scarce GPU run
@@ -632,6 +636,22 @@ def bench_e2e_train_step(device: torch.device) -> list[dict]:
     return rows
 
 
+def bench_ddp_nccl() -> dict:
+    """``bench/bench_ddp.py`` over NCCL in 2 processes on 2 GPUs (wav2vec2-base, 8 x 4 s per GPU):
+    bytes all-reduced per step and step time of the compact all-reduce at P = 0.001, 0.01, 0.1
+    against DDP full fine-tuning and DDP with CHILD-TUNING's dense mask. Skipped with fewer than
+    2 GPUs; a dry run runs it over gloo on the CPU at a tiny size."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    import bench_ddp
+
+    if DRY_RUN:
+        return bench_ddp.run_comparison(bench_ddp.settings("tiny"), "cpu", backend="reference")
+    if torch.cuda.device_count() < bench_ddp.WORLD:
+        return {"skipped": f"needs {bench_ddp.WORLD} GPUs, found {torch.cuda.device_count()}"}
+    return bench_ddp.run_comparison(bench_ddp.settings("full"), "cuda", backend="triton")
+
+
 # ---- driver -------------------------------------------------------------------------------
 
 def environment() -> dict:
@@ -719,6 +739,14 @@ def _summary(results: dict) -> list[str]:
             memory = row["memory_ratio_to_full"]
             ratios = f" = {row['time_ratio_to_full']:.3f}x time" + (f", {memory:.3f}x memory" if memory else "")
         lines.append(f"e2e step {row['name']}: {row['ms']:.1f} ms, peak {row['peak_bytes'] / 2**30:.2f} GiB{ratios}")
+    ddp = results.get("ddp_nccl")
+    if isinstance(ddp, dict) and "rows" in ddp:
+        for row in ddp["rows"]:
+            lines.append(f"data parallel ({ddp['environment']['process_group_backend']}, 2 processes) {row['name']}: "
+                         f"{row['allreduce_bytes_per_step']:,} B/step = {row['bytes_ratio_to_ddp_full']:.5f}x DDP, "
+                         f"step {row['median_step_s'] * 1e3:.1f} ms = {row['step_time_ratio_to_ddp_full']:.3f}x DDP full FT")
+    elif isinstance(ddp, dict) and "skipped" in ddp:
+        lines.append(f"data parallel (NCCL): skipped: {ddp['skipped']}")
     for row in results.get("sparse_adamw_model", []) if isinstance(results.get("sparse_adamw_model"), list) else []:
         lines.append(f"sparse AdamW whole model ({row['tensors']} launches) P={row['P']}: {row['ms']:.3f} ms "
                      f"vs dense fused {row['dense_fused_adamw_ms']:.3f} ms")
@@ -793,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
         _section(results, "e2e_train_step", lambda: bench_e2e_train_step(device), started)
         torch.cuda.empty_cache()
+        _section(results, "ddp_nccl", bench_ddp_nccl, started)
         _section(results, "fisher_kernel", lambda: bench_fisher_kernel(device), started)
     results["elapsed_s"] = time.monotonic() - started
     ok = _correctness_ok(results)
