@@ -168,6 +168,18 @@ def _select(keys: dict[str, torch.Tensor], threshold: int, ties_left: int) -> di
     return indices
 
 
+def _file_pair(path: str | os.PathLike, strip: tuple[str, ...]) -> tuple[Path, Path]:
+    """``(<base>.safetensors, <base>.json)`` for ``path`` given with or without one of ``strip``.
+
+    The suffixes are appended to the name, not substituted for its last dotted part, so
+    ``children/p0.01`` and ``children/p0.1`` stay two children (``with_suffix`` made both ``p0``).
+    """
+    base = Path(path)
+    if base.suffix in strip:
+        base = base.with_suffix("")
+    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+
+
 @dataclass
 class ChildNetwork:
     """A fixed child network: per-tensor sorted unique flat indices of the trained entries.
@@ -353,10 +365,7 @@ class ChildNetwork:
             adtuning.atomic.WriteError: disk full or another OS error; the previous files stay
                 valid and no temporary file is left.
         """
-        base = Path(path)
-        if base.suffix == ".safetensors":
-            base = base.with_suffix("")
-        tensor_path, meta_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+        tensor_path, meta_path = _file_pair(path, (".safetensors",))
         for name, idx in self.indices.items():
             problem = index_set_problem(idx, math.prod(self.shapes[name]) if name in self.shapes else 0)
             if problem:
@@ -365,7 +374,7 @@ class ChildNetwork:
         meta = self.metadata()
         blob = save_safetensors(tensors, metadata={"adtuning": json.dumps(meta)})
         meta["indices_sha256"] = sha256_hex(blob)
-        base.parent.mkdir(parents=True, exist_ok=True)
+        tensor_path.parent.mkdir(parents=True, exist_ok=True)
         for target in (tensor_path, meta_path):
             remove_stale_temporaries(target)  # left by a writer that was killed
         atomic_write_files({tensor_path: blob, meta_path: json.dumps(meta, indent=2).encode()})
@@ -387,10 +396,7 @@ class ChildNetwork:
                 tensor (see :func:`index_set_problem`), a count other than ``k``, or (with
                 ``named_params``) a tensor the model lacks or has with another shape.
         """
-        base = Path(path)
-        if base.suffix in (".safetensors", ".json"):
-            base = base.with_suffix("")
-        tensor_path, meta_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+        tensor_path, meta_path = _file_pair(path, (".safetensors", ".json"))
         for needed in (tensor_path, meta_path):
             if not needed.is_file():
                 raise FileNotFoundError(f"child network file missing: {needed}")

@@ -123,3 +123,15 @@ def test_bad_score_sets_are_rejected():
         ChildNetwork.from_scores({"a": torch.tensor([1.0, float("inf")])}, 0.5)
     with pytest.raises(ValueError, match="'b' is empty"):
         ChildNetwork.from_scores({"a": torch.rand(2), "b": torch.empty(0)}, 0.5)
+
+
+def test_names_with_dots_keep_their_own_files(tmp_path):
+    """``p0.01`` and ``p0.1`` are two children (a suffix swap made both ``p0``)."""
+    scores = {"a": torch.rand(100, generator=torch.Generator().manual_seed(0))}
+    small, large = ChildNetwork.nested(scores, [0.01, 0.1])
+    assert small.save(tmp_path / "p0.01.safetensors").name == "p0.01.safetensors"
+    large.save(tmp_path / "p0.1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p0.01.json", "p0.01.safetensors", "p0.1.json", "p0.1.safetensors"]
+    assert ChildNetwork.load(tmp_path / "p0.01.safetensors").k == small.k
+    assert ChildNetwork.load(tmp_path / "p0.1.json").k == large.k
+    assert ChildNetwork.load(tmp_path / "p0.1").k == large.k
