@@ -139,8 +139,8 @@ register(EmbeddedCorpus(
     params=dict(train_sentences=800, valid_sentences=120, test_sentences=120, seed=4),
     run_defaults=RunDefaults(steps=400, lr=1e-2, batch_size=16, eval_fraction=5),
     task_options=dict(project_dim=256, rnn_dim=256, rnn_layers=1, specaug=False),  # as ASR
-    notes="Audio SNIPS layout: the recipe's 16 speaker names (8 train, 4 valid, 4 test), 7 intents x 4 templates "
-          "with slot values: 800 / 120 / 120 utterances."))
+    notes="Audio SNIPS layout: the recipe's 16 speaker names (8 train, 4 valid, 4 test), 7 intents x 4 short "
+          "templates with 20 slot types: 800 / 120 / 120 utterances."))
 register(EmbeddedCorpus(
     task="sd", what="speaker-diarization", folder="librimix_synth/data",
     generator="adtuning.speech.synth_librimix:generate_librimix",
@@ -148,4 +148,5 @@ register(EmbeddedCorpus(
     run_defaults=RunDefaults(steps=300, lr=5e-3, batch_size=16, eval_fraction=5),
     task_options=dict(hidden_size=128),
     notes="LibriMix / Kaldi layout: 24 speakers (16 train, 4 dev, 4 test), two-speaker recordings of 2-4 "
-          "alternating turns, half of them overlapping: 400 / 64 / 64 recordings."))
+          "alternating turns, each turn change overlapping with probability 1/2: 400 / 64 / 64 recordings "
+          "(best constant prediction: test DER 0.646)."))

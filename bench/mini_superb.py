@@ -1,0 +1,320 @@
+"""mini-SUPERB: the rows of the paper's Table 2 that make sense here, on the embedded corpora.
+
+Usage, from the repository root::
+
+    python bench/mini_superb.py                      # every task, 2 seeds, low-resource sweep (~90 min, 2 idle cores)
+    python bench/mini_superb.py --quick              # 1 seed, a third of each task's steps, no sweep
+    python bench/mini_superb.py --tasks ks,pr --seeds 0,1,2
+
+For every task and seed it runs the CLI (``python -m adtuning.train``, ``--fused``, the task's
+embedded corpus and run defaults) twice:
+
+1. AD-TUNING (candidates P = 0.001, 0.01, 0.1; r = 0.2, c = 1) with ``--measure-regret`` (every
+   culled candidate is then trained on to T: the CHILD-TUNING_D rows, each exactly the run of
+   one candidate to T, because a continued candidate is indistinguishable from one never paused)
+   and ``--baselines head-only,full`` (the paper's Baseline, P = 0, and FT, P = 1);
+2. CHILD-TUNING_F: ``--child-method bernoulli --candidates <P_F>`` (one candidate, T steps).
+
+Rows: Baseline, FT, CHILD-TUNING_F (P_F), CHILD-TUNING_D (P = 0.001, 0.01, 0.1), AD-TUNING. For
+each task and row it reports the test metric (dev too in the JSON) as mean +- spread over the seeds
+(spread = half the range), the trainable parameters (upstream entries + head), the optimizer
+steps, and the training seconds. A row's seconds are its steps times the mean step time of the
+run it belongs to (runs train several rows in one process; the CLI records the run's total
+training time only), so rows of one run share a step cost; say so when comparing them. AD-TUNING's
+regret is the best CHILD-TUNING_D row minus AD-TUNING's pick (positive: the pick is worse; dev and
+test, per seed, from ``summary.json``).
+
+The low-resource sweep (not with ``--quick``) repeats run 1 on one task (``--low-resource-task``,
+default pr) with ``--max-train-hours`` at several sizes, to see whether smaller training sets
+prefer smaller P (the paper's Fig. 5).
+
+Results: ``bench/results/<date>-mini-superb.json`` (environment, commands, every run's figures)
+and ``.md`` (the tables); with ``--quick`` the stem ends in ``-quick``. Runs are kept under ``--work``
+(default ``mini-superb-runs`` beside the corpus cache); a run whose ``summary.json`` exists is reused, an interrupted one is resumed, so
+the script can be stopped and started again.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adtuning.embedded import EMBEDDED_CORPORA  # noqa: E402
+
+TASKS = ("ks", "ic", "sid", "asr", "pr", "sf", "sd")
+CANDIDATES = (0.001, 0.01, 0.1)
+ROWS = ("Baseline", "FT", "CHILD-TUNING_F", "CHILD-TUNING_D P=0.001", "CHILD-TUNING_D P=0.01",
+        "CHILD-TUNING_D P=0.1", "AD-TUNING")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict:
+    """Device, CPU, core count, versions, date and load: stored with every figure."""
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "torchaudio", "triton"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:
+            versions[name] = None
+    return {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "versions": versions, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "load_average_1min_at_start": os.getloadavg()[0]}
+
+
+def task_steps(task: str, quick: bool) -> int:
+    """T of a task: its embedded run default, a third of it (at least 60) with --quick."""
+    steps = EMBEDDED_CORPORA[task].run_defaults.steps
+    return max(60, steps // 3) if quick else steps
+
+
+def cli_command(task: str, out: Path, seed: int, steps: int, extra: list[str], args: argparse.Namespace) -> list[str]:
+    """The CLI command of one run (the registry's reader/head options given explicitly)."""
+    corpus = EMBEDDED_CORPORA[task]
+    root = args.corpus_cache / corpus.folder
+    options = [f"--task-option={k}={json.dumps(v)}" for k, v in corpus.resolved_task_options(root).items()]
+    cmd = [sys.executable, "-m", "adtuning.train", "--task", task, "--fused", "--seed", str(seed), "--steps", str(steps),
+           "--output-dir", str(out), "--corpus-cache", str(args.corpus_cache), "--no-progress", "--no-plots",
+           "--log-level", "WARNING", *options, *extra]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return cmd
+
+
+def run(cmd: list[str], out: Path, log: list[dict]) -> dict:
+    """Run (or reuse, or resume) one CLI run; return its summary."""
+    summary = out / "summary.json"
+    entry = {"command": shlex.join(cmd), "output_dir": str(out)}
+    if summary.is_file():
+        entry["reused"] = True
+    else:
+        full = cmd + (["--resume"] if (out / "config.json").is_file() else [])
+        print(f"mini_superb: {shlex.join(full)}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(full, cwd=ROOT)
+        entry["wall_seconds"] = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"mini_superb: the run in {out} failed with exit status {proc.returncode}: {shlex.join(full)}")
+    result = json.loads(summary.read_text())
+    # When and how long the run itself ran (a reused run ran before this invocation).
+    entry.update(run_date=result.get("date"), run_wall_seconds=result.get("wall_seconds"))
+    log.append(entry)
+    return result
+
+
+def _per_step(summary: dict) -> float:
+    """The run's mean seconds per optimizer step (all rows it trained, regret and baselines included)."""
+    steps = sum(c["steps"] for c in summary["candidates"]) + sum(b["steps"] for b in summary.get("baselines", {}).values())
+    return summary["train_seconds"] / max(1, steps)
+
+
+def rows_of(adt: dict, f: dict, p_f: float) -> dict[str, dict]:
+    """The Table-2 rows of one task and seed from the AD-TUNING and CHILD-TUNING_F summaries."""
+    metric = adt["primary_metric"]
+    head = adt["baselines"]["head-only"]["trainable_head"]
+    per_step, per_step_f = _per_step(adt), _per_step(f)
+    out = {}
+    for kind, row in (("head-only", "Baseline"), ("full", "FT")):
+        b = adt["baselines"][kind]
+        out[row] = {"p": b["p"], "trainable_upstream": b["trainable_upstream"], "trainable_head": head, "steps": b["steps"],
+                    "seconds": b["steps"] * per_step, "dev": b["final_dev"][metric],
+                    "test": b["final_test"][metric] if b["final_test"] else None}
+    c = f["candidates"][0]
+    out["CHILD-TUNING_F"] = {"p": p_f, "trainable_upstream": c["k"], "trainable_head": head, "steps": c["steps"],
+                             "seconds": c["steps"] * per_step_f, "dev": f["final"]["dev"][metric],
+                             "test": f["final"].get("test", {}).get(metric)}
+    for c in adt["candidates"]:
+        out[f"CHILD-TUNING_D P={c['p']:g}"] = {
+            "p": c["p"], "trainable_upstream": c["k"], "trainable_head": head, "steps": c["steps"],
+            "seconds": c["steps"] * per_step, "dev": c["final_dev"][metric],
+            "test": c["final_test"][metric] if c["final_test"] else None}
+    chosen = next(c for c in adt["candidates"] if c["p"] == adt["chosen_p"])
+    out["AD-TUNING"] = {"p": adt["chosen_p"], "trainable_upstream": chosen["k"], "trainable_head": head,
+                        "steps": adt["steps_spent_search"], "seconds": adt["steps_spent_search"] * per_step,
+                        "dev": adt["final"]["dev"][metric], "test": adt["final"].get("test", {}).get(metric),
+                        "regret_dev": adt.get("regret"), "regret_test": adt.get("regret_test")}
+    return out
+
+
+def _stats(values: list[float | None]) -> dict:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "spread": None, "n": 0}
+    return {"mean": sum(vals) / len(vals), "spread": (max(vals) - min(vals)) / 2 if len(vals) > 1 else None, "n": len(vals)}
+
+
+def aggregate(per_seed: dict[int, dict[str, dict]], higher: bool) -> dict:
+    """Mean +- spread per row, and what the issue asks of each task."""
+    rows = {}
+    for row in ROWS:
+        runs = [per_seed[s][row] for s in sorted(per_seed)]
+        rows[row] = {"p": runs[0]["p"], "trainable_upstream": runs[0]["trainable_upstream"],
+                     "trainable_head": runs[0]["trainable_head"], "steps": runs[0]["steps"],
+                     "seconds": _stats([r["seconds"] for r in runs]), "dev": _stats([r["dev"] for r in runs]),
+                     "test": _stats([r["test"] for r in runs]),
+                     "per_seed": {str(s): {k: per_seed[s][row][k] for k in ("dev", "test", "steps", "p")} for s in sorted(per_seed)}}
+    split = "test" if rows["AD-TUNING"]["test"]["mean"] is not None else "dev"
+    d_rows = [r for r in ROWS if r.startswith("CHILD-TUNING_D")]
+    pick = max if higher else min
+    best = pick(d_rows, key=lambda r: rows[r][split]["mean"])
+    best_mean, ad = rows[best][split]["mean"], rows["AD-TUNING"][split]["mean"]
+    regret = (best_mean - ad) if higher else (ad - best_mean)
+    spread = rows[best][split]["spread"]
+    d_at_pf = f"CHILD-TUNING_D P={rows['CHILD-TUNING_F']['p']:g}"
+    d_vs_f = None
+    if d_at_pf in rows:
+        d, f = rows[d_at_pf][split]["mean"], rows["CHILD-TUNING_F"][split]["mean"]
+        d_vs_f = d >= f if higher else d <= f
+    per_seed_regret = {str(s): {"dev": per_seed[s]["AD-TUNING"]["regret_dev"], "test": per_seed[s]["AD-TUNING"]["regret_test"]}
+                       for s in sorted(per_seed)}
+    return {"rows": rows, "split": split, "best_d_row": best, "ad_regret_vs_best_d": regret,
+            "ad_within_best_d_spread": None if spread is None else regret <= spread,
+            "d_at_pf_at_least_f": d_vs_f, "regret_per_seed": per_seed_regret,
+            "ad_picks": {str(s): per_seed[s]["AD-TUNING"]["p"] for s in sorted(per_seed)}}
+
+
+def _fmt(stat: dict, digits: int = 3) -> str:
+    if stat["mean"] is None:
+        return "-"
+    text = f"{stat['mean']:.{digits}f}"
+    return text + (f" ± {stat['spread']:.{digits}f}" if stat["spread"] is not None else "")
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"# mini-SUPERB ({result['date']})", "",
+             f"{env['device']}, {env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}; 1-min load at start "
+             f"{env['load_average_1min_at_start']:.2f}. Mode: {'quick' if result['quick'] else 'full'}; seeds "
+             f"{', '.join(map(str, result['seeds']))}; CHILD-TUNING_F at P_F = {result['p_f']:g}. Upstream: the "
+             "embedded adtuning-hubert-mini; corpora: the embedded generated ones (adtuning/embedded.py).", ""]
+    tasks = [t for t in TASKS if t in result["tasks"]]
+    head = "| row | upstream params | " + " | ".join(
+        f"{t} {result['tasks'][t]['metric']} {'↑' if result['tasks'][t]['higher_is_better'] else '↓'}" for t in tasks) + " |"
+    lines += ["Test metric, mean ± half the range over the seeds:", "", head, "|" + "---|" * (len(tasks) + 2)]
+    for row in ROWS:
+        params = next(iter(result["tasks"].values()))["summary"]["rows"][row]["trainable_upstream"] if tasks else 0
+        cells = [_fmt(result["tasks"][t]["summary"]["rows"][row][result["tasks"][t]["summary"]["split"]]) for t in tasks]
+        lines.append(f"| {row} | {params:,} | " + " | ".join(cells) + " |")
+    lines += ["", "Per task: AD-TUNING's picks, its regret against the best CHILD-TUNING_D row (positive: worse), "
+              "and CHILD-TUNING_D vs _F at the same P:", "",
+              "| task | T | AD picks (per seed) | best D row | AD regret | within the best row's spread | D(P_F) ≥ F(P_F) | AD steps vs training all |",
+              "|---|---|---|---|---|---|---|---|"]
+    for t in tasks:
+        s = result["tasks"][t]["summary"]
+        within = "-" if s["ad_within_best_d_spread"] is None else ("yes" if s["ad_within_best_d_spread"] else "no")
+        dvf = "-" if s["d_at_pf_at_least_f"] is None else ("yes" if s["d_at_pf_at_least_f"] else "no")
+        picks = ", ".join(f"{p:g}" for p in s["ad_picks"].values())
+        steps = s["rows"]["AD-TUNING"]["steps"]
+        lines.append(f"| {t} | {result['tasks'][t]['steps']} | {picks} | {s['best_d_row']} | {s['ad_regret_vs_best_d']:+.4f} | "
+                     f"{within} | {dvf} | {steps} vs {3 * result['tasks'][t]['steps']} |")
+    lines += ["", "Steps and training seconds per row (seconds: steps x the mean step time of the run the row was "
+              "trained in; see bench/mini_superb.py):", "",
+              "| task | " + " | ".join(ROWS) + " |", "|" + "---|" * (len(ROWS) + 1)]
+    for t in tasks:
+        rows = result["tasks"][t]["summary"]["rows"]
+        lines.append(f"| {t} | " + " | ".join(f"{rows[r]['steps']} / {_fmt(rows[r]['seconds'], 0)} s" for r in ROWS) + " |")
+    if result.get("low_resource"):
+        lr = result["low_resource"]
+        lines += ["", f"Low-resource sweep on {lr['task']} (seed {lr['seed']}, --max-train-hours; test "
+                  f"{lr['metric']} of each CHILD-TUNING_D row trained to T, and AD-TUNING's pick):", "",
+                  "| hours | " + " | ".join(f"P={p:g}" for p in CANDIDATES) + " | best P | AD pick |", "|" + "---|" * (len(CANDIDATES) + 3)]
+        for hours, entry in lr["sizes"].items():
+            lines.append(f"| {hours} | " + " | ".join(f"{entry['per_p'][f'{p:g}']:.3f}" for p in CANDIDATES)
+                         + f" | {entry['best_p']:g} | {entry['ad_pick']:g} |")
+    lines += ["", "Runs (date and wall time of each run; the 1-min load above is at this invocation's start):", ""]
+    lines += [f"    {r['command']}  # {r['run_date']}, {r['run_wall_seconds']:.0f} s" for r in result["runs"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study (or the selected part of it); write the JSON and markdown results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all seven)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1; 0 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="one seed, a third of each task's steps, no low-resource sweep")
+    parser.add_argument("--p-f", type=float, default=0.1, help="P_F of the CHILD-TUNING_F row")
+    parser.add_argument("--low-resource-task", default="pr", help="task of the --max-train-hours sweep ('' to skip)")
+    parser.add_argument("--hours", default="0.05,0.1,0.2", help="training-set sizes of the sweep, in hours (the full set is added)")
+    parser.add_argument("--threads", type=int, default=None, help="--threads of every run (default: the CLI's)")
+    parser.add_argument("--corpus-cache", type=Path, default=None, help="--corpus-cache of every run (default: the CLI's)")
+    parser.add_argument("--work", type=Path, default=None, help="run folders (default: mini-superb-runs beside the corpus cache)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
+    args = parser.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        parser.error(f"--tasks: unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
+    if args.corpus_cache is None:
+        from adtuning.embedded import DEFAULT_CORPUS_CACHE
+
+        args.corpus_cache = DEFAULT_CORPUS_CACHE
+    if args.work is None:
+        args.work = args.corpus_cache.parent / "mini-superb-runs"
+    date = _dt.date.today().isoformat()
+    mode = "quick" if args.quick else "full"
+    result = {"date": date, "quick": args.quick, "seeds": seeds, "p_f": args.p_f, "environment": environment(),
+              "command": shlex.join([sys.executable, *sys.argv]), "tasks": {}, "runs": []}
+    started = time.perf_counter()
+    for task in tasks:
+        steps = task_steps(task, args.quick)
+        per_seed = {}
+        for seed in seeds:
+            base = args.work / mode / task / f"seed{seed}"
+            adt = run(cli_command(task, base / "adtuning", seed, steps, ["--measure-regret", "--baselines", "head-only,full"], args),
+                      base / "adtuning", result["runs"])
+            f = run(cli_command(task, base / "child-tuning-f", seed, steps,
+                                ["--child-method", "bernoulli", "--candidates", f"{args.p_f:g}"], args),
+                    base / "child-tuning-f", result["runs"])
+            per_seed[seed] = rows_of(adt, f, args.p_f)
+            metric, higher = adt["primary_metric"], adt["higher_is_better"]
+        result["tasks"][task] = {"metric": metric, "higher_is_better": higher, "steps": steps,
+                                 "summary": aggregate(per_seed, higher)}
+    if args.low_resource_task and not args.quick:
+        task, seed = args.low_resource_task, seeds[0]
+        steps = task_steps(task, False)
+        sizes = {}
+        for hours in [h for h in args.hours.split(",") if h] + ["full"]:
+            out = args.work / mode / f"low-resource-{task}" / f"hours-{hours}"
+            extra = ["--measure-regret"] + ([] if hours == "full" else ["--max-train-hours", hours])
+            s = run(cli_command(task, out, seed, steps, extra, args), out, result["runs"])
+            metric, higher = s["primary_metric"], s["higher_is_better"]
+            split = "final_test" if all(c["final_test"] for c in s["candidates"]) else "final_dev"
+            per_p = {f"{c['p']:g}": c[split][metric] for c in s["candidates"]}
+            best = (max if higher else min)(s["candidates"], key=lambda c: c[split][metric])["p"]
+            sizes[hours] = {"per_p": per_p, "best_p": best, "ad_pick": s["chosen_p"], "split": split}
+        result["low_resource"] = {"task": task, "seed": seed, "metric": metric, "sizes": sizes}
+    result["wall_seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{date}-mini-superb{'-quick' if args.quick else ''}"
+    for path, text in ((stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n"), (stem.with_suffix(".md"), markdown(result))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    print(markdown(result))
+    print(f"mini_superb: wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
