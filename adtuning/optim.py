@@ -249,18 +249,28 @@ class SparseAdamW(torch.optim.Optimizer):
         return grads
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Global-norm clipping over compact (child) and dense gradients, like ``clip_grad_norm_``.
-
-        The norm is that of the vector of all child-entry gradients and all dense-group
-        gradients; non-child entries never have gradients and do not count. Returns the
-        total norm before clipping.
-        """
+    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """The global norm of all child-entry (compact) and dense-group gradients, as a tensor
+        (0 when there are none); NaN or inf when any gradient holds NaN or inf."""
         grads = self._all_grads()
         if not grads:
             return torch.tensor(0.0)
         norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
-        total = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+        return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, total_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Global-norm clipping over compact (child) and dense gradients, like ``clip_grad_norm_``.
+
+        The norm is that of the vector of all child-entry gradients and all dense-group
+        gradients; non-child entries never have gradients and do not count. ``total_norm``:
+        that norm when the caller has just computed it (:meth:`grad_norm`). Returns the total
+        norm before clipping.
+        """
+        grads = self._all_grads()
+        if not grads:
+            return torch.tensor(0.0)
+        total = self.grad_norm(norm_type) if total_norm is None else total_norm
         clip_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             g.mul_(clip_coef.to(g.device, g.dtype))

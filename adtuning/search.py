@@ -37,6 +37,7 @@ state); resuming needs the same world size.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from adtuning.atomic import atomic_write
+from adtuning.atomic import atomic_write, remove_stale_temporaries
 from adtuning.child import INT32_LIMIT, ChildNetwork
 from adtuning.distributed import DataParallel, GradientReducer
 from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup
@@ -59,10 +60,26 @@ from adtuning.sparse_grad import WEIGHT_GRAD_MODES, SparseWeightGrad, install_sp
 
 log = logging.getLogger("adtuning")
 
-CHECKPOINT_VERSION = 3
+CHECKPOINT_VERSION = 4
 # Version 1 predates regret and baselines (it reads as "none run yet"); version 2 predates data
-# parallelism (it reads as world size 1).
-_READABLE_VERSIONS = (1, 2, 3)
+# parallelism (it reads as world size 1); version 3 predates the tensor checksum and the
+# non-finite step counters.
+_READABLE_VERSIONS = (1, 2, 3, 4)
+
+#: The checkpoint JSONs kept, newest first: a torn or corrupt newest one falls back to the other.
+CHECKPOINT_FILES = ("search.json", "search.prev.json")
+
+#: What a non-finite loss or gradient does (``SearchConfig.on_nonfinite``).
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient stopped training, or a non-finite tensor was about to be
+    written to a checkpoint (nothing is written then; the previous checkpoint stays valid)."""
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none is usable: each is torn or fails its integrity check (named)."""
 
 #: Baselines :meth:`AdaptiveSearch.run_baselines` can train, with the P they amount to.
 BASELINES = {"head-only": 0.0, "full": 1.0}
@@ -131,6 +148,11 @@ class SearchConfig:
         seed: seeds each candidate's RNG identically, as independent runs would be.
         checkpoint_interval: write a resumable checkpoint every this many steps (0: only at
             segment ends).
+        on_nonfinite: a step whose loss or gradient holds NaN/inf is never applied;
+            ``"stop"`` raises :class:`NonFiniteError` naming the candidate, step and batch,
+            ``"skip"`` drops the step (its batch is consumed, the optimizer and schedule do not
+            move), logs it and counts it in the candidate's ``skipped_steps``.
+        max_nonfinite_skips: with ``"skip"``, this many non-finite steps in a row stop the run.
     """
 
     total_steps: int
@@ -150,6 +172,8 @@ class SearchConfig:
     weight_grad: str = "auto"
     seed: int = 0
     checkpoint_interval: int = 0
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
 
     def __post_init__(self):
         if self.total_steps < 1:
@@ -168,6 +192,10 @@ class SearchConfig:
             raise ValueError(f"warmup_steps must be in [0, {self.total_steps}], got {self.warmup_steps}")
         if self.weight_grad not in WEIGHT_GRAD_MODES:
             raise ValueError(f"weight_grad must be one of {', '.join(WEIGHT_GRAD_MODES)}, got {self.weight_grad!r}")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}")
+        if self.max_nonfinite_skips < 1:
+            raise ValueError(f"max_nonfinite_skips must be >= 1, got {self.max_nonfinite_skips}")
 
     def rung_steps(self) -> list[int]:
         """Step counts of the rungs followed by T."""
@@ -222,6 +250,8 @@ class Candidate:
     stopped_at: int | None = None
     final: dict[str, dict[str, float]] = field(default_factory=dict)
     baseline: str | None = None
+    skipped_steps: int = 0  # non-finite steps dropped (on_nonfinite="skip")
+    nonfinite_streak: int = 0  # of them, how many in a row up to now
 
     @property
     def p(self) -> float:
@@ -454,8 +484,11 @@ class AdaptiveSearch:
                 total = 0.0
                 if self._reducer is not None:
                     self._reducer.prepare()
+                seen = []  # (epoch, batch, utterance ids) of this step's micro-batches, for messages
                 for _ in range(cfg.grad_accum):
-                    loss = self.problem.loss(next(batches))
+                    batch = next(batches)
+                    seen.append((cand.epoch, cand.batch_in_epoch - 1, batch.get("ids") if isinstance(batch, dict) else None))
+                    loss = self.problem.loss(batch)
                     if loss is None:  # data parallel: this rank holds no sample of the global batch
                         continue
                     loss = loss / cfg.grad_accum
@@ -467,8 +500,15 @@ class AdaptiveSearch:
                     total = self._reducer.reduce(total)
                     self.allreduce_seconds += time.perf_counter() - reduce_start
                     self.allreduce_steps += 1
+                # Gradients are reduced, so every rank takes the same decision here.
+                norm = opt.grad_norm()
+                if not (math.isfinite(total) and math.isfinite(float(norm))):
+                    self._nonfinite_step(cand, total, float(norm), seen)
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                cand.nonfinite_streak = 0
                 if cfg.max_grad_norm is not None:
-                    opt.clip_grad_norm_(cfg.max_grad_norm)
+                    opt.clip_grad_norm_(cfg.max_grad_norm, total_norm=norm)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -486,6 +526,26 @@ class AdaptiveSearch:
         finally:
             bar.close()
             self.train_seconds += time.perf_counter() - start
+
+    def _nonfinite_step(self, cand: Candidate, loss: float, grad_norm: float, seen: list[tuple]) -> None:
+        """Apply the ``on_nonfinite`` policy to a step whose loss or gradient is NaN/inf (it is
+        never applied): raise, or count it and go on until too many come in a row."""
+        cfg = self.config
+        batches = "; ".join(f"epoch {epoch} batch {index}" + (f" (utterances {', '.join(map(str, ids[:8]))}"
+                                                              f"{', ...' if len(ids) > 8 else ''})" if ids else "")
+                            for epoch, index, ids in seen)
+        where = (f"{cand.name}, step {cand.step + 1}: loss {loss:g}, gradient norm {grad_norm:g} "
+                 f"({batches}{'; rank ' + str(self.rank) + ' of ' + str(self.world_size) if self.dp is not None else ''})")
+        if cfg.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite training step, nothing applied: {where}. Lower the learning rate, "
+                                 "check the data, or pass on_nonfinite='skip' (--on-nonfinite skip) to drop such steps")
+        cand.skipped_steps += 1
+        cand.nonfinite_streak += 1
+        log.warning("skipped a non-finite step (%d in a row, %d in all): %s", cand.nonfinite_streak, cand.skipped_steps, where)
+        self.on_event("nonfinite", {"candidate": cand.index, "p": cand.p, "step": cand.step, "skipped": cand.skipped_steps})
+        if cand.nonfinite_streak >= cfg.max_nonfinite_skips:
+            raise NonFiniteError(f"{cand.nonfinite_streak} non-finite training steps in a row (the limit, "
+                                 f"max_nonfinite_skips={cfg.max_nonfinite_skips}); the last: {where}")
 
     def _evaluate(self, cand: Candidate, split: str) -> dict[str, float]:
         # Evaluation must not consume the training RNG stream: pause/continue stays exact.
@@ -712,12 +772,25 @@ class AdaptiveSearch:
                 continue
             for cand, state in zip(self.candidates + self.baselines, states):
                 tensors[f"{_prefix(cand)}.rng.rank{rank}"] = state.contiguous()
+        for key, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(f"refusing to write a checkpoint to {self.checkpoint_dir}: {key} holds "
+                                     f"{int((~torch.isfinite(tensor)).sum())} NaN/inf values (the previous checkpoint is kept)")
         serial = int(time.time() * 1e6)
         tensor_name = f"search-{serial}.safetensors"
-        atomic_write(self.checkpoint_dir / tensor_name, lambda tmp: save_file(tensors, tmp))
+        digest: dict[str, str] = {}
+
+        def write_tensors(tmp: str) -> None:
+            save_file(tensors, tmp)
+            digest["sha256"] = _file_sha256(tmp)
+
+        for name in (tensor_name, *CHECKPOINT_FILES):
+            remove_stale_temporaries(self.checkpoint_dir / name)  # left by a writer that was killed
+        atomic_write(self.checkpoint_dir / tensor_name, write_tensors)
         meta = {
             "version": CHECKPOINT_VERSION,
             "tensors": tensor_name,
+            "tensors_sha256": digest["sha256"],
             "active": None if self.active is None else self.active.index,
             "candidates": records,
             "baselines": baselines,
@@ -728,9 +801,15 @@ class AdaptiveSearch:
             "allreduce_seconds": self.allreduce_seconds,
             "allreduce_steps": self.allreduce_steps,
         }
-        path = atomic_write(self.checkpoint_dir / "search.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+        # Keep two generations: the newest becomes the previous one (an atomic rename), then the
+        # new JSON goes in. A kill between the two leaves only the previous one, which resumes.
+        newest, previous = (self.checkpoint_dir / name for name in CHECKPOINT_FILES)
+        if newest.is_file():
+            os.replace(newest, previous)
+        path = atomic_write(newest, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+        keep = {tensor_name, _named_tensors(previous)}
         for old in self.checkpoint_dir.glob("search-*.safetensors"):
-            if old.name != tensor_name:
+            if old.name not in keep:
                 old.unlink(missing_ok=True)
         if self.active is not None:
             self._drop_snapshot(self.active)
@@ -766,6 +845,7 @@ class AdaptiveSearch:
             "batch_in_epoch": cand.batch_in_epoch, "status": cand.status, "stopped_at": cand.stopped_at, "final": cand.final,
             "curve": cand.curve, "train_losses": cand.train_losses, "rung_metrics": {str(k): v for k, v in cand.rung_metrics.items()},
             "scheduler_state": cand.scheduler_state, "optimizer": opt_meta,
+            "skipped_steps": cand.skipped_steps, "nonfinite_streak": cand.nonfinite_streak,
         }
 
     def load_checkpoint(self) -> bool:
@@ -805,11 +885,43 @@ class AdaptiveSearch:
         return True
 
     def _read_checkpoint(self) -> tuple[Path, dict, dict[str, torch.Tensor]] | None:
-        """``(path of search.json, its JSON, its tensors)``, or ``None`` when there is no checkpoint."""
-        meta_path = self.checkpoint_dir / "search.json"
-        if not meta_path.is_file():
-            return None
-        meta = json.loads(meta_path.read_text())
+        """``(path of the JSON, its JSON, its tensors)`` of the newest usable checkpoint, or
+        ``None`` when there is none.
+
+        The newest is used unless it is torn or fails its checksum; then the previous one is,
+        with a warning that says why.
+
+        Raises:
+            CheckpointError: checkpoints exist but none is usable (each reason named).
+            ValueError: a usable checkpoint does not fit this job (version, world size).
+        """
+        problems = []
+        for meta_path in (self.checkpoint_dir / name for name in CHECKPOINT_FILES):
+            if not meta_path.is_file():
+                continue
+            try:
+                meta, tensors = self._read_checkpoint_files(meta_path)
+            except _DamagedCheckpoint as damage:
+                log.warning("checkpoint %s is unusable: %s", meta_path, damage)
+                problems.append(f"{meta_path}: {damage}")
+                continue
+            if meta_path.name != CHECKPOINT_FILES[0]:
+                reason = "; ".join(problems) or f"{CHECKPOINT_FILES[0]} was not written (the job stopped while replacing it)"
+                log.warning("resuming from the previous checkpoint %s (%s)", meta_path, reason)
+            return meta_path, meta, tensors
+        if problems:
+            raise CheckpointError(f"no usable checkpoint in {self.checkpoint_dir}: " + "; ".join(problems)
+                                  + ". Start afresh with --overwrite (or delete the folder)")
+        return None
+
+    def _read_checkpoint_files(self, meta_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+        """One checkpoint's JSON and tensors, checked; :class:`_DamagedCheckpoint` if torn or corrupt."""
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _DamagedCheckpoint(f"not readable JSON ({err})") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), str):
+            raise _DamagedCheckpoint("not a search checkpoint (no 'tensors' entry)")
         if meta.get("version") not in _READABLE_VERSIONS:
             raise ValueError(f"{meta_path}: unsupported checkpoint version {meta.get('version')}")
         saved_world = int(meta.get("world_size", 1))
@@ -817,10 +929,17 @@ class AdaptiveSearch:
             raise ValueError(f"{meta_path}: the run was checkpointed by {saved_world} process(es) and this job has "
                              f"{self.world_size}; resume with the same world size (torchrun --nnodes x --nproc_per_node = "
                              f"{saved_world}): each rank's data shard and random stream depend on it")
-        tensor_path = self.checkpoint_dir / meta["tensors"]
+        tensor_path = self.checkpoint_dir / Path(meta["tensors"]).name
         if not tensor_path.is_file():
-            raise FileNotFoundError(f"{meta_path} names {tensor_path}, which is missing")
-        return meta_path, meta, load_file(str(tensor_path))
+            raise _DamagedCheckpoint(f"names {tensor_path.name}, which is missing")
+        expected = meta.get("tensors_sha256")
+        if expected is not None and _file_sha256(tensor_path) != expected:
+            raise _DamagedCheckpoint(f"{tensor_path.name} does not match its checksum (torn or corrupt)")
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as err:  # safetensors raises its own error types for a corrupt header
+            raise _DamagedCheckpoint(f"{tensor_path.name} is not a readable safetensors file ({err})") from None
+        return meta, tensors
 
     def _restore(self, rec: dict, cand: Candidate, prefix: str, tensors: dict[str, torch.Tensor], meta_path: Path) -> None:
         if abs(rec["p"] - cand.p) > 1e-12 or rec["k"] != cand.child.k:
@@ -844,6 +963,28 @@ class AdaptiveSearch:
         cand.final = rec.get("final", {})
         cand.train_losses = [tuple(x) for x in rec["train_losses"]]
         cand.rung_metrics = {int(k): v for k, v in rec["rung_metrics"].items()}
+        cand.skipped_steps, cand.nonfinite_streak = rec.get("skipped_steps", 0), rec.get("nonfinite_streak", 0)
+
+
+class _DamagedCheckpoint(Exception):
+    """One checkpoint is torn or corrupt (another may still be usable)."""
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    """``"sha256:<hex>"`` of a file, read in chunks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _named_tensors(meta_path: Path) -> str | None:
+    """The tensor file a checkpoint JSON names (``None`` if it is missing or unreadable)."""
+    try:
+        return Path(json.loads(meta_path.read_text())["tensors"]).name
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _prefix(cand: Candidate) -> str:

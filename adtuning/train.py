@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's, one per core; on a 2-core machine that is shared with other "
                         "jobs, 1 can be faster)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and dropout")
+    g.add_argument("--on-nonfinite", choices=["stop", "skip"], default="stop",
+                   help="a training step whose loss or gradient is NaN/inf is never applied: stop the run with a message "
+                        "naming the candidate, step and utterances (default), or skip the step (logged and counted in "
+                        "summary.json) until --max-nonfinite-skips come in a row")
+    g.add_argument("--max-nonfinite-skips", type=int, default=10, help="with --on-nonfinite skip: consecutive skipped steps that stop the run")
 
     g = parser.add_argument_group("data parallel (under torchrun)")
     g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
@@ -198,6 +203,8 @@ def _check_args(args: argparse.Namespace) -> None:
         bad("--candidates", f"duplicate values in {args.candidates}")
     if args.steps < 1:
         bad("--steps", f"must be >= 1, got {args.steps}")
+    if args.max_nonfinite_skips < 1:
+        bad("--max-nonfinite-skips", f"must be >= 1, got {args.max_nonfinite_skips}")
     if not 0 < args.r < 1:
         bad("--r", f"must be in (0, 1), got {args.r}")
     if not 1 <= args.c <= len(args.candidates):
@@ -542,6 +549,7 @@ class Recipe:
             weight_decay=args.weight_decay, grad_accum=args.grad_accum,
             max_grad_norm=args.max_grad_norm or None, eval_interval=eval_interval, backend=self.backend, seed=args.seed,
             checkpoint_interval=args.checkpoint_interval, weight_grad=args.weight_grad,
+            on_nonfinite=args.on_nonfinite, max_nonfinite_skips=args.max_nonfinite_skips,
         )
         self.searcher = AdaptiveSearch(self.problem, self.children, self.config, checkpoint_dir=self.out / "checkpoint",
                                        progress=not args.no_progress and self.is_main, on_event=self._event,
@@ -612,6 +620,7 @@ class Recipe:
                 "curve": cand.curve, "train_loss": cand.train_losses,
                 "layer_ratios": cand.child.layer_ratios(),
                 "allreduce_bytes_per_step": self.searcher.allreduce_bytes_per_step(cand),
+                "skipped_nonfinite_steps": cand.skipped_steps,
             }
             if self.regret is not None:
                 entry.update(final_dev=cand.final["dev"], final_test=cand.final.get("test"))
@@ -722,8 +731,9 @@ def _optional_split(build_dataset, task, data_dir, options):
 
 def _comparable_args(args: argparse.Namespace) -> dict:
     """The flags that define a run (what --resume must not change)."""
+    # The non-finite policy may change on resume: a run stopped by a NaN can go on skipping.
     skip = {"resume", "overwrite", "no_progress", "no_plots", "log_level", "num_workers", "checkpoint_interval", "threads",
-            "dist_timeout"}
+            "dist_timeout", "on_nonfinite", "max_nonfinite_skips"}
     return {k: _jsonable(v) for k, v in vars(args).items() if k not in skip}
 
 

@@ -44,6 +44,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,19 +103,27 @@ def cli_command(task: str, out: Path, seed: int, steps: int, extra: list[str], a
 
 
 def run(cmd: list[str], out: Path, log: list[dict]) -> dict:
-    """Run (or reuse, or resume) one CLI run; return its summary."""
+    """Run (or reuse, or resume) one CLI run; return its summary.
+
+    The run's stdout and stderr go to ``out/run.log`` (appended, so a resumed run keeps both
+    parts), which holds the CLI's printout of the search.
+    """
     summary = out / "summary.json"
     entry = {"command": shlex.join(cmd), "output_dir": str(out)}
     if summary.is_file():
         entry["reused"] = True
     else:
         full = cmd + (["--resume"] if (out / "config.json").is_file() else [])
-        print(f"mini_superb: {shlex.join(full)}", flush=True)
+        print(f"mini_superb: start {shlex.join(full)}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        proc = subprocess.run(full, cwd=ROOT)
+        with open(out / "run.log", "a") as sink:
+            proc = subprocess.run(full, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
         entry["wall_seconds"] = time.perf_counter() - start
         if proc.returncode != 0:
-            raise SystemExit(f"mini_superb: the run in {out} failed with exit status {proc.returncode}: {shlex.join(full)}")
+            raise SystemExit(f"mini_superb: the run in {out} failed with exit status {proc.returncode} "
+                             f"(its output: {out / 'run.log'}): {shlex.join(full)}")
+        print(f"mini_superb: done in {entry['wall_seconds']:.0f} s: {out}", flush=True)
     result = json.loads(summary.read_text())
     # When and how long the run itself ran (a reused run ran before this invocation).
     entry.update(run_date=result.get("date"), run_wall_seconds=result.get("wall_seconds"))
@@ -258,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="--threads of every run (default: the CLI's)")
     parser.add_argument("--corpus-cache", type=Path, default=None, help="--corpus-cache of every run (default: the CLI's)")
     parser.add_argument("--work", type=Path, default=None, help="run folders (default: mini-superb-runs beside the corpus cache)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads threads; 2 x --threads 1 suits 2 cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -276,34 +286,56 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": date, "quick": args.quick, "seeds": seeds, "p_f": args.p_f, "environment": environment(),
               "command": shlex.join([sys.executable, *sys.argv]), "tasks": {}, "runs": []}
     started = time.perf_counter()
+    # Every run is independent: plan them all, run the longest first on --jobs workers, then read them.
+    jobs: dict[tuple, tuple[list[str], Path, int]] = {}
     for task in tasks:
         steps = task_steps(task, args.quick)
-        per_seed = {}
         for seed in seeds:
             base = args.work / mode / task / f"seed{seed}"
-            adt = run(cli_command(task, base / "adtuning", seed, steps, ["--measure-regret", "--baselines", "head-only,full"], args),
-                      base / "adtuning", result["runs"])
-            f = run(cli_command(task, base / "child-tuning-f", seed, steps,
-                                ["--child-method", "bernoulli", "--candidates", f"{args.p_f:g}"], args),
-                    base / "child-tuning-f", result["runs"])
+            jobs[(task, seed, "adtuning")] = (cli_command(task, base / "adtuning", seed, steps,
+                                                          ["--measure-regret", "--baselines", "head-only,full"], args),
+                                              base / "adtuning", 5 * steps)
+            jobs[(task, seed, "f")] = (cli_command(task, base / "child-tuning-f", seed, steps,
+                                                   ["--child-method", "bernoulli", "--candidates", f"{args.p_f:g}"], args),
+                                       base / "child-tuning-f", steps)
+    sweep_task = args.low_resource_task if not args.quick else ""
+    sweep_hours = [h for h in args.hours.split(",") if h] if sweep_task else []
+    for hours in sweep_hours:
+        steps = task_steps(sweep_task, False)
+        out = args.work / mode / f"low-resource-{sweep_task}" / f"hours-{hours}"
+        jobs[(sweep_task, seeds[0], f"hours-{hours}")] = (
+            cli_command(sweep_task, out, seeds[0], steps, ["--measure-regret", "--max-train-hours", hours], args), out, 3 * steps)
+    if sweep_task and (sweep_task, seeds[0], "adtuning") not in jobs:
+        # The full-size point of the sweep is the study's run of that task (all candidates trained to T).
+        steps = task_steps(sweep_task, False)
+        out = args.work / mode / sweep_task / f"seed{seeds[0]}" / "adtuning"
+        jobs[(sweep_task, seeds[0], "adtuning")] = (cli_command(sweep_task, out, seeds[0], steps,
+                                                                ["--measure-regret", "--baselines", "head-only,full"], args),
+                                                    out, 5 * steps)
+    order = sorted(jobs, key=lambda key: -jobs[key][2])
+    print(f"mini_superb: {len(order)} runs on {args.jobs} worker(s) under {args.work / mode}", flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {key: pool.submit(run, jobs[key][0], jobs[key][1], result["runs"]) for key in order}
+        summaries = {key: future.result() for key, future in futures.items()}
+    for task in tasks:
+        per_seed = {}
+        for seed in seeds:
+            adt, f = summaries[(task, seed, "adtuning")], summaries[(task, seed, "f")]
             per_seed[seed] = rows_of(adt, f, args.p_f)
             metric, higher = adt["primary_metric"], adt["higher_is_better"]
-        result["tasks"][task] = {"metric": metric, "higher_is_better": higher, "steps": steps,
+        result["tasks"][task] = {"metric": metric, "higher_is_better": higher, "steps": task_steps(task, args.quick),
                                  "summary": aggregate(per_seed, higher)}
-    if args.low_resource_task and not args.quick:
-        task, seed = args.low_resource_task, seeds[0]
-        steps = task_steps(task, False)
+    if sweep_task:
         sizes = {}
-        for hours in [h for h in args.hours.split(",") if h] + ["full"]:
-            out = args.work / mode / f"low-resource-{task}" / f"hours-{hours}"
-            extra = ["--measure-regret"] + ([] if hours == "full" else ["--max-train-hours", hours])
-            s = run(cli_command(task, out, seed, steps, extra, args), out, result["runs"])
+        for hours in sweep_hours + ["full"]:
+            s = summaries[(sweep_task, seeds[0], "adtuning" if hours == "full" else f"hours-{hours}")]
             metric, higher = s["primary_metric"], s["higher_is_better"]
             split = "final_test" if all(c["final_test"] for c in s["candidates"]) else "final_dev"
             per_p = {f"{c['p']:g}": c[split][metric] for c in s["candidates"]}
             best = (max if higher else min)(s["candidates"], key=lambda c: c[split][metric])["p"]
             sizes[hours] = {"per_p": per_p, "best_p": best, "ad_pick": s["chosen_p"], "split": split}
-        result["low_resource"] = {"task": task, "seed": seed, "metric": metric, "sizes": sizes}
+        result["low_resource"] = {"task": sweep_task, "seed": seeds[0], "metric": metric, "sizes": sizes}
+    result["runs"].sort(key=lambda r: r["output_dir"])
     result["wall_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{date}-mini-superb{'-quick' if args.quick else ''}"

@@ -16,8 +16,8 @@ SMALL = ["--steps", "6", "--candidates", "0.01,0.1", "--r", "0.5", "--fisher-sam
 
 
 @pytest.fixture(scope="module")
-def corpus_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("corpora")
+def corpus_cache(embedded_corpus_cache):
+    return embedded_corpus_cache
 
 
 def run_cli(out, corpus_cache, *extra):
