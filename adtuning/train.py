@@ -47,6 +47,7 @@ from adtuning.distributed import DEFAULT_TIMEOUT_S, DataParallel
 from adtuning.embedded import CORPUS_RUN_DEFAULTS, DEFAULT_CORPUS_CACHE, EMBEDDED_CORPORA, embedded_corpus
 from adtuning.fisher import estimate_fisher, fisher_summary
 from adtuning.search import BASELINES, AdaptiveSearch, SearchConfig, successive_halving
+from adtuning.speech.audio import AUDIO_OPTIONS
 
 log = logging.getLogger("adtuning")
 
@@ -709,22 +710,26 @@ def split_task_options(task: str, options: dict[str, Any]) -> tuple[dict[str, An
 
 
 # --task-option keys that configure the corpus reader; every other key goes to the task head.
-_DATASET_OPTIONS = {
+# Every reader also takes the audio policy of read_audio (resample=, downmix=).
+_DATASET_OPTIONS = {task: keys + AUDIO_OPTIONS for task, keys in {
     "ks": ("test_root",),
+    "ic": (),
     "sid": ("split_file", "max_timestep"),
     "asr": ("subsets",),
     "pr": ("lexicon", "subsets"),
     "sf": ("speakers",),
     "sd": ("split_dirs", "chunk_size", "frame_shift", "num_speakers"),
-}
+}.items()}
 
 
 def _optional_split(build_dataset, task, data_dir, options):
-    from adtuning.speech import CorpusError
+    """The test split, or ``None`` when the corpus has none (its folder or list is absent or
+    lists nothing). A test split that is there but broken is an error, never taken for absence."""
+    from adtuning.speech import MissingDataError
 
     try:
         return build_dataset(task, data_dir, "test", **options)
-    except (CorpusError, FileNotFoundError) as err:
+    except MissingDataError as err:
         log.info("no test split (%s)", err)
         return None
 

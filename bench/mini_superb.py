@@ -137,21 +137,26 @@ def _per_step(summary: dict) -> float:
     return summary["train_seconds"] / max(1, steps)
 
 
-def rows_of(adt: dict, f: dict, p_f: float) -> dict[str, dict]:
-    """The Table-2 rows of one task and seed from the AD-TUNING and CHILD-TUNING_F summaries."""
+def rows_of(adt: dict, f: dict | None, p_f: float) -> dict[str, dict]:
+    """The Table-2 rows of one task and seed from the AD-TUNING and CHILD-TUNING_F summaries
+    (``f`` is ``None`` when that run has not been made: its row is then empty)."""
     metric = adt["primary_metric"]
     head = adt["baselines"]["head-only"]["trainable_head"]
-    per_step, per_step_f = _per_step(adt), _per_step(f)
+    per_step = _per_step(adt)
     out = {}
     for kind, row in (("head-only", "Baseline"), ("full", "FT")):
         b = adt["baselines"][kind]
         out[row] = {"p": b["p"], "trainable_upstream": b["trainable_upstream"], "trainable_head": head, "steps": b["steps"],
                     "seconds": b["steps"] * per_step, "dev": b["final_dev"][metric],
                     "test": b["final_test"][metric] if b["final_test"] else None}
-    c = f["candidates"][0]
-    out["CHILD-TUNING_F"] = {"p": p_f, "trainable_upstream": c["k"], "trainable_head": head, "steps": c["steps"],
-                             "seconds": c["steps"] * per_step_f, "dev": f["final"]["dev"][metric],
-                             "test": f["final"].get("test", {}).get(metric)}
+    if f is None:
+        out["CHILD-TUNING_F"] = {"p": p_f, "trainable_upstream": None, "trainable_head": head, "steps": None,
+                                 "seconds": None, "dev": None, "test": None}
+    else:
+        c = f["candidates"][0]
+        out["CHILD-TUNING_F"] = {"p": p_f, "trainable_upstream": c["k"], "trainable_head": head, "steps": c["steps"],
+                                 "seconds": c["steps"] * _per_step(f), "dev": f["final"]["dev"][metric],
+                                 "test": f["final"].get("test", {}).get(metric)}
     for c in adt["candidates"]:
         out[f"CHILD-TUNING_D P={c['p']:g}"] = {
             "p": c["p"], "trainable_upstream": c["k"], "trainable_head": head, "steps": c["steps"],
@@ -177,8 +182,9 @@ def aggregate(per_seed: dict[int, dict[str, dict]], higher: bool) -> dict:
     rows = {}
     for row in ROWS:
         runs = [per_seed[s][row] for s in sorted(per_seed)]
-        rows[row] = {"p": runs[0]["p"], "trainable_upstream": runs[0]["trainable_upstream"],
-                     "trainable_head": runs[0]["trainable_head"], "steps": runs[0]["steps"],
+        made = next((r for r in runs if r["steps"] is not None), runs[0])
+        rows[row] = {"p": made["p"], "trainable_upstream": made["trainable_upstream"],
+                     "trainable_head": made["trainable_head"], "steps": made["steps"],
                      "seconds": _stats([r["seconds"] for r in runs]), "dev": _stats([r["dev"] for r in runs]),
                      "test": _stats([r["test"] for r in runs]),
                      "per_seed": {str(s): {k: per_seed[s][row][k] for k in ("dev", "test", "steps", "p")} for s in sorted(per_seed)}}
@@ -191,7 +197,7 @@ def aggregate(per_seed: dict[int, dict[str, dict]], higher: bool) -> dict:
     spread = rows[best][split]["spread"]
     d_at_pf = f"CHILD-TUNING_D P={rows['CHILD-TUNING_F']['p']:g}"
     d_vs_f = None
-    if d_at_pf in rows:
+    if d_at_pf in rows and rows["CHILD-TUNING_F"][split]["mean"] is not None:
         d, f = rows[d_at_pf][split]["mean"], rows["CHILD-TUNING_F"][split]["mean"]
         d_vs_f = d >= f if higher else d <= f
     per_seed_regret = {str(s): {"dev": per_seed[s]["AD-TUNING"]["regret_dev"], "test": per_seed[s]["AD-TUNING"]["regret_test"]}
@@ -221,9 +227,11 @@ def markdown(result: dict) -> str:
         f"{t} {result['tasks'][t]['metric']} {'↑' if result['tasks'][t]['higher_is_better'] else '↓'}" for t in tasks) + " |"
     lines += ["Test metric, mean ± half the range over the seeds:", "", head, "|" + "---|" * (len(tasks) + 2)]
     for row in ROWS:
-        params = next(iter(result["tasks"].values()))["summary"]["rows"][row]["trainable_upstream"] if tasks else 0
+        params = next((result["tasks"][t]["summary"]["rows"][row]["trainable_upstream"] for t in tasks
+                       if result["tasks"][t]["summary"]["rows"][row]["trainable_upstream"] is not None), None)
+        params = "-" if params is None else f"{params:,}"
         cells = [_fmt(result["tasks"][t]["summary"]["rows"][row][result["tasks"][t]["summary"]["split"]]) for t in tasks]
-        lines.append(f"| {row} | {params:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row} | {params} | " + " | ".join(cells) + " |")
     lines += ["", "Per task: AD-TUNING's picks, its regret against the best CHILD-TUNING_D row (positive: worse), "
               "and CHILD-TUNING_D vs _F at the same P:", "",
               "| task | T | AD picks (per seed) | best D row | AD regret | within the best row's spread | D(P_F) ≥ F(P_F) | AD steps vs training all |",
@@ -241,7 +249,8 @@ def markdown(result: dict) -> str:
               "| task | " + " | ".join(ROWS) + " |", "|" + "---|" * (len(ROWS) + 1)]
     for t in tasks:
         rows = result["tasks"][t]["summary"]["rows"]
-        lines.append(f"| {t} | " + " | ".join(f"{rows[r]['steps']} / {_fmt(rows[r]['seconds'], 0)} s" for r in ROWS) + " |")
+        lines.append(f"| {t} | " + " | ".join("not run" if rows[r]["steps"] is None else
+                                             f"{rows[r]['steps']} / {_fmt(rows[r]['seconds'], 0)} s" for r in ROWS) + " |")
     if result.get("low_resource"):
         lr = result["low_resource"]
         lines += ["", f"Low-resource sweep on {lr['task']} (seed {lr['seed']}, --max-train-hours; test "
@@ -250,6 +259,10 @@ def markdown(result: dict) -> str:
         for hours, entry in lr["sizes"].items():
             lines.append(f"| {hours} | " + " | ".join(f"{entry['per_p'][f'{p:g}']:.3f}" for p in CANDIDATES)
                          + f" | {entry['best_p']:g} | {entry['ad_pick']:g} |")
+    if result.get("missing_runs"):
+        lines += ["", f"Runs not made (yet): {len(result['missing_runs'])}; their rows are '-' or 'not run', and a task "
+                  "lists only the seeds whose AD-TUNING run exists (see 'AD picks'):", ""]
+        lines += [f"    {path}" for path in result["missing_runs"]]
     lines += ["", "Runs (date and wall time of each run; the 1-min load above is at this invocation's start):", ""]
     lines += [f"    {r['command']}  # {r['run_date']}, {r['run_wall_seconds']:.0f} s" for r in result["runs"]]
     return "\n".join(lines) + "\n"
@@ -267,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="--threads of every run (default: the CLI's)")
     parser.add_argument("--corpus-cache", type=Path, default=None, help="--corpus-cache of every run (default: the CLI's)")
     parser.add_argument("--work", type=Path, default=None, help="run folders (default: mini-superb-runs beside the corpus cache)")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="start no run: table the runs that have finished (missing rows and runs are listed)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads threads; 2 x --threads 1 suits 2 cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
     args = parser.parse_args(argv)
@@ -312,20 +327,37 @@ def main(argv: list[str] | None = None) -> int:
         jobs[(sweep_task, seeds[0], "adtuning")] = (cli_command(sweep_task, out, seeds[0], steps,
                                                                 ["--measure-regret", "--baselines", "head-only,full"], args),
                                                     out, 5 * steps)
-    order = sorted(jobs, key=lambda key: -jobs[key][2])
-    print(f"mini_superb: {len(order)} runs on {args.jobs} worker(s) under {args.work / mode}", flush=True)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {key: pool.submit(run, jobs[key][0], jobs[key][1], result["runs"]) for key in order}
-        summaries = {key: future.result() for key, future in futures.items()}
+    # The AD-TUNING runs (which hold five of the seven rows) first, longest first; then the
+    # CHILD-TUNING_F runs of the short tasks, the sweep, and the long F runs: a study stopped
+    # early has whole tasks, and --collect-only tables what exists.
+    def priority(key):
+        kind, cost = key[2], jobs[key][2]
+        group = 0 if kind == "adtuning" else 1 if kind == "f" and cost <= 500 else 2 if kind.startswith("hours-") else 3
+        return (group, -cost if group == 0 else cost)
+
+    order = sorted(jobs, key=priority)
+    if args.collect_only:
+        summaries = {key: run(jobs[key][0], jobs[key][1], result["runs"]) if (jobs[key][1] / "summary.json").is_file() else None
+                     for key in order}
+    else:
+        print(f"mini_superb: {len(order)} runs on {args.jobs} worker(s) under {args.work / mode}", flush=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {key: pool.submit(run, jobs[key][0], jobs[key][1], result["runs"]) for key in order}
+            summaries = {key: future.result() for key, future in futures.items()}
+    result["missing_runs"] = sorted(str(jobs[key][1]) for key in order if summaries[key] is None)
     for task in tasks:
         per_seed = {}
         for seed in seeds:
             adt, f = summaries[(task, seed, "adtuning")], summaries[(task, seed, "f")]
+            if adt is None:
+                continue
             per_seed[seed] = rows_of(adt, f, args.p_f)
             metric, higher = adt["primary_metric"], adt["higher_is_better"]
-        result["tasks"][task] = {"metric": metric, "higher_is_better": higher, "steps": task_steps(task, args.quick),
-                                 "summary": aggregate(per_seed, higher)}
-    if sweep_task:
+        if per_seed:
+            result["tasks"][task] = {"metric": metric, "higher_is_better": higher, "steps": task_steps(task, args.quick),
+                                     "seeds": sorted(per_seed), "summary": aggregate(per_seed, higher)}
+    if sweep_task and all(summaries.get((sweep_task, seeds[0], k)) is not None
+                          for k in ["adtuning"] + [f"hours-{h}" for h in sweep_hours]):
         sizes = {}
         for hours in sweep_hours + ["full"]:
             s = summaries[(sweep_task, seeds[0], "adtuning" if hours == "full" else f"hours-{hours}")]

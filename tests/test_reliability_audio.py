@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from adtuning.speech import CorpusError, build_dataset, read_audio
+from adtuning.speech import CorpusError, MissingDataError, build_dataset, read_audio
 from adtuning.speech.audio import audio_num_samples, corpus_path, read_lines
-from tests.speech.speech_fixtures import tone, write_fluent, write_speech_commands, write_voxceleb
+from tests.speech.speech_fixtures import (tone, write_fluent, write_lexicon, write_librimix, write_librispeech, write_snips,
+                                         write_speech_commands, write_voxceleb)
 
 SR = 16000
 
@@ -27,7 +28,9 @@ def wav(path: Path, data: np.ndarray, sr: int = SR, subtype: str = "PCM_16", fmt
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory):
     base = tmp_path_factory.mktemp("reliability_corpora")
-    return {"ks": write_speech_commands(base / "ks"), "ic": write_fluent(base / "ic"), "sid": write_voxceleb(base / "sid")}
+    return {"ks": write_speech_commands(base / "ks"), "ic": write_fluent(base / "ic"), "sid": write_voxceleb(base / "sid"),
+            "asr": write_librispeech(base / "asr"), "lexicon": write_lexicon(base / "asr"), "sf": write_snips(base / "sf"),
+            "sd": write_librimix(base / "sd")}
 
 
 @pytest.fixture
@@ -141,24 +144,20 @@ def test_bad_audio_options_are_refused(corpora):
         build_dataset("ic", corpora["ic"], "train", resample="yes")
 
 
-def test_readers_pass_the_audio_policy_through(copy):
-    """A reader refuses an 8 kHz stereo file by default and accepts it with resample/downmix."""
-    for task in ("ks", "ic", "sid"):
-        root = copy(task)
-        ds = build_dataset(task, root, "train")
-        path = Path(ds.audio_path(0))
-        x = tone(300.0, 1.0, 0)[::2]
-        wav(path, np.stack([x, x], 1), sr=8000)
-        with pytest.raises(CorpusError, match=f"{path.name} has 2 channels"):
-            ds.load(0)
-        ds = build_dataset(task, root, "train", resample=True, downmix=True)
-        assert ds.load(0)["wav"].dtype == np.float32
-        shutil.rmtree(root)
-
-
-def test_readers_without_the_audio_options_refuse_them(tmp_path):
-    with pytest.raises(CorpusError, match="LibriSpeechDataset reader .* does not take the audio option resample"):
-        build_dataset("asr", tmp_path, "train", resample=True)
+@pytest.mark.parametrize("task", ["ks", "ic", "sid", "asr", "pr", "sf", "sd"])
+def test_every_reader_passes_the_audio_policy_through(copy, corpora, task):
+    """Every reader refuses an 8 kHz stereo file by default and accepts it with resample/downmix."""
+    root = copy("asr" if task == "pr" else task)
+    extra = {"lexicon": corpora["lexicon"]} if task == "pr" else {}
+    ds = build_dataset(task, root, "train", **extra)
+    path = ds.wavs[ds.chunks[0][0]] if task == "sd" else Path(ds.audio_path(0))
+    seconds = audio_num_samples(path) / SR
+    x = tone(300.0, seconds, 0)[::2]
+    wav(path, np.stack([x, x], 1), sr=8000, fmt="FLAC" if path.suffix == ".flac" else "WAV")
+    with pytest.raises(CorpusError, match=f"{path.name} has 2 channels"):
+        ds.load(0)
+    ds = build_dataset(task, root, "train", resample=True, downmix=True, **extra)
+    assert ds.load(0)["wav"].dtype == np.float32
 
 
 # --- corpus metadata: Fluent Speech Commands (CSV) ---------------------------------------------
@@ -330,6 +329,151 @@ def test_speech_commands_empty_split(tmp_path):
     (root / "yes").mkdir(parents=True)
     with pytest.raises(CorpusError, match=r"Speech Commands \(train\): no \.wav files found under .*speech_commands_v0\.01"):
         build_dataset("ks", root, "train")
+
+
+# --- corpus metadata: LibriSpeech (transcripts, lexicon) -------------------------------------------
+def _trans(root: Path, subset: str = "train-clean-100") -> Path:
+    return next((root / subset).rglob("*.trans.txt"))
+
+
+def test_librispeech_duplicate_and_escaping_utterance_ids(copy):
+    root = copy("asr")
+    trans = _trans(root)
+    lines = trans.read_text().splitlines()
+    trans.write_text("\n".join(lines + [lines[0]]) + "\n")
+    with pytest.raises(CorpusError, match=rf"{trans.name} line {len(lines) + 1}: utterance {lines[0].split()[0]} is listed twice "
+                                          rf"\(first in .*{trans.name} line 1\)"):
+        build_dataset("asr", root, "train")
+    for bad in ("../../../../etc/passwd", "..", "a\\b"):
+        trans.write_text(f"{bad} HELLO\n")
+        with pytest.raises(CorpusError, match=rf"{trans.name} line 1: utterance id .* is not a plain file name"):
+            build_dataset("asr", root, "train")
+
+
+def test_librispeech_binary_transcript_and_missing_text(copy):
+    root = copy("asr")
+    trans = _trans(root)
+    trans.write_bytes(b"19-198-0000 HELLO\n\xff\xfe\n")
+    with pytest.raises(CorpusError, match=rf"{trans.name} line 2: not UTF-8 text"):
+        build_dataset("asr", root, "train")
+    trans.write_text("19-198-0000   \n")
+    with pytest.raises(CorpusError, match=rf"{trans.name} line 1: no transcript for '19-198-0000'"):
+        build_dataset("asr", root, "train")
+
+
+def test_librispeech_empty_subset_is_missing_data(copy):
+    root = copy("asr")
+    for t in (root / "test-clean").rglob("*.trans.txt"):
+        t.unlink()
+    with pytest.raises(MissingDataError, match=r"LibriSpeech: no \*\.trans\.txt under .*test-clean"):
+        build_dataset("asr", root, "test")
+
+
+def test_lexicon_binary_file_is_refused(copy, tmp_path):
+    root = copy("asr")
+    lexicon = tmp_path / "lex.txt"
+    lexicon.write_bytes(b"HELLO HH AH0 L OW1\n\x00\x00\n")
+    with pytest.raises(CorpusError, match=r"lex\.txt line 2: NUL byte"):
+        build_dataset("pr", root, "train", lexicon=lexicon)
+
+
+# --- corpus metadata: Audio SNIPS --------------------------------------------------------------
+def test_snips_duplicate_utterance_and_slot(copy):
+    root = copy("sf")
+    iob = root / "all.iob.snips.txt"
+    lines = iob.read_text().splitlines()
+    iob.write_text("\n".join(lines + [lines[1]]) + "\n")
+    with pytest.raises(CorpusError, match=rf"all\.iob\.snips\.txt line {len(lines) + 1}: utterance {lines[1].split()[0]} is "
+                                          r"listed twice \(first on line 2\)"):
+        build_dataset("sf", root, "train")
+    iob.write_text("\n".join(lines) + "\n")
+    (root / "slots.txt").write_text("slots\ngenre\ncity\ngenre\n")
+    with pytest.raises(CorpusError, match=r"slots\.txt line 4: slot 'genre' is listed twice \(first on line 2\)"):
+        build_dataset("sf", root, "train")
+    (root / "slots.txt").write_text("slots\n")
+    with pytest.raises(CorpusError, match=r"slots\.txt: no slot names"):
+        build_dataset("sf", root, "train")
+
+
+def test_snips_bad_line_unknown_slot_and_binary_file(copy):
+    root = copy("sf")
+    iob = root / "all.iob.snips.txt"
+    text = iob.read_text()
+    iob.write_text(text.replace("\tO O genre genre PlayMusic", "\tO O genre PlayMusic", 1))
+    with pytest.raises(CorpusError, match=r"all\.iob\.snips\.txt line 1 \(Ivy-snips-train-0\): expected 'BOS words EOS<TAB>tags'"):
+        build_dataset("sf", root, "train")
+    iob.write_text(text.replace("O O genre genre PlayMusic", "O O artist artist PlayMusic", 1))
+    with pytest.raises(CorpusError, match=r"all\.iob\.snips\.txt line 1 \(Ivy-snips-train-0\): .*artist"):
+        build_dataset("sf", root, "train")
+    iob.write_bytes(b"\x00" * 64)
+    with pytest.raises(CorpusError, match=r"all\.iob\.snips\.txt line 1: NUL byte"):
+        build_dataset("sf", root, "train")
+
+
+def test_snips_split_without_transcribed_audio_is_missing_data(copy):
+    root = copy("sf")
+    for f in (root / "test").glob("*.wav"):
+        f.unlink()
+    with pytest.raises(MissingDataError, match=r"SNIPS \(test\): no transcribed wav of speakers"):
+        build_dataset("sf", root, "test")
+
+
+# --- corpus metadata: LibriMix (Kaldi tables) --------------------------------------------------
+def test_librimix_duplicate_keys(copy):
+    root = copy("sd")
+    for name in ("wav.scp", "segments", "utt2spk"):
+        path = root / "train" / name
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join(lines + [lines[0]]) + "\n")
+        with pytest.raises(CorpusError, match=rf"train/{name} line {len(lines) + 1}: \S+ is listed twice \(first on line 1\)"):
+            build_dataset("sd", root, "train")
+        path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("target", ["../../../outside.wav", "../../x/../../y.wav"])
+def test_librimix_relative_path_leaving_the_root(copy, target):
+    root = copy("sd")
+    scp = root / "train" / "wav.scp"
+    rec = scp.read_text().split()[0]
+    scp.write_text(f"{rec} {target}\n")
+    with pytest.raises(CorpusError, match=r"wav\.scp line 1: audio path .* leaves the corpus root"):
+        build_dataset("sd", root, "train")
+
+
+@pytest.mark.parametrize("old,new,message", [("0.00 1.20", "0.00 abc", r"segments line 1: end 'abc' is not a number"),
+                                             ("0.00 1.20", "0.00 nan", r"segments line 1: end 'nan' must be a finite time"),
+                                             ("0.00 1.20", "1.50 1.20", r"segments line 1: the turn ends \(1.20\) before it starts"),
+                                             ("0.00 1.20", "-1 1.20", r"segments line 1: start '-1' must be a finite time")])
+def test_librimix_bad_times(copy, old, new, message):
+    root = copy("sd")
+    _edit(root / "train" / "segments", old, new)
+    with pytest.raises(CorpusError, match=message):
+        build_dataset("sd", root, "train")
+
+
+def test_librimix_bad_reco2dur_and_binary_table(copy):
+    root = copy("sd")
+    rec = (root / "train" / "wav.scp").read_text().split()[0]
+    (root / "train" / "reco2dur").write_text(f"{rec} two\n")
+    with pytest.raises(CorpusError, match=r"reco2dur line 1: duration 'two' is not a number"):
+        build_dataset("sd", root, "train")
+    (root / "train" / "reco2dur").unlink()
+    (root / "train" / "utt2spk").write_bytes(b"\xc3\x28 x\n")
+    with pytest.raises(CorpusError, match=r"utt2spk line 1: not UTF-8 text"):
+        build_dataset("sd", root, "train")
+
+
+# --- an optional test split: absent is fine, broken is an error -------------------------------------
+def test_an_absent_test_split_is_skipped_but_a_broken_one_is_an_error(copy):
+    from adtuning.train import _optional_split
+
+    root = copy("sd")
+    shutil.rmtree(root / "test")
+    assert _optional_split(build_dataset, "sd", root, {}) is None
+    root = copy("sf")
+    _edit(root / "all.iob.snips.txt", "Emma-snips-test-0 BOS PLAY JAZZ MUSIC EOS\t", "Emma-snips-test-0 BOS PLAY JAZZ EOS\t")
+    with pytest.raises(CorpusError, match=r"all\.iob\.snips\.txt line \d+ \(Emma-snips-test-0\)"):
+        _optional_split(build_dataset, "sf", root, {})
 
 
 # --- the helpers every list reader can use -------------------------------------------------------

@@ -9,7 +9,7 @@ Typical use::
     for batch in make_loader(train, 32, shuffle=True, seed=0, epoch=0):
         model.loss(batch).backward()
 """
-from adtuning.speech.audio import CorpusError, read_audio
+from adtuning.speech.audio import CorpusError, MissingDataError, read_audio
 from adtuning.speech.corpora import build_dataset
 from adtuning.speech.data import BatchStream, SpeechDataset, SpeechLoader, collate, make_loader, subset_hours
 from adtuning.speech.featurizer import Featurizer
@@ -37,6 +37,7 @@ __all__ = [
     "build_upstream",
     "collate",
     "make_loader",
+    "MissingDataError",
     "read_audio",
     "subset_hours",
 ]

@@ -48,19 +48,27 @@ class CorpusError(RuntimeError):
     """
 
 
+class MissingDataError(CorpusError):
+    """A folder or file a reader needs does not exist, or a split lists nothing.
+
+    For an optional split (a test set) this means "the corpus has no such split"; every other
+    :class:`CorpusError` means the split is there but broken, and is never taken for absence.
+    """
+
+
 def require_dir(path: str | os.PathLike, what: str) -> Path:
-    """Return ``path`` as a :class:`Path`, raising :class:`CorpusError` if it is not a directory."""
+    """Return ``path`` as a :class:`Path`, raising :class:`MissingDataError` if it is not a directory."""
     p = Path(path)
     if not p.is_dir():
-        raise CorpusError(f"{what}: folder not found: {p}")
+        raise MissingDataError(f"{what}: folder not found: {p}")
     return p
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:
-    """Return ``path`` as a :class:`Path`, raising :class:`CorpusError` if it is not a file."""
+    """Return ``path`` as a :class:`Path`, raising :class:`MissingDataError` if it is not a file."""
     p = Path(path)
     if not p.is_file():
-        raise CorpusError(f"{what}: file not found: {p}")
+        raise MissingDataError(f"{what}: file not found: {p}")
     return p
 
 
@@ -111,6 +119,18 @@ def corpus_path(root: Path, rel: str, where: str) -> Path:
     if ".." in pure.parts:
         raise CorpusError(f"{where}: audio path {rel!r} leaves the corpus root {root}")
     return root.joinpath(*pure.parts)
+
+
+def plain_name(name: str, where: str, what: str) -> str:
+    """``name`` if it is a plain file name (an id that names a file in a known folder).
+
+    Raises:
+        CorpusError: ``name`` is empty, ``.`` or ``..``, or holds a path separator or NUL: as
+            part of a path it could name a file outside the corpus.
+    """
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        raise CorpusError(f"{where}: {what} {name[:200]!r} is not a plain file name")
+    return name
 
 
 def audio_options(resample: object = False, downmix: object = False) -> dict[str, bool]:

@@ -1,11 +1,8 @@
 """Corpus readers for the seven SUPERB tasks, and :func:`build_dataset`."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
-
-from adtuning.speech.audio import AUDIO_OPTIONS, CorpusError
 
 from adtuning.speech.corpora.fluent import FluentCommandsDataset
 from adtuning.speech.corpora.librimix import LibriMixDiarizationDataset
@@ -28,28 +25,20 @@ def build_dataset(task_name: str, root: str | Path, split: str, **kw: Any) -> Sp
             ``chunk_size=``, ``frame_shift=``, ``num_speakers=``).
         root: the corpus folder (see each reader for its layout).
         split: ``train``, ``dev`` or ``test``.
-        **kw: reader options; ``resample=`` and ``downmix=`` set the audio policy of
-            :func:`adtuning.speech.audio.read_audio` (files that are not 16 kHz mono are errors
-            unless they are true) for the readers that take them.
+        **kw: reader options; every reader takes ``resample=`` and ``downmix=``, the audio
+            policy of :func:`adtuning.speech.audio.read_audio` (files that are not 16 kHz mono
+            are errors unless they are true).
 
     Raises:
-        adtuning.speech.audio.CorpusError: missing folders/files, malformed lists, unknown labels,
-            or an audio option the task's reader does not take.
+        adtuning.speech.audio.CorpusError: malformed lists, unknown labels, bad options
+            (:class:`~adtuning.speech.audio.MissingDataError` for missing folders/files and
+            empty splits).
     """
     readers = {"ks": SpeechCommandsDataset, "ic": FluentCommandsDataset, "sid": VoxCeleb1Dataset,
                "asr": LibriSpeechDataset, "pr": LibriSpeechDataset, "sf": SnipsDataset, "sd": LibriMixDiarizationDataset}
     if task_name not in readers:
         raise ValueError(f"unknown task {task_name!r}; choose one of ks, ic, sid, asr, pr, sf, sd")
     reader = readers[task_name]
-    accepted = inspect.signature(reader).parameters
-    for option in AUDIO_OPTIONS:
-        # A reader without the option decodes with the strict default; asking it for more is refused
-        # rather than dropped, so a run never believes it resampled when it did not.
-        if option in kw and option not in accepted:
-            if kw[option] is not False:
-                raise CorpusError(f"the {reader.__name__} reader ({task_name}) does not take the audio option "
-                                  f"{option}; its files must be 16 kHz mono")
-            del kw[option]
     if task_name in ("asr", "pr"):
         return reader(root, split, task=task_name, **kw)
     return reader(root, split, **kw)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from adtuning.speech.audio import CorpusError, audio_options, corpus_path, read_audio, read_lines, require_dir, require_file
+from adtuning.speech.audio import CorpusError, MissingDataError, audio_options, corpus_path, read_audio, read_lines, require_dir, require_file
 from adtuning.speech.data import SpeechDataset
 
 SLOTS = ("action", "object", "location")
@@ -113,7 +113,7 @@ class FluentCommandsDataset(SpeechDataset):
                 raise CorpusError(f"{where}: audio file not found: {path}")
             self.items.append((path, labels))
         if not self.items:
-            raise CorpusError(f"{csv_path}: no rows (the {split} split is empty)")
+            raise MissingDataError(f"{csv_path}: no rows (the {split} split is empty)")
         self.task_kwargs = {"values_per_slot": [len(v) for v in self.slot_values]}
 
     def __len__(self) -> int:

@@ -15,20 +15,41 @@ from pathlib import Path
 
 import numpy as np
 
-from adtuning.speech.audio import SAMPLE_RATE, CorpusError, audio_num_samples, read_audio, require_dir, require_file
+import os
+
+from adtuning.speech.audio import (SAMPLE_RATE, CorpusError, MissingDataError, audio_num_samples, audio_options, read_audio,
+                                   read_lines, require_dir, require_file)
 from adtuning.speech.data import SpeechDataset
 
 
-def _table(path: Path, min_fields: int) -> list[tuple[int, list[str]]]:
+def _table(path: Path, min_fields: int, unique: bool = False) -> list[tuple[int, list[str]]]:
+    """The rows of a Kaldi table (``(line, fields)``, blank lines skipped); with ``unique`` the
+    first field (the key) may appear only once."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    first: dict[str, int] = {}
+    for n, line in enumerate(read_lines(path), start=1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) < min_fields:
-            raise CorpusError(f"{path} line {n}: expected at least {min_fields} fields, got {line!r}")
+            raise CorpusError(f"{path} line {n}: expected at least {min_fields} fields, got {line[:200]!r}")
+        if unique:
+            if parts[0] in first:
+                raise CorpusError(f"{path} line {n}: {parts[0]} is listed twice (first on line {first[parts[0]]})")
+            first[parts[0]] = n
         rows.append((n, parts))
     return rows
+
+
+def _seconds(value: str, path: Path, n: int, what: str) -> float:
+    """A time in seconds from a Kaldi table: finite and not negative."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise CorpusError(f"{path} line {n}: {what} {value[:40]!r} is not a number") from None
+    if not (seconds >= 0 and seconds != float("inf")):
+        raise CorpusError(f"{path} line {n}: {what} {value[:40]!r} must be a finite time >= 0 s")
+    return seconds
 
 
 class LibriMixDiarizationDataset(SpeechDataset):
@@ -41,6 +62,17 @@ class LibriMixDiarizationDataset(SpeechDataset):
         chunk_size: label frames per chunk (2000 = 20 s).
         frame_shift: samples per label frame (160).
         num_speakers: speakers per recording (2); a recording with more is an error.
+        resample, downmix: :func:`~adtuning.speech.audio.read_audio` policy for files that are
+            not 16 kHz mono (default: such files are errors).
+
+    ``wav.scp`` paths may be absolute (Kaldi's convention); relative ones are read from the
+    split folder and must stay inside ``root``.
+
+    Raises:
+        CorpusError: naming file and line: a short row, a key listed twice, a time that is not a
+            number >= 0 (or a turn that ends before it starts), a relative path leaving
+            ``root``, a piped entry, a missing audio file, a turn of an unknown recording or
+            utterance, too many speakers; or a split without audio.
 
     ``task_kwargs``: ``{"num_speakers", "frame_shift"}`` (the head must use the same).
     """
@@ -48,26 +80,33 @@ class LibriMixDiarizationDataset(SpeechDataset):
     task = "sd"
 
     def __init__(self, root: str | Path, split: str, *, split_dirs: dict[str, str] | None = None,
-                 chunk_size: int = 2000, frame_shift: int = 160, num_speakers: int = 2):
+                 chunk_size: int = 2000, frame_shift: int = 160, num_speakers: int = 2,
+                 resample: bool = False, downmix: bool = False):
         super().__init__(split)
-        self.dir = require_dir(Path(root) / (split_dirs or {}).get(split, split), f"LibriMix {split} data folder")
+        self.audio = audio_options(resample, downmix)
+        root = require_dir(root, "LibriMix")
+        self.dir = require_dir(root / (split_dirs or {}).get(split, split), f"LibriMix {split} data folder")
+        inside = os.path.normpath(os.path.abspath(root))
         self.chunk_size, self.frame_shift, self.num_speakers = chunk_size, frame_shift, num_speakers
         scp = require_file(self.dir / "wav.scp", "LibriMix")
         self.wavs: dict[str, Path] = {}
-        for n, (rec, *rest) in _table(scp, 2):
+        for n, (rec, *rest) in _table(scp, 2, unique=True):
             target = " ".join(rest)
             if target.endswith("|") or target == "-":
-                raise CorpusError(f"{scp} line {n}: piped/stdin wav.scp entries are not supported ({target!r})")
+                raise CorpusError(f"{scp} line {n}: piped/stdin wav.scp entries are not supported ({target[:200]!r})")
             path = Path(target)
             if not path.is_absolute():
                 path = self.dir / path
+                if os.path.commonpath([inside, os.path.normpath(os.path.abspath(path))]) != inside:
+                    raise CorpusError(f"{scp} line {n}: audio path {target[:200]!r} leaves the corpus root {root}")
             if not path.is_file():
                 raise CorpusError(f"LibriMix: audio file not found: {path} ({scp} line {n})")
             self.wavs[rec] = path
         self.turns = self._read_turns()
         durations = {}
         if (self.dir / "reco2dur").is_file():
-            durations = {r: float(v) for _, (r, v, *_) in _table(self.dir / "reco2dur", 2)}
+            reco2dur = self.dir / "reco2dur"
+            durations = {r: _seconds(v, reco2dur, n, "duration") for n, (r, v, *_) in _table(reco2dur, 2, unique=True)}
         self.chunks: list[tuple[str, int, int]] = []
         for rec in sorted(self.wavs):
             speakers = sorted({spk for spk, _, _ in self.turns.get(rec, [])})
@@ -81,25 +120,28 @@ class LibriMixDiarizationDataset(SpeechDataset):
             for st in range(0, n_frames, chunk_size):
                 self.chunks.append((rec, st, min(n_frames, st + chunk_size)))
         if not self.chunks:
-            raise CorpusError(f"LibriMix ({split}): no audio in {scp}")
+            raise MissingDataError(f"LibriMix ({split}): no audio in {scp}")
         self.task_kwargs = {"num_speakers": num_speakers, "frame_shift": frame_shift}
 
     def _read_turns(self) -> dict[str, list[tuple[str, float, float]]]:
         turns: dict[str, list[tuple[str, float, float]]] = {}
         seg, u2s, rttm = self.dir / "segments", self.dir / "utt2spk", self.dir / "rttm"
         if seg.is_file() and u2s.is_file():
-            utt2spk = {u: s for _, (u, s, *_) in _table(u2s, 2)}
-            for n, (utt, rec, st, et, *_) in _table(seg, 4):
+            utt2spk = {u: s for _, (u, s, *_) in _table(u2s, 2, unique=True)}
+            for n, (utt, rec, st, et, *_) in _table(seg, 4, unique=True):
                 if utt not in utt2spk:
                     raise CorpusError(f"{seg} line {n}: utterance {utt} is not in {u2s}")
                 if rec not in self.wavs:
                     raise CorpusError(f"{seg} line {n}: recording {rec} is not in wav.scp")
-                turns.setdefault(rec, []).append((utt2spk[utt], float(st), float(et)))
+                start, end = _seconds(st, seg, n, "start"), _seconds(et, seg, n, "end")
+                if end < start:
+                    raise CorpusError(f"{seg} line {n}: the turn ends ({et}) before it starts ({st})")
+                turns.setdefault(rec, []).append((utt2spk[utt], start, end))
         elif rttm.is_file():
             for n, parts in _table(rttm, 8):
                 if parts[0] != "SPEAKER":
                     continue
-                rec, st, dur, spk = parts[1], float(parts[3]), float(parts[4]), parts[7]
+                rec, st, dur, spk = parts[1], _seconds(parts[3], rttm, n, "start"), _seconds(parts[4], rttm, n, "duration"), parts[7]
                 if rec not in self.wavs:
                     raise CorpusError(f"{rttm} line {n}: recording {rec} is not in wav.scp")
                 turns.setdefault(rec, []).append((spk, st, st + dur))
@@ -128,5 +170,5 @@ class LibriMixDiarizationDataset(SpeechDataset):
 
     def load(self, index, rng=None):
         rec, st, ed = self.chunks[index]
-        wav = read_audio(self.wavs[rec], start=st * self.frame_shift, stop=ed * self.frame_shift)
+        wav = read_audio(self.wavs[rec], start=st * self.frame_shift, stop=ed * self.frame_shift, **self.audio)
         return {"wav": wav, "activity": self.activity(rec, st, ed), "id": f"{rec}_{st}_{ed}"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from adtuning.speech.audio import CorpusError, read_audio, require_dir, require_file
+from adtuning.speech.audio import CorpusError, MissingDataError, audio_options, plain_name, read_audio, read_lines, require_dir, require_file
 from adtuning.speech.data import SpeechDataset
 from adtuning.speech.tasks.text import CharacterVocab, PhonemeVocab
 
@@ -21,26 +21,38 @@ DEFAULT_SUBSETS = {"train": ("train-clean-100",), "dev": ("dev-clean",), "test":
 
 
 def read_librispeech(root: Path, subsets: Sequence[str]) -> list[tuple[str, Path, str]]:
-    """``(utterance id, audio path, transcript)`` of every utterance of ``subsets``, sorted by id."""
+    """``(utterance id, audio path, transcript)`` of every utterance of ``subsets``, sorted by id.
+
+    Raises:
+        CorpusError: naming the transcript file and line: a line without transcript, an
+            utterance id that is not a plain file name (``../x`` would read outside the
+            corpus), an id listed twice, a missing audio file; or a subset without transcripts.
+    """
     out = []
+    first: dict[str, str] = {}
     for subset in subsets:
         folder = require_dir(root / subset, "LibriSpeech subset")
         trans = sorted(folder.rglob("*.trans.txt"))
         if not trans:
-            raise CorpusError(f"LibriSpeech: no *.trans.txt under {folder}")
+            raise MissingDataError(f"LibriSpeech: no *.trans.txt under {folder}")
         for t in trans:
-            for n, line in enumerate(t.read_text(encoding="utf-8").splitlines(), start=1):
+            for n, line in enumerate(read_lines(t), start=1):
                 if not line.strip():
                     continue
                 utt, _, text = line.strip().partition(" ")
-                if not text:
-                    raise CorpusError(f"{t} line {n}: no transcript for {utt!r}")
+                where = f"{t} line {n}"
+                plain_name(utt, where, "utterance id")
+                if not text.strip():
+                    raise CorpusError(f"{where}: no transcript for {utt!r}")
+                if utt in first:
+                    raise CorpusError(f"{where}: utterance {utt} is listed twice (first in {first[utt]})")
+                first[utt] = where
                 candidates = (t.parent / f"{utt}{ext}" for ext in (".flac", ".wav"))
                 audio = next((c for c in candidates if c.is_file()), None)
                 if audio is None:
                     raise CorpusError(f"LibriSpeech: audio file not found: {t.parent / (utt + '.flac')} "
-                                      f"(listed in {t})")
-                out.append((utt, audio, text))
+                                      f"(listed in {where})")
+                out.append((utt, audio, text.strip()))
     return sorted(out)
 
 
@@ -51,7 +63,7 @@ def read_lexicon(paths: str | Path | Sequence[str | Path], vocab: PhonemeVocab) 
     lexicon: dict[str, list[str]] = {}
     for path in paths:
         path = require_file(path, "PR lexicon")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(read_lines(path), start=1):
             parts = line.split()
             if not parts:
                 continue
@@ -76,15 +88,19 @@ class LibriSpeechDataset(SpeechDataset):
         task: ``asr`` or ``pr``.
         subsets: subset folders to read (default: :data:`DEFAULT_SUBSETS` of ``split``).
         lexicon: PR only (required): lexicon file(s) in the s3prl format.
+        resample, downmix: :func:`~adtuning.speech.audio.read_audio` policy for files that are
+            not 16 kHz mono (default: such files are errors).
 
     Raises:
         CorpusError: a transcript character outside the ASR inventory, a word missing from
-            the lexicon, or a missing audio file (named).
+            the lexicon, a malformed or duplicate transcript line, or a missing audio file
+            (named; see :func:`read_librispeech`).
     """
 
     def __init__(self, root: str | Path, split: str, *, task: str = "asr", subsets: str | Sequence[str] | None = None,
-                 lexicon: str | Path | Sequence[str | Path] | None = None):
+                 lexicon: str | Path | Sequence[str | Path] | None = None, resample: bool = False, downmix: bool = False):
         super().__init__(split)
+        self.audio = audio_options(resample, downmix)
         if task not in ("asr", "pr"):
             raise ValueError(f"LibriSpeechDataset task must be 'asr' or 'pr', got {task!r}")
         self.task = task
@@ -121,4 +137,4 @@ class LibriSpeechDataset(SpeechDataset):
 
     def load(self, index, rng=None):
         utt, path, targets = self.items[index]
-        return {"wav": read_audio(path), "targets": targets, "id": utt}
+        return {"wav": read_audio(path, **self.audio), "targets": targets, "id": utt}

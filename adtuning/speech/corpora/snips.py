@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from adtuning.speech.audio import CorpusError, read_audio, require_dir, require_file
+from adtuning.speech.audio import CorpusError, MissingDataError, audio_options, read_audio, read_lines, require_dir, require_file
 from adtuning.speech.data import SpeechDataset
 from adtuning.speech.tasks.text import SlotVocab
 
@@ -27,8 +27,17 @@ _FOLDER = {"train": "train", "dev": "valid", "test": "test"}
 
 def read_slots(path: Path) -> list[str]:
     """Slot names of ``slots.txt`` (the first line is a header, as s3prl reads it)."""
-    lines = [line.strip() for line in require_file(path, "SNIPS slot list").read_text().splitlines()]
-    return [s for s in lines[1:] if s]
+    lines = [line.strip() for line in read_lines(require_file(path, "SNIPS slot list"))]
+    slots: dict[str, int] = {}
+    for n, slot in enumerate(lines[1:], start=2):
+        if not slot:
+            continue
+        if slot in slots:
+            raise CorpusError(f"{path} line {n}: slot {slot!r} is listed twice (first on line {slots[slot]})")
+        slots[slot] = n
+    if not slots:
+        raise CorpusError(f"{path}: no slot names (the first line is a header)")
+    return list(slots)
 
 
 class SnipsDataset(SpeechDataset):
@@ -38,6 +47,13 @@ class SnipsDataset(SpeechDataset):
         root: the SNIPS folder.
         split: ``train``, ``dev`` or ``test``.
         speakers: speaker names of this split (default: the recipe's, :data:`SPEAKERS`).
+        resample, downmix: :func:`~adtuning.speech.audio.read_audio` policy for files that are
+            not 16 kHz mono (default: such files are errors).
+
+    Raises:
+        CorpusError: naming file and line: a slot listed twice, a transcript line that is not
+            ``<uid> BOS words EOS<TAB>O tags intent`` with one tag per word, an utterance id
+            listed twice, a tag outside ``slots.txt``; or no transcribed file in the split.
 
     ``task_kwargs``: ``{"slots": [...]}``. ``unknown_characters`` counts characters mapped to
     ``<unk>`` (the recipe does the same; a warning says how many).
@@ -45,16 +61,20 @@ class SnipsDataset(SpeechDataset):
 
     task = "sf"
 
-    def __init__(self, root: str | Path, split: str, *, speakers: Sequence[str] | None = None):
+    def __init__(self, root: str | Path, split: str, *, speakers: Sequence[str] | None = None,
+                 resample: bool = False, downmix: bool = False):
         super().__init__(split)
+        self.audio = audio_options(resample, downmix)
         self.root = require_dir(root, "SNIPS")
         self.slots = read_slots(self.root / "slots.txt")
         self.vocab = SlotVocab(self.slots)
         iob_path = require_file(self.root / "all.iob.snips.txt", "SNIPS transcripts")
         transcripts: dict[str, tuple[int, str]] = {}
-        for n, line in enumerate(iob_path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(read_lines(iob_path), start=1):
             if line.strip():
                 uid, _, rest = line.strip().partition(" ")
+                if uid in transcripts:
+                    raise CorpusError(f"{iob_path} line {n}: utterance {uid} is listed twice (first on line {transcripts[uid][0]})")
                 transcripts[uid] = (n, rest)
         folder = require_dir(self.root / _FOLDER[split], f"SNIPS {split}")
         speakers = tuple(speakers or SPEAKERS[split])
@@ -80,7 +100,7 @@ class SnipsDataset(SpeechDataset):
             self.unknown_characters += unk
             self.items.append((uid, wav, ids))
         if not self.items:
-            raise CorpusError(f"SNIPS ({split}): no transcribed wav of speakers {', '.join(speakers)} under {folder}")
+            raise MissingDataError(f"SNIPS ({split}): no transcribed wav of speakers {', '.join(speakers)} under {folder}")
         if self.skipped["no transcript"]:
             warnings.warn(f"SNIPS ({split}): skipped {self.skipped['no transcript']} wav file(s) without a transcript "
                           f"in {iob_path}", stacklevel=2)
@@ -97,4 +117,4 @@ class SnipsDataset(SpeechDataset):
 
     def load(self, index, rng=None):
         uid, path, targets = self.items[index]
-        return {"wav": read_audio(path), "targets": targets, "id": uid}
+        return {"wav": read_audio(path, **self.audio), "targets": targets, "id": uid}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adtuning.speech.audio import SAMPLE_RATE, CorpusError, audio_options, corpus_path, read_audio, read_lines, require_dir
+from adtuning.speech.audio import SAMPLE_RATE, CorpusError, MissingDataError, audio_options, corpus_path, read_audio, read_lines, require_dir
 from adtuning.speech.data import SpeechDataset
 
 CLASSES = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "_unknown_", "_silence_")
@@ -127,7 +127,7 @@ class SpeechCommandsDataset(SpeechDataset):
             if split == "train":
                 self.sample_weights = [len(self.items) / counts[c] for c, _ in self.items]
         if not self.items:
-            raise CorpusError(f"Speech Commands ({split}): no .wav files found under {self.root}")
+            raise MissingDataError(f"Speech Commands ({split}): no .wav files found under {self.root}")
         self.task_kwargs = {"num_classes": len(CLASSES)}
 
     def __len__(self) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adtuning.speech.audio import CorpusError, audio_options, corpus_path, read_audio, read_lines, require_dir, require_file
+from adtuning.speech.audio import CorpusError, MissingDataError, audio_options, corpus_path, read_audio, read_lines, require_dir, require_file
 from adtuning.speech.data import SpeechDataset
 
 _SPLIT_ID = {"train": "1", "dev": "2", "test": "3"}
@@ -83,7 +83,7 @@ class VoxCeleb1Dataset(SpeechDataset):
                                   f"{', '.join(str(d) for d in wav_dirs)})")
             self.items.append((path, self.speaker_index[rel.split("/")[0]]))
         if not self.items:
-            raise CorpusError(f"VoxCeleb1 ({split}): {split_file} lists no utterance with split id {_SPLIT_ID[split]}")
+            raise MissingDataError(f"VoxCeleb1 ({split}): {split_file} lists no utterance with split id {_SPLIT_ID[split]}")
         self.max_timestep = max_timestep
         self.task_kwargs = {"num_classes": len(speakers)}
 
