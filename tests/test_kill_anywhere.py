@@ -66,6 +66,10 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_delta(reference, e
     ref_dir, wall = reference
     expected = load_file(str(ref_dir / "delta" / "delta.safetensors"))
     rng = random.Random(20261202)
+    # Kill moments spread evenly (one random point per tenth of [0.1, 0.95] of the reference's
+    # wall time, in random order) so that start-up, Fisher pass, training and saving all get some.
+    moments = [0.1 + 0.85 * (i + rng.random()) / KILLS for i in range(KILLS)]
+    rng.shuffle(moments)
     kills: list[str] = []
     chains = 0
     while len(kills) < KILLS:
@@ -78,7 +82,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_delta(reference, e
             with open(log_path, "w") as log_file:
                 proc = subprocess.Popen(cli(out, embedded_corpus_cache, resume), stdout=log_file, stderr=subprocess.STDOUT)
                 try:
-                    proc.wait(timeout=rng.uniform(0.1, 0.95) * wall)
+                    proc.wait(timeout=(moments[len(kills)] if len(kills) < KILLS else rng.uniform(0.1, 0.95)) * wall)
                 except subprocess.TimeoutExpired:
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
