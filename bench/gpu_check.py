@@ -310,7 +310,7 @@ def bench_fisher_kernel(device: torch.device, batch: int = 8, frames: int = 199)
     from adtuning.kernels.linear_fisher import TUNING_CANDIDATES
 
     # The launcher's defaults, then tilings that compile without spills offline
-    # (python -m adtuning.triton_compile) and are worth timing against them.
+    # (python -m tools.triton_compile) and are worth timing against them.
     configs = [None, *TUNING_CANDIDATES]
     shapes = WAV2VEC2_BASE_SHAPES
     if DRY_RUN:

@@ -33,7 +33,7 @@ MAX_BLOCK_K_16BIT = 32
 FP32_INPUT_PRECISION = "tf32x3"
 LOW_INPUT_PRECISION = "tf32"
 # 4 warps per 64x64 tile. Compiled for sm_80 and sm_90 by Triton 3.6 and 3.8
-# (``python -m adtuning.triton_compile``) these tilings use at most 255 registers per thread
+# (``python -m tools.triton_compile``) these tilings use at most 255 registers per thread
 # (196-249 for a wav2vec2-base fp32 launch) and spill nothing on sm_90, so two programs fit
 # one SM and wav2vec2-base's 144-tile 768x768 layers run in one wave on 132 SMs. 32-frame fp32
 # tiles spill on sm_80 with Triton 3.8; 8 warps hold one program per SM. Not yet timed on a GPU.
@@ -253,7 +253,7 @@ def kernel_config(
     """The compile-time constants and launch options :func:`linear_fisher` uses for a layer.
 
     ``HAS_BIAS`` and ``HAS_LENGTHS`` are left out (they follow the arguments).
-    :mod:`adtuning.triton_compile` uses this too, to compile exactly the specialisations the
+    :mod:`tools.triton_compile` uses this too, to compile exactly the specialisations the
     launcher makes.
     """
     is_fp32 = torch.float32 in (x_dtype, dy_dtype)

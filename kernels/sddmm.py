@@ -23,7 +23,7 @@ import triton.language as tl
 from adtuning.kernels._common import check_compact, check_device, check_indices
 
 # 128 entries per program x 16 frames per step, 4 warps. Compiled offline for sm_90 and sm_80
-# (Triton 3.8, adtuning.triton_compile.compile_one, wav2vec2-base's 768x3072 layer over 8 x 4 s,
+# (Triton 3.8, tools.triton_compile.compile_one, wav2vec2-base's 768x3072 layer over 8 x 4 s,
 # every dtype / index type / ACCUMULATE): 64-72 registers, no spills. 32-frame steps needed
 # 124-128 registers (the two [BLOCK_T, BLOCK_E] 64-bit pointer tiles) and spilled for fp16.
 # Not yet timed on a GPU.

@@ -1,7 +1,7 @@
 """The Triton kernels compile for Hopper (sm_90) without a GPU, and the shipped tilings do not spill.
 
 The interpreted kernel tests never run Triton's compiler. This compiles every specialisation
-the launchers make (``python -m adtuning.triton_compile --quick``) through the real pipeline
+the launchers make (``python -m tools.triton_compile --quick``) through the real pipeline
 to a cubin with the ptxas bundled with Triton, in a subprocess without TRITON_INTERPRET.
 A spill failure names the variant: retune that default for the installed Triton version.
 """
@@ -40,12 +40,12 @@ requires_nvidia_compiler = pytest.mark.skipif(
 
 @requires_nvidia_compiler
 def test_every_kernel_variant_compiles_for_sm90_without_spills(tmp_path):
-    from adtuning.triton_compile import specialisations
+    from tools.triton_compile import specialisations
 
     report_path = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "adtuning.triton_compile", "--target", "cuda:90", "--quick",
+        [sys.executable, "-m", "tools.triton_compile", "--target", "cuda:90", "--quick",
          "--jobs", "2", "--json", str(report_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
     )
@@ -62,7 +62,7 @@ def test_every_kernel_variant_compiles_for_sm90_without_spills(tmp_path):
 
 
 def test_compile_check_refuses_the_interpreter_and_bad_targets(monkeypatch, capsys):
-    from adtuning import triton_compile
+    from tools import triton_compile
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
@@ -100,7 +100,7 @@ def test_variants_come_from_the_launchers_own_calls():
     import importlib
 
     from adtuning.kernels._common import block_for_sm_count
-    from adtuning.triton_compile import _load_kernel, _specialise, _variant_key, specialisations
+    from tools.triton_compile import _load_kernel, _specialise, _variant_key, specialisations
 
     fisher_module = importlib.import_module("adtuning.kernels.linear_fisher")
     kernel_before = fisher_module._linear_fisher_kernel
@@ -136,7 +136,7 @@ def test_variants_come_from_the_launchers_own_calls():
 
 
 def test_unknown_target_needs_an_sm_count(capsys):
-    from adtuning import triton_compile
+    from tools import triton_compile
 
     with pytest.raises(SystemExit):
         triton_compile.main(["--target", "cuda:89"])

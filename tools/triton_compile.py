@@ -11,7 +11,7 @@ specialisation rules, and runs the real pipeline (TTIR, TTGIR, LLVM IR, PTX, the
 the ``ptxas`` bundled with Triton), reading registers, spills and shared memory back from
 ``ptxas -v``::
 
-    python -m adtuning.triton_compile [--target cuda:90] [--quick] [--json PATH]
+    python -m tools.triton_compile [--target cuda:90] [--quick] [--json PATH]   # from the repository root
 
 Exit status 0 when every variant compiled, 1 otherwise. Run it without ``TRITON_INTERPRET``
 (under the interpreter the kernels are not compilable objects).
@@ -373,7 +373,7 @@ def compile_all(target_text: str = "cuda:90", quick: bool = False, jobs: int | N
                 sm_count: int | None = None) -> list[dict]:
     """Compile every variant for ``target_text`` with ``jobs`` worker processes."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("adtuning.triton_compile: unset TRITON_INTERPRET; interpreted kernels "
+        raise RuntimeError("tools.triton_compile: unset TRITON_INTERPRET; interpreted kernels "
                            "cannot be compiled")
     capability = parse_target(target_text).arch  # fails on a bad target before any work
     count = len(_cached_specialisations(quick, capability, sm_count))
@@ -410,7 +410,7 @@ def _versions() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m adtuning.triton_compile",
+        prog="python -m tools.triton_compile",
         description="Compile the adtuning Triton kernel variants of representative launches for a "
                     "CUDA target without a GPU, and report registers, spills and shared memory "
                     "from ptxas.")
