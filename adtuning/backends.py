@@ -35,9 +35,11 @@ import torch
 
 # Importing a backend module registers it (cheap: nothing is built or compiled at import);
 # the order of these imports is the order of BACKENDS.
-from adtuning import reference as _reference  # noqa: F401, I001
+# isort: off
+from adtuning import reference as _reference  # noqa: F401
 from adtuning import native as _native  # noqa: F401
 from adtuning import triton_backend as _triton_backend  # noqa: F401
+# isort: on
 from adtuning.backend_contract import Backend, BackendUnavailableError, fused_provider, providers
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "get_backend", "resolve_backend_name"]

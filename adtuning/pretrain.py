@@ -268,8 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the recipe; returns the exit code (0 ok, 2 bad arguments)."""
     from tqdm.auto import tqdm
 
-    from adtuning.speech.pretraining_corpus import generate_pretraining_corpus, read_pretraining_corpus
     from adtuning.embedded import DEFAULT_CORPUS_CACHE
+    from adtuning.speech.pretraining_corpus import generate_pretraining_corpus, read_pretraining_corpus
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

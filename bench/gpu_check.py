@@ -626,7 +626,7 @@ def bench_e2e_train_step(device: torch.device) -> list[dict]:
         peak = peak_bytes(step)
         rows.append(dict({k: v for k, v in info.items() if not isinstance(v, dict)}, name=config["name"],
                          ms=ms, peak_bytes=peak))
-        del model, batch, optimizer
+        model = batch = optimizer = None  # free this configuration before building the next
         if device.type == "cuda":
             torch.cuda.empty_cache()
     base = rows[0]

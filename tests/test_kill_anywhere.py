@@ -10,7 +10,6 @@ generations are kept, and each names its tensors with a checksum.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess

@@ -21,7 +21,15 @@ from torch import nn
 
 from adtuning import atomic
 from adtuning.atomic import WriteError, atomic_write, atomic_write_files, sha256_hex
-from adtuning.checkpoint import CONFIG_FILE, TENSORS_FILE, DeltaError, apply_delta, read_delta_config, save_delta, weights_fingerprint
+from adtuning.checkpoint import (
+    CONFIG_FILE,
+    TENSORS_FILE,
+    DeltaError,
+    apply_delta,
+    read_delta_config,
+    save_delta,
+    weights_fingerprint,
+)
 from adtuning.child import ChildError, ChildNetwork
 
 
@@ -474,7 +482,8 @@ def other_base(speech_delta, tmp_path) -> Path:
 
 
 def test_export_refuses_a_base_with_other_weights_unless_forced(speech_delta, tmp_path, capsys):
-    from adtuning.export import load_finetuned, main as export_main
+    from adtuning.export import load_finetuned
+    from adtuning.export import main as export_main
 
     d = other_base(speech_delta, tmp_path)
     with pytest.raises(DeltaError, match="different base model"):
@@ -501,7 +510,8 @@ def test_export_rejects_a_delta_json_without_a_usable_task(speech_delta, tmp_pat
 
 
 def test_merge_is_all_or_nothing(speech_delta, tmp_path, monkeypatch, capsys):
-    from adtuning.export import main as export_main, merge_delta
+    from adtuning.export import main as export_main
+    from adtuning.export import merge_delta
 
     out = tmp_path / "merged"
     merge_delta(speech_delta, out)

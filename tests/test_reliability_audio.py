@@ -13,8 +13,16 @@ import soundfile as sf
 
 from adtuning.speech import CorpusError, MissingDataError, build_dataset, read_audio
 from adtuning.speech.audio import audio_num_samples, corpus_path, read_lines
-from tests.speech.speech_fixtures import (tone, write_fluent, write_lexicon, write_librimix, write_librispeech, write_snips,
-                                         write_speech_commands, write_voxceleb)
+from tests.speech.speech_fixtures import (
+    tone,
+    write_fluent,
+    write_lexicon,
+    write_librimix,
+    write_librispeech,
+    write_snips,
+    write_speech_commands,
+    write_voxceleb,
+)
 
 SR = 16000
 

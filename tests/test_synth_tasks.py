@@ -16,13 +16,17 @@ from adtuning.embedded import EMBEDDED_CORPORA  # noqa: E402
 from adtuning.speech import synth  # noqa: E402
 from adtuning.speech.corpora import build_dataset  # noqa: E402
 from adtuning.speech.corpora.snips import SPEAKERS as SNIPS_SPEAKERS  # noqa: E402
-from adtuning.speech.synth_asr import (LEXICON_NAME, espeak_to_cmu, generate_librispeech,  # noqa: E402
-                                       librispeech_speakers, librispeech_vocabulary)
+from adtuning.speech.synth_asr import (  # noqa: E402
+    LEXICON_NAME,
+    espeak_to_cmu,
+    generate_librispeech,
+    librispeech_speakers,
+    librispeech_vocabulary,
+)
 from adtuning.speech.synth_librimix import generate_librimix  # noqa: E402
 from adtuning.speech.synth_snips import SNIPS_SLOT_VALUES, SNIPS_TEMPLATES, generate_snips, snips_speakers  # noqa: E402
+from adtuning.speech.synth_tasks import FSC_INTENTS, distinct_speakers, generate_fluent_commands, generate_voxceleb1  # noqa: E402
 from adtuning.speech.tasks.text import PHONEMES, CharacterVocab, PhonemeVocab  # noqa: E402
-from adtuning.speech.synth_tasks import (FSC_INTENTS, distinct_speakers, generate_fluent_commands,  # noqa: E402
-                                         generate_voxceleb1)
 
 TINY_SID = dict(speakers=4, videos_per_speaker=3, utterances_per_video=2, seed=1)  # 1 train, 1 dev, 1 test video
 TINY_IC = dict(speakers=4, held_out_speakers=0.15, seed=2)  # 2 train, 1 valid, 1 test speaker
@@ -194,7 +198,6 @@ def test_sf_layout_is_read_by_the_snips_reader(corpora):
 
 
 def test_sd_layout_is_read_by_the_librimix_reader(corpora):
-    import numpy as np
     import soundfile as sf
 
     root = corpora["sd"]

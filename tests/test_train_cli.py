@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from adtuning import train
-from adtuning.export import load_finetuned, main as export_main, merge_delta
+from adtuning.export import load_finetuned, merge_delta
+from adtuning.export import main as export_main
 from adtuning.search import AdaptiveSearch
 
 SMALL = ["--steps", "6", "--candidates", "0.01,0.1", "--r", "0.5", "--fisher-samples", "12", "--batch-size", "8",

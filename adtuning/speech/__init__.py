@@ -15,7 +15,14 @@ from adtuning.speech.data import BatchStream, SpeechDataset, SpeechLoader, colla
 from adtuning.speech.featurizer import Featurizer
 from adtuning.speech.model import SpeechModel
 from adtuning.speech.tasks import RECIPES, TASKS, Task, build_task
-from adtuning.speech.upstream import DEFAULT_UPSTREAM, EMBEDDED_UPSTREAMS, TINY_UPSTREAMS, Upstream, UpstreamLoadError, build_upstream
+from adtuning.speech.upstream import (
+    DEFAULT_UPSTREAM,
+    EMBEDDED_UPSTREAMS,
+    TINY_UPSTREAMS,
+    Upstream,
+    UpstreamLoadError,
+    build_upstream,
+)
 
 __all__ = [
     "DEFAULT_UPSTREAM",

@@ -11,7 +11,16 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from adtuning.speech.audio import CorpusError, MissingDataError, audio_options, corpus_path, read_audio, read_lines, require_dir, require_file
+from adtuning.speech.audio import (
+    CorpusError,
+    MissingDataError,
+    audio_options,
+    corpus_path,
+    read_audio,
+    read_lines,
+    require_dir,
+    require_file,
+)
 from adtuning.speech.data import SpeechDataset
 
 SLOTS = ("action", "object", "location")

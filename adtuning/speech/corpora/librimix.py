@@ -11,14 +11,22 @@ activities, speakers ordered by sorted id within the recording.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-import os
-
-from adtuning.speech.audio import (SAMPLE_RATE, CorpusError, MissingDataError, audio_num_samples, audio_options, read_audio,
-                                   read_lines, require_dir, require_file)
+from adtuning.speech.audio import (
+    SAMPLE_RATE,
+    CorpusError,
+    MissingDataError,
+    audio_num_samples,
+    audio_options,
+    read_audio,
+    read_lines,
+    require_dir,
+    require_file,
+)
 from adtuning.speech.data import SpeechDataset
 
 

@@ -13,7 +13,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from adtuning.speech.audio import CorpusError, MissingDataError, audio_options, plain_name, read_audio, read_lines, require_dir, require_file
+from adtuning.speech.audio import (
+    CorpusError,
+    MissingDataError,
+    audio_options,
+    plain_name,
+    read_audio,
+    read_lines,
+    require_dir,
+    require_file,
+)
 from adtuning.speech.data import SpeechDataset
 from adtuning.speech.tasks.text import CharacterVocab, PhonemeVocab
 

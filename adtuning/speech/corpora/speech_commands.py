@@ -20,7 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from adtuning.speech.audio import SAMPLE_RATE, CorpusError, MissingDataError, audio_options, corpus_path, read_audio, read_lines, require_dir
+from adtuning.speech.audio import (
+    SAMPLE_RATE,
+    CorpusError,
+    MissingDataError,
+    audio_options,
+    corpus_path,
+    read_audio,
+    read_lines,
+    require_dir,
+)
 from adtuning.speech.data import SpeechDataset
 
 CLASSES = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "_unknown_", "_silence_")

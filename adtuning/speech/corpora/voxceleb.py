@@ -13,7 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from adtuning.speech.audio import CorpusError, MissingDataError, audio_options, corpus_path, read_audio, read_lines, require_dir, require_file
+from adtuning.speech.audio import (
+    CorpusError,
+    MissingDataError,
+    audio_options,
+    corpus_path,
+    read_audio,
+    read_lines,
+    require_dir,
+    require_file,
+)
 from adtuning.speech.data import SpeechDataset
 
 _SPLIT_ID = {"train": "1", "dev": "2", "test": "3"}
