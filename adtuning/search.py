@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from adtuning.atomic import atomic_write, remove_stale_temporaries
+from adtuning.atomic import atomic_write, atomic_write_bytes, remove_stale_temporaries
 from adtuning.child import INT32_LIMIT, ChildNetwork
 from adtuning.distributed import DataParallel, GradientReducer
 from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup
@@ -806,7 +806,7 @@ class AdaptiveSearch:
         newest, previous = (self.checkpoint_dir / name for name in CHECKPOINT_FILES)
         if newest.is_file():
             os.replace(newest, previous)
-        path = atomic_write(newest, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+        path = atomic_write_bytes(newest, json.dumps(meta).encode())
         keep = {tensor_name, _named_tensors(previous)}
         for old in self.checkpoint_dir.glob("search-*.safetensors"):
             if old.name not in keep:

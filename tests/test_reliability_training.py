@@ -2,13 +2,18 @@
 non-finite losses and gradients stop or are skipped, and nothing non-finite is ever written."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 
 import pytest
 import torch
 
+from adtuning import atomic
+from adtuning import search as search_module
+from adtuning.atomic import WriteError
 from adtuning.search import CHECKPOINT_FILES, AdaptiveSearch, CheckpointError, NonFiniteError, SearchConfig
 from tests.test_search import ToyProblem, children_for, config, snapshot
 
@@ -196,3 +201,50 @@ def test_bad_policies_are_rejected():
         SearchConfig(total_steps=10, on_nonfinite="ignore")
     with pytest.raises(ValueError, match="max_nonfinite_skips"):
         SearchConfig(total_steps=10, max_nonfinite_skips=0)
+
+
+# ---- disk full while checkpointing --------------------------------------------------------------
+
+def files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_disk_full_while_writing_checkpoint_tensors_keeps_both_generations(tmp_path, monkeypatch):
+    expected = reference_weights()
+    interrupted_run(tmp_path)
+    before = files(tmp_path)
+    problem = ToyProblem()
+    search = AdaptiveSearch(problem, children_for(problem), config(checkpoint_interval=2), checkpoint_dir=tmp_path, progress=False)
+    assert search.load_checkpoint()
+
+    def full_disk(tensors, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(search_module, "save_file", full_disk)
+    with pytest.raises(WriteError, match=r"search-\d+\.safetensors failed: No space left on device"):
+        search.save_checkpoint()
+    assert files(tmp_path) == before  # no temporary left, both generations untouched
+    monkeypatch.undo()
+    assert_same(resume(tmp_path), expected)
+
+
+def test_disk_full_while_writing_the_checkpoint_json_resumes_from_the_previous(tmp_path, monkeypatch, caplog):
+    expected = reference_weights()
+    interrupted_run(tmp_path)
+    problem = ToyProblem()
+    search = AdaptiveSearch(problem, children_for(problem), config(checkpoint_interval=2), checkpoint_dir=tmp_path, progress=False)
+    assert search.load_checkpoint()
+    real_write = atomic.os.write
+
+    def write(fd, data):  # the JSON is the only file written with os.write here
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic.os, "write", write)
+    with pytest.raises(WriteError, match=r"search\.json failed: No space left on device"):
+        search.save_checkpoint()
+    monkeypatch.setattr(atomic.os, "write", real_write)
+    assert not (tmp_path / CHECKPOINT_FILES[0]).exists() and (tmp_path / CHECKPOINT_FILES[1]).is_file()
+    assert not list(tmp_path.glob(".*.tmp"))
+    with caplog.at_level(logging.WARNING, logger="adtuning"):
+        assert_same(resume(tmp_path), expected)
+    assert "search.json was not written" in caplog.text

@@ -215,6 +215,7 @@ def test_export_evaluates_with_the_run_data(finished_run, capsys):
         (["--fused", "--backend", "native"], "--fused"),
         (["--baselines", "foo"], "--baselines: unknown baseline 'foo' (choose from head-only, full)"),
         (["--baselines", "full,head-only,full"], "--baselines: duplicate"),
+        (["--max-nonfinite-skips", "0"], "--max-nonfinite-skips: must be >= 1, got 0"),
     ],
 )
 def test_bad_flags_give_clear_errors(tmp_path, capsys, flags, message):
