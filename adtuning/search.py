@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from adtuning.atomic import atomic_write, atomic_write_bytes, remove_stale_temporaries
+from adtuning.atomic import atomic_write, atomic_write_bytes, check_fields, remove_stale_temporaries
 from adtuning.child import INT32_LIMIT, ChildNetwork
 from adtuning.distributed import DataParallel, GradientReducer
 from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup
@@ -920,8 +920,13 @@ class AdaptiveSearch:
             meta = json.loads(meta_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise _DamagedCheckpoint(f"not readable JSON ({err})") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), str):
-            raise _DamagedCheckpoint("not a search checkpoint (no 'tensors' entry)")
+        if not isinstance(meta, dict):
+            raise _DamagedCheckpoint("not a search checkpoint (not a JSON object)")
+        check_fields(meta, _CHECKPOINT_FIELDS, "the JSON", _DamagedCheckpoint)
+        for rec in meta["candidates"] + meta.get("baselines", []):
+            if not isinstance(rec, dict):
+                raise _DamagedCheckpoint("a candidate record is not a JSON object")
+            check_fields(rec, _RECORD_FIELDS, f"candidate record {rec.get('index')!r}", _DamagedCheckpoint)
         if meta.get("version") not in _READABLE_VERSIONS:
             raise ValueError(f"{meta_path}: unsupported checkpoint version {meta.get('version')}")
         saved_world = int(meta.get("world_size", 1))
@@ -968,6 +973,20 @@ class AdaptiveSearch:
 
 class _DamagedCheckpoint(Exception):
     """One checkpoint is torn or corrupt (another may still be usable)."""
+
+
+# The keys (and types) a search checkpoint JSON must have; a JSON without them is damaged.
+_CHECKPOINT_FIELDS = {
+    "version": ((int,), True), "tensors": ((str,), True), "tensors_sha256": ((str,), False),
+    "active": ((int, type(None)), True), "candidates": ((list,), True), "baselines": ((list,), False),
+    "swap_seconds": ((float,), True), "train_seconds": ((float,), True), "eval_seconds": ((float,), True),
+    "world_size": ((int,), False),
+}
+_RECORD_FIELDS = {
+    "index": ((int,), True), "p": ((float,), True), "k": ((int,), True), "step": ((int,), True),
+    "epoch": ((int,), True), "batch_in_epoch": ((int,), True), "status": ((str,), True),
+    "curve": ((list,), True), "train_losses": ((list,), True), "rung_metrics": ((dict,), True),
+}
 
 
 def _file_sha256(path: str | os.PathLike) -> str:

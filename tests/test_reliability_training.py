@@ -70,7 +70,8 @@ def test_two_generations_are_kept_and_each_names_its_tensors_with_a_checksum(tmp
     assert newest["tensors_sha256"].startswith("sha256:") and len(newest["tensors_sha256"]) == 71
 
 
-@pytest.mark.parametrize("damage", ["truncated tensors", "flipped byte", "tensors missing", "json torn", "json missing"])
+@pytest.mark.parametrize("damage", ["truncated tensors", "flipped byte", "tensors missing", "json torn", "json missing",
+                                    "json without a key", "json with a wrong type"])
 def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, damage, caplog):
     expected = reference_weights()
     interrupted_run(tmp_path)
@@ -86,6 +87,13 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, dam
     elif damage == "json torn":
         text = (tmp_path / CHECKPOINT_FILES[0]).read_text()
         (tmp_path / CHECKPOINT_FILES[0]).write_text(text[: len(text) // 3])
+    elif damage in ("json without a key", "json with a wrong type"):
+        meta = json.loads((tmp_path / CHECKPOINT_FILES[0]).read_text())
+        if damage == "json without a key":
+            del meta["candidates"]
+        else:
+            meta["candidates"][0]["step"] = "12"
+        (tmp_path / CHECKPOINT_FILES[0]).write_text(json.dumps(meta))
     else:  # killed between renaming the newest aside and writing its successor
         (tmp_path / CHECKPOINT_FILES[0]).unlink()
     with caplog.at_level(logging.WARNING, logger="adtuning"):
