@@ -32,6 +32,7 @@ from safetensors.torch import save as save_safetensors
 
 from adtuning.atomic import WriteError, read_json_object, replace_dir, write_bytes
 from adtuning.checkpoint import DeltaError, apply_delta, read_delta_config
+from adtuning.cli_format import DefaultsOnceHelpFormatter
 
 log = logging.getLogger("adtuning")
 
@@ -146,7 +147,7 @@ def evaluate_delta(delta_dir: str | Path, data_dir: str | Path, split: str = "te
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m adtuning.export``; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m adtuning.export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsOnceHelpFormatter)
     parser.add_argument("delta_dir", type=Path, help="delta folder written by python -m adtuning.train (…/delta)")
     parser.add_argument("--base", default=None, help="base upstream to apply it to (default: the one recorded in delta.json)")
     parser.add_argument("--force", action="store_true",

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adtuning.atomic import atomic_write
+from adtuning.cli_format import DefaultsOnceHelpFormatter
 
 log = logging.getLogger("adtuning")
 
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m adtuning.pretrain",
         description="Pre-train the embedded upstream: HuBERT-style masked prediction of MFCC k-means targets on a "
         "generated espeak-ng corpus, on CPU, deterministic from --seed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceHelpFormatter,
     )
     parser.add_argument("--output-dir", type=Path, required=True, help="where config.json, model.safetensors and pretraining.json go")
     parser.add_argument("--corpus-dir", type=Path, default=None, help="pre-training corpus folder (default: under the adtuning corpus cache)")

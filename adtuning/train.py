@@ -43,6 +43,7 @@ from adtuning.atomic import atomic_write
 from adtuning.backends import BackendUnavailableError, get_backend, resolve_backend_name
 from adtuning.checkpoint import save_delta, weights_fingerprint
 from adtuning.child import ChildNetwork
+from adtuning.cli_format import DefaultsOnceHelpFormatter
 from adtuning.distributed import DEFAULT_TIMEOUT_S, DataParallel
 from adtuning.embedded import CORPUS_RUN_DEFAULTS, DEFAULT_CORPUS_CACHE, EMBEDDED_CORPORA, embedded_corpus
 from adtuning.fisher import estimate_fisher, fisher_summary
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="AD-TUNING: Fisher-selected child networks of a speech SSL upstream, with the adaptive early-stop search over P. "
         "Without --data-dir, runs the embedded keyword-spotting default (generated corpus, the shipped pre-trained upstream). "
         "Data parallel on several GPUs or nodes: torchrun --nproc_per_node W -m adtuning.train ... (batch sizes are per process).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceHelpFormatter,
     )
     g = parser.add_argument_group("task and data")
     g.add_argument("--task", default="ks", choices=["ks", "ic", "sid", "asr", "pr", "sf", "sd"], help="SUPERB task")
@@ -146,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("engine")
     g.add_argument("--fused", action="store_true", help="fused kernels: Triton on CUDA, native C++ on CPU (same as --backend fused)")
-    g.add_argument("--backend", choices=["reference", "native", "triton", "fused"], default=None, help="kernel backend for the Fisher pass and the optimizer")
+    g.add_argument("--backend", choices=["reference", "native", "triton", "fused"], default=None,
+                   help="kernel backend for the Fisher pass, the optimizer and sparse weight gradients (default: the fused "
+                        "one of the device when it loads, else reference)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--weight-grad", choices=["auto", "dense", "sparse"], default="auto",
                    help="Linear weight gradients: only the child entries (SDDMM into the optimizer's compact buffers), "
@@ -382,13 +385,8 @@ class Recipe:
             dp.run_on_main(self._prepare_output_dir)
             self.device = dp.device
             log.info("%s", dp.describe())
-        backend = "fused" if args.fused else (args.backend or "reference")
-        self.backend = resolve_backend_name(backend, self.device)
-        try:
-            get_backend(self.backend, self.device)
-        except BackendUnavailableError as err:
-            raise UsageError(f"--{'fused' if args.fused else 'backend'}: backend {self.backend!r} is not available: {err}") from err
-        log.info("backend: %s (device %s)", self.backend, self.device)
+        self.backend, why = self._choose_backend()
+        log.info("backend: %s (device %s; %s)", self.backend, self.device, why)
         threads, why = choose_threads(args.threads)
         torch.set_num_threads(threads)
         log.info("torch threads: %d (%s)", threads, why)
@@ -425,6 +423,26 @@ class Recipe:
         self.data_dir = data_dir
         self._write_config()
         self._open_tensorboard()
+
+    def _choose_backend(self) -> tuple[str, str]:
+        """The kernel backend and why: the one asked for, else the fused one of the device when it
+        loads (the reference backend is for tests and for checking), else the reference."""
+        args = self.args
+        if args.fused or args.backend:
+            flag = "--fused" if args.fused else "--backend"
+            name = resolve_backend_name("fused" if args.fused else args.backend, self.device)
+            try:
+                get_backend(name, self.device)
+            except BackendUnavailableError as err:
+                raise UsageError(f"{flag}: backend {name!r} is not available: {err}") from err
+            return name, f"asked for with {flag}"
+        try:
+            name = resolve_backend_name("fused", self.device)
+            get_backend(name, self.device)
+        except BackendUnavailableError as err:
+            log.warning("the fused backend is not available (%s); using the reference backend (pure PyTorch, slower)", err)
+            return "reference", "the fused backend is not available"
+        return name, "the fused backend of this device, the default; --backend reference for the pure-PyTorch path"
 
     def _prepare_output_dir(self) -> None:
         args, out = self.args, self.out
