@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from adtuning.atomic import atomic_write
 from adtuning.backends import BackendUnavailableError, get_backend, resolve_backend_name
@@ -849,12 +850,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:
             raise UsageError(str(err)) from err
         recipe = Recipe(args, dp)
-        recipe.setup()
-        recipe.fisher()
-        recipe.search()
-        recipe.compare()
-        recipe.evaluate()
-        summary = recipe.save()
+        # Log lines go through tqdm.write, so they never cut a progress bar in two.
+        with logging_redirect_tqdm():
+            recipe.setup()
+            recipe.fisher()
+            recipe.search()
+            recipe.compare()
+            recipe.evaluate()
+            summary = recipe.save()
     except UsageError as err:
         # Usage errors are raised alike on every rank (rank 0's checks are broadcast).
         if dp is not None:
