@@ -304,3 +304,71 @@ def test_scored_set_choices():
         check_scored_choice("layers.(")
     with pytest.raises(ValueError, match="matches no parameter"):
         choose_scored_names("no_such_tensor", names, default)
+
+
+class _ThreadRanks:
+    """Two "ranks" as threads of one process; all_reduce_sum_ sums their tensors at a barrier."""
+
+    def __init__(self, world):
+        import threading
+
+        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
+
+    def rank(self, r):
+        group = self
+
+        class Rank:
+            def all_reduce_sum_(self, tensor):
+                group.slots[r] = tensor.clone()
+                group.barrier.wait()
+                total = sum(group.slots)
+                group.barrier.wait()  # every rank has read the slots before they are reused
+                tensor.copy_(total)
+                return tensor
+
+        return Rank()
+
+
+def test_batch_mode_sums_scalar_loss_shares_over_ranks():
+    import copy
+    import threading
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    x, y = mlp_data(9)
+    global_batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]  # the last: one sample, rank 1 empty
+    expected = estimate_fisher(model, global_batches, mlp_loss, mode="batch", clip_norm=0.3, progress=False)
+
+    ranks, results, errors = _ThreadRanks(2), [None, None], []
+
+    def run(r):
+        try:
+            parts = []
+            for bx, by in global_batches:
+                half = (len(bx) + 1) // 2
+                part = (bx[:half], by[:half]) if r == 0 else (bx[half:], by[half:])
+                parts.append((part, len(bx)) if len(part[0]) else (None, len(bx)))
+            sizes = iter([size for _, size in parts])
+
+            def loss_fn(m, batch, fisher_pass):
+                # Called for every global batch, an empty part too (it returns None there).
+                global_size = next(sizes)
+                if batch is None:
+                    return None
+                bx, by = batch
+                return F.cross_entropy(m(bx), by, reduction="sum") / global_size  # this rank's share of the mean
+
+            results[r] = estimate_fisher(copy.deepcopy(model), [p for p, _ in parts], loss_fn, mode="batch", clip_norm=0.3,
+                                         progress=False, data_parallel=ranks.rank(r))
+        except Exception as err:  # surfaced below
+            errors.append(err)
+            ranks.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert_scores_close(results[0], expected)
+    assert_scores_close(results[1], expected)
