@@ -520,7 +520,7 @@ class Recipe:
         clip_norm = args.fisher_clip if args.fisher_clip is not None else (1.0 if published else None)
         scored_choice = args.scored or ("published" if published else "default")
         count_rule = args.child_count or ("percentile" if published else "round")
-        if count_rule == "percentile" and mode == "per-sample":
+        if count_rule == "percentile" and mode == "per-sample" and args.child_method == "fisher":
             raise UsageError("--child-count: percentile is the published rule for --fisher-mode batch/published; "
                              "per-sample scores keep round(P*N)")
         try:

@@ -170,3 +170,11 @@ def test_main_rejects_a_bad_scored_pattern(capsys):
     with pytest.raises(SystemExit):
         main(["--scored", "(", "--no-progress"])
     assert "argument --scored" in capsys.readouterr().err
+
+
+def test_bernoulli_children_are_drawn_from_the_scored_set(corpora, tmp_path):
+    recipe = recipe_for("ks", corpora["ks"], tmp_path / "run", "--child-method", "bernoulli", "--scored", "published",
+                        "--child-count", "percentile")  # the count rule does not apply to Bernoulli children
+    recipe.fisher()
+    assert set(recipe.children[0].shapes) == set(published_scored_names(recipe.model.upstream))
+    assert recipe.fisher_info == {"method": "bernoulli", "scored": "published"}
