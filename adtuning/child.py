@@ -2,9 +2,18 @@
 
 A :class:`ChildNetwork` maps each tensor name to a sorted, unique, flat ``int32`` index vector
 (``int64`` only for tensors of 2^31 entries or more). Task-driven children (CHILD-TUNING_D)
-keep the top ``k = round(P * N)`` Fisher scores over *all* scored entries together; ties are
-broken deterministically (earlier tensor in the score mapping's order, then lower flat index,
-wins), so the children for several P taken from one ranking are nested.
+rank the Fisher scores of *all* scored entries together and keep the best; two count rules
+say how many:
+
+* ``"round"`` (default, DESIGN.md): exactly ``k = round(P * N)`` (at least 1) entries; ties are
+  broken deterministically (earlier tensor in the score mapping's order, then lower flat index,
+  wins).
+* ``"percentile"`` (the published CHILD-TUNING / AD-TUNING code): the threshold is
+  ``numpy.percentile(all_scores, (1 - P) * 100)`` (linear interpolation) and every entry with
+  ``score >= threshold`` is kept: ``1 + floor(P * (N - 1))`` entries, plus any ties with the
+  threshold (and, when the interpolation rounds onto the lower neighbour, that neighbour).
+
+Either way the children for several P taken from one ranking are nested.
 
 Selection never sorts: a radix select finds the k-th largest score on the order-preserving
 integer image of the fp32 scores in four histogram passes, tensor by tensor, so the extra
@@ -20,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -80,8 +90,46 @@ def _check_p(p: float) -> float:
     return float(p)
 
 
+COUNT_RULES = ("round", "percentile")
+
+
 def _k_for(p: float, total: int) -> int:
     return max(1, min(total, int(math.floor(p * total + 0.5))))
+
+
+def _check_count_rule(count_rule: str) -> str:
+    if count_rule not in COUNT_RULES:
+        raise ValueError(f"child selection: unknown count rule {count_rule!r}; choose one of {', '.join(COUNT_RULES)}")
+    return count_rule
+
+
+def percentile_position(p: float, total: int) -> tuple[int, int, float]:
+    """Where ``numpy.percentile(scores, (1 - p) * 100)`` (method ``"linear"``) reads a sorted
+    ``total``-entry score vector: ``(lower index, upper index, gamma)`` in ascending order.
+
+    The arithmetic is numpy's own (NumPy >= 2): the percentile is divided by 100 in float64,
+    the virtual index is ``(total - 1) * q``, the neighbours are its floor and floor + 1 (both
+    ``total - 1`` at or beyond the end), gamma is the fractional part.
+    """
+    q = float(np.true_divide((1.0 - p) * 100, 100))  # the published code's (1-p)*100, as numpy divides it
+    virtual = (total - 1) * q
+    if virtual >= total - 1:
+        return total - 1, total - 1, 0.0
+    lower = int(math.floor(virtual))
+    return lower, lower + 1, virtual - lower
+
+
+def percentile_threshold(lower: float, upper: float, gamma: float) -> float:
+    """numpy's linear interpolation between two fp32 order statistics (``numpy.lib`` ``_lerp``
+    under NEP 50 promotion: fp32 arithmetic, and from the upper end when ``gamma >= 0.5``).
+
+    Rounding can land the threshold on ``lower`` although ``gamma > 0``; the published rule
+    then keeps ``lower`` too, so this must be numpy's arithmetic, not the exact real value.
+    """
+    a, b = np.float32(lower), np.float32(upper)
+    diff = b - a
+    value = b - diff * np.float32(1 - gamma) if gamma >= 0.5 else a + diff * np.float32(gamma)
+    return float(np.float32(value))
 
 
 def _order_key(scores: torch.Tensor) -> torch.Tensor:
@@ -102,6 +150,10 @@ def _order_key(scores: torch.Tensor) -> torch.Tensor:
 def _key_to_float(key: int) -> float:
     bits = key if key >= 0 else key ^ 0x7FFFFFFF
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
+
+
+def _float_to_key(value: float) -> int:
+    return int(_order_key(torch.tensor([value], dtype=torch.float32))[0])
 
 
 def _validated_scores(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -190,7 +242,8 @@ class ChildNetwork:
         shapes: ``{name: shape}`` of every tensor the child was chosen from (in ranking order).
         p: the requested ratio (for Bernoulli children, the draw probability).
         k: number of child entries.
-        threshold: the score of the k-th best entry (``None`` for Bernoulli children).
+        threshold: the score of the k-th best entry (count rule ``"round"``), or the percentile
+            every kept score is at or above (``"percentile"``); ``None`` for Bernoulli children.
         method: ``"fisher"`` (CHILD-TUNING_D) or ``"bernoulli"`` (CHILD-TUNING_F).
         seed: the seed of a Bernoulli child.
     """
@@ -207,17 +260,27 @@ class ChildNetwork:
     # ---- construction -----------------------------------------------------------------
 
     @classmethod
-    def from_scores(cls, scores: Mapping[str, torch.Tensor], p: float) -> "ChildNetwork":
-        """Keep the top ``k = round(p * N)`` (at least 1) entries over all tensors together."""
-        return cls.nested(scores, [p])[0]
+    def from_scores(cls, scores: Mapping[str, torch.Tensor], p: float, *, count_rule: str = "round") -> "ChildNetwork":
+        """The best-scored entries over all tensors together.
+
+        ``count_rule="round"`` keeps exactly ``k = round(p * N)`` (at least 1), ties broken by
+        tensor order then flat index. ``count_rule="percentile"`` is the published code's rule:
+        keep every entry with ``score >= numpy.percentile(all scores, (1 - p) * 100)`` --
+        ``1 + floor(p * (N - 1))`` entries plus any ties (see the module docstring).
+        """
+        return cls.nested(scores, [p], count_rule=count_rule)[0]
 
     @classmethod
-    def nested(cls, scores: Mapping[str, torch.Tensor], ps: Iterable[float]) -> list["ChildNetwork"]:
+    def nested(cls, scores: Mapping[str, torch.Tensor], ps: Iterable[float], *,
+               count_rule: str = "round") -> list["ChildNetwork"]:
         """Children for several ratios from one ranking; each contains every smaller one.
 
-        Returned in the order of ``ps``.
+        ``count_rule``: ``"round"`` or ``"percentile"`` as in :meth:`from_scores`. Returned in
+        the order of ``ps``; ``threshold`` is the k-th best score (``"round"``) or the
+        percentile value entries were compared with (``"percentile"``).
         """
         ps = [_check_p(p) for p in ps]
+        count_rule = _check_count_rule(count_rule)
         if not ps:
             raise ValueError("child selection: no ratios given")
         scores = _validated_scores(scores)
@@ -226,10 +289,21 @@ class ChildNetwork:
         total = sum(v.numel() for v in scores.values())
         children = []
         for p in ps:
-            k = _k_for(p, total)
-            threshold, ties = _kth_largest_key(list(keys.values()), k)
-            indices = _select(keys, threshold, ties)
-            children.append(cls(indices=indices, shapes=dict(shapes), p=p, k=k, threshold=_key_to_float(threshold)))
+            if count_rule == "round":
+                k = _k_for(p, total)
+                threshold, ties = _kth_largest_key(list(keys.values()), k)
+                indices = _select(keys, threshold, ties)
+                value = _key_to_float(threshold)
+            else:
+                # Order statistics by radix select (the j-th smallest is the (N - j)-th largest),
+                # then numpy's interpolation between them; every entry at or above it is kept.
+                lower, upper, gamma = percentile_position(p, total)
+                low_key, _ = _kth_largest_key(list(keys.values()), total - lower)
+                high_key, _ = _kth_largest_key(list(keys.values()), total - upper)
+                value = percentile_threshold(_key_to_float(low_key), _key_to_float(high_key), gamma)
+                indices = _select(keys, _float_to_key(value), total)
+                k = sum(int(v.numel()) for v in indices.values())
+            children.append(cls(indices=indices, shapes=dict(shapes), p=p, k=k, threshold=value))
         return children
 
     @classmethod

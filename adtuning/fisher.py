@@ -21,14 +21,21 @@ per-sample sums of all scored entries and the sample count live in one flat buff
 all-reduced once at the end, so every rank returns the scores of the whole sample set.
 
 ``mode="batch"`` reproduces the published CHILD-TUNING / AD-TUNING code instead: the square
-of each mini-batch gradient (optionally clipped per tensor), averaged over batches.
+of each mini-batch gradient (optionally clipped per tensor), averaged over batches. The
+objective is the mean per-sample loss, or the recipe's training loss when ``loss_fn`` returns
+a scalar; ``train_mode=True`` keeps dropout and SpecAugment on, as that code does.
+
+The algorithms are three functions behind :func:`estimate_fisher`: ``_per_sample_loop``,
+``_per_sample_in_backward`` and ``_batch_gradients``. The loss function meets the pass only
+through the :class:`FisherPass` it is handed (frame lengths); model code never calls the engine.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
-from dataclasses import dataclass, field
+import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
@@ -44,7 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("adtuning")
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
+# loss_fn(model, batch) or loss_fn(model, batch, fisher_pass) -> Tensor[B] (or a scalar in batch mode)
+LossFn = Callable[..., torch.Tensor]
 MODES = ("per-sample", "batch")
 
 
@@ -62,6 +70,60 @@ def default_scored_parameter_names(model: nn.Module) -> list[str]:
         prefix = next(n for n, m in model.named_children() if m is upstream)
         return [f"{prefix}.{name}" for name in upstream.default_scored_parameters()]
     return [name for name, _ in model.named_parameters()]
+
+
+SCORED_SETS = ("default", "published", "encoder-layers")
+# The published AD-TUNING code scores names containing "encoder.layers" or "layer_norm" of a fairseq
+# model. In the transformers naming that is the encoder layers plus the two layer norms fairseq calls
+# "layer_norm" and "encoder.layer_norm"; the CNN's layer norms are not among them (fairseq names
+# them "feature_extractor.conv_layers.<i>.2.1"), so a plain substring test would over-select here.
+_PUBLISHED_SCORED = re.compile(r"(^|\.)encoder\.layers\.|(^|\.)(feature_projection|encoder)\.layer_norm\.[^.]+$")
+_ENCODER_LAYERS = re.compile(r"(^|\.)encoder\.layers\.")
+
+
+def check_scored_choice(choice: str) -> str:
+    """Validate a scored-set choice (``--scored``): one of :data:`SCORED_SETS` or a regular
+    expression. Returns it unchanged; raises ``ValueError`` naming the bad expression."""
+    if choice in SCORED_SETS:
+        return choice
+    if not choice:
+        raise ValueError(f"an empty pattern; choose one of {', '.join(SCORED_SETS)} or a regular expression")
+    try:
+        re.compile(choice)
+    except re.error as err:
+        raise ValueError(f"{choice!r} is neither one of {', '.join(SCORED_SETS)} nor a valid regular expression ({err})") from None
+    return choice
+
+
+def choose_scored_names(choice: str, names: Iterable[str], default: Iterable[str]) -> list[str]:
+    """The parameters a Fisher pass scores, in model order.
+
+    Args:
+        choice: ``"default"`` (``default``: the model's own default set, e.g. the speech
+            upstreams' transformer encoder layers), ``"published"`` (the published AD-TUNING
+            code: the encoder layers plus the feature-projection and encoder layer norms),
+            ``"encoder-layers"`` (every name with an ``encoder.layers.`` component) or a regular
+            expression matched anywhere in the name (``re.search``; e.g. ``layer`` is AliceMind
+            ChildTuningD's set).
+        names: every parameter name of the model (in order).
+        default: the model's default scored names.
+
+    Raises ``ValueError`` for a bad expression or a choice that matches no parameter.
+    """
+    choice = check_scored_choice(choice)
+    names = list(names)
+    if choice == "default":
+        chosen = list(default)
+    elif choice == "published":
+        chosen = [n for n in names if _PUBLISHED_SCORED.search(n)]
+    elif choice == "encoder-layers":
+        chosen = [n for n in names if _ENCODER_LAYERS.search(n)]
+    else:
+        pattern = re.compile(choice)
+        chosen = [n for n in names if pattern.search(n)]
+    if not chosen:
+        raise ValueError(f"{choice!r} matches no parameter of the model")
+    return chosen
 
 
 def _resolve_params(model: nn.Module, params: Iterable[str] | Mapping[str, torch.Tensor] | None) -> dict[str, nn.Parameter]:
@@ -85,23 +147,66 @@ def _check_losses(losses: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sample lengths: the upstream tells the Fisher pass how many frames of each sample are real,
-# so the kernels skip padding work. Outside a pass this is a no-op.
+# The pass as the loss function sees it: the task/model adapter hands it each batch's valid frame
+# counts, so the in-backward kernels skip padding work. Model code never talks to the engine.
 
-_ACTIVE_PASS: "_InBackwardPass | None" = None
+class FisherPass:
+    """One running Fisher pass, as a loss function sees it.
 
-
-def note_sample_lengths(lengths: torch.Tensor) -> None:
-    """Tell an active in-backward Fisher pass the valid frame count of each sample ([B] ints).
-
-    Called by upstreams right after they compute frame lengths. Scored layers whose input is
-    ``[B, T, features]`` with ``T >= max(lengths)`` then skip frames ``t >= lengths[n]``
-    (which carry zero gradient in a correctly masked model). No-op outside a Fisher pass.
+    A ``loss_fn`` that takes a third positional argument is called
+    ``loss_fn(model, batch, fisher_pass)`` with this object; it may report the batch's valid
+    frame counts with :meth:`note_sample_lengths` (the speech upstreams return them). Reporting
+    is optional and never changes the scores: the in-backward kernels then skip frames
+    ``t >= lengths[n]``, which carry zero gradient in a correctly masked model.
     """
-    if _ACTIVE_PASS is not None:
-        _ACTIVE_PASS.lengths = lengths.detach()
+
+    def __init__(self) -> None:
+        self.lengths: torch.Tensor | None = None
+        self.max_length = 0
+
+    def note_sample_lengths(self, lengths: torch.Tensor) -> None:
+        """The valid frame count of each sample of the current batch (``[B]`` ints)."""
+        self.lengths = lengths.detach()
         # One host sync per batch here, instead of one per layer in backward.
-        _ACTIVE_PASS.max_length = int(lengths.max()) if lengths.numel() else 0
+        self.max_length = int(lengths.max()) if lengths.numel() else 0
+
+    def start_batch(self) -> None:
+        """Forget the previous batch's lengths (called by the engine before each batch)."""
+        self.lengths, self.max_length = None, 0
+
+
+def _accepts_fisher_pass(loss_fn: Callable) -> bool:
+    """Whether ``loss_fn`` can be called with a third positional argument (the pass)."""
+    try:
+        inspect.signature(loss_fn).bind(None, None, None)
+    except (TypeError, ValueError):  # ValueError: no signature (some builtins)
+        return False
+    return True
+
+
+class _Loss:
+    """``loss_fn`` with the calling convention settled once: ``(model, batch)`` or
+    ``(model, batch, fisher_pass)``. An adapter taking the pass is also called for an empty
+    data-parallel part (``batch=None``; it returns ``None``) so that it can join the collectives
+    its normaliser needs; a two-argument ``loss_fn`` never sees ``None``."""
+
+    def __init__(self, loss_fn: LossFn, fisher_pass: FisherPass):
+        self.loss_fn, self.fisher_pass = loss_fn, fisher_pass
+        self.takes_pass = _accepts_fisher_pass(loss_fn)
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        self.fisher_pass.start_batch()
+        if self.takes_pass:
+            return self.loss_fn(model, batch, self.fisher_pass)
+        return self.loss_fn(model, batch)
+
+    def empty_part(self, model: nn.Module, data_parallel) -> None:
+        if data_parallel is None:
+            raise ValueError("estimate_fisher: a batch is None (only a sharded loader yields empty parts)")
+        if self.takes_pass:
+            out = self.loss_fn(model, None, self.fisher_pass)
+            if out is not None:
+                raise ValueError("estimate_fisher: loss_fn must return None for an empty data-parallel part (batch None)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,15 +227,14 @@ def _per_sample_reference(
 # ---------------------------------------------------------------------------------------------
 # In-backward pass.
 
-@dataclass
-class _InBackwardPass:
-    backend: Any
-    anchor: torch.Tensor
-    lengths: torch.Tensor | None = None
-    max_length: int = 0
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
-    # False while the fallback loop re-walks the graph for other parameters.
-    accumulate: bool = True
+class _InBackwardPass(FisherPass):
+    """The pass of the in-backward algorithm: the noted lengths plus the kernels' state."""
+
+    def __init__(self, backend: Any, anchor: torch.Tensor, fisher: dict[str, torch.Tensor]):
+        super().__init__()
+        self.backend, self.anchor, self.fisher = backend, anchor, fisher
+        # False while the fallback loop re-walks the graph for other parameters.
+        self.accumulate = True
 
     def lengths_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The noted lengths if they describe dim 1 of this ``[B, T, ...]`` activation."""
@@ -252,13 +356,14 @@ def _patched_modules(linear, layernorm, state: _InBackwardPass):
 # ---------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _grad_and_eval_state(model: nn.Module, trainable: Iterable[nn.Parameter]):
-    """Eval mode (no dropout: scores must not depend on batching) and only ``trainable`` requiring grad."""
+def _pass_state(model: nn.Module, trainable: Iterable[nn.Parameter], train_mode: bool):
+    """Eval mode (default: no dropout, so scores do not depend on batching) or train mode, and
+    only ``trainable`` requiring grad; both restored afterwards."""
     was_training = model.training
     saved = [(p, p.requires_grad) for p in model.parameters()]
     trainable_ids = {id(p) for p in trainable}
     try:
-        model.eval()
+        model.train(train_mode)
         for p, _ in saved:
             p.requires_grad_(id(p) in trainable_ids)
         yield
@@ -266,6 +371,110 @@ def _grad_and_eval_state(model: nn.Module, trainable: Iterable[nn.Parameter]):
         for p, flag in saved:
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def _score_buffers(scored: dict[str, nn.Parameter], device, flat: bool):
+    """Zero fp32 score tensors; with ``flat``, views of one buffer with one extra entry (the
+    sample count) so that data parallel needs a single all-reduce. Returns (scores, buffer)."""
+    if not flat:
+        return {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in scored.items()}, None
+    buffer = torch.zeros(sum(p.numel() for p in scored.values()) + 1, dtype=torch.float32, device=device)
+    fisher, offset = {}, 0
+    for n, p in scored.items():
+        fisher[n] = buffer[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    return fisher, buffer
+
+
+def _usable(losses: torch.Tensor, samples: int, max_samples: int | None) -> int:
+    """How many samples of this batch count (``max_samples`` truncates the last batch)."""
+    count = losses.shape[0]
+    return count if max_samples is None else min(count, max_samples - samples)
+
+
+def _per_sample_loop(model, bar, loss: _Loss, scored, fisher, *, max_samples, data_parallel) -> int:
+    """Eq. 6 by one ``autograd.grad`` per sample (the reference). Returns the samples seen."""
+    samples = 0
+    for batch in bar:
+        if max_samples is not None and samples >= max_samples:
+            break
+        if batch is None:
+            loss.empty_part(model, data_parallel)
+            continue
+        losses = _check_losses(loss(model, batch))
+        count = _usable(losses, samples, max_samples)
+        _per_sample_reference(losses, scored, fisher, count)
+        samples += count
+        bar.set_postfix(samples=samples)
+    return samples
+
+
+def _per_sample_in_backward(model, bar, loss: _Loss, scored, fisher, state: _InBackwardPass, *, max_samples,
+                            data_parallel) -> int:
+    """Eq. 6 by one backward per batch: scored Linear/LayerNorm layers accumulate per-sample
+    Fisher in their backward (backend kernels); other scored parameters take the exact
+    per-sample loop on the same graph. Returns the samples seen."""
+    linear, layernorm, fallback = _plan_in_backward(model, scored)
+    log.info(
+        "Fisher pass on backend %s: %d Linear tensors and %d LayerNorm tensors in backward, %d by the per-sample fallback%s",
+        state.backend.name,
+        sum(1 + (b is not None) for _, _, b in linear.values()),
+        sum((w is not None) + (b is not None) for _, w, b in layernorm.values()),
+        len(fallback),
+        (": " + ", ".join(fallback[:8]) + (" ..." if len(fallback) > 8 else "")) if fallback else "",
+    )
+    fallback_params = {n: scored[n] for n in fallback}
+    samples = 0
+    # Only the fallback parameters need weight gradients; the kernels differentiate through the anchor.
+    with _pass_state(model, fallback_params.values(), train_mode=False):
+        for batch in bar:
+            if max_samples is not None and samples >= max_samples:
+                break
+            if batch is None:
+                loss.empty_part(model, data_parallel)
+                continue
+            with _patched_modules(linear, layernorm, state):
+                losses = _check_losses(loss(model, batch))
+            count = _usable(losses, samples, max_samples)
+            torch.autograd.backward(losses[:count].sum(), inputs=[state.anchor], retain_graph=bool(fallback_params))
+            if fallback_params:
+                state.accumulate = False
+                _per_sample_reference(losses, fallback_params, fisher, count)
+                state.accumulate = True
+            samples += count
+            bar.set_postfix(samples=samples)
+    return samples
+
+
+def _batch_gradients(model, bar, loss: _Loss, scored, fisher, *, max_samples, clip_norm, data_parallel) -> int:
+    """The published code's scores: per batch, the gradient of the batch objective, clipped per
+    tensor, squared and summed. The objective is the mean of a ``[B]`` per-sample loss, or a
+    scalar the loss function returns as is (the recipe's training loss, already divided by the
+    gradient-accumulation steps). Returns the number of batches."""
+    samples = num_batches = 0
+    for batch in bar:
+        if max_samples is not None and samples >= max_samples:
+            break
+        if batch is None:
+            loss.empty_part(model, data_parallel)
+            _accumulate_batch_mode(None, scored, fisher, clip_norm, data_parallel)
+            num_batches += 1
+            continue
+        out = loss(model, batch)
+        if out.dim() == 0:
+            if max_samples is not None:
+                raise ValueError("estimate_fisher: a scalar batch loss cannot be cut to max_samples; "
+                                 "limit the batches instead")
+            count = 0
+        else:
+            out = _check_losses(out)
+            count = _usable(out, samples, max_samples)
+            out = out[:count]
+        _accumulate_batch_mode(out, scored, fisher, clip_norm, data_parallel)
+        samples += count
+        num_batches += 1
+        bar.set_postfix(batches=num_batches)
+    return num_batches
 
 
 def estimate_fisher(
@@ -281,26 +490,36 @@ def estimate_fisher(
     progress: bool = True,
     algorithm: str | None = None,
     data_parallel: "DataParallel | None" = None,
+    train_mode: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Estimate the diagonal empirical Fisher information of the scored parameters.
 
     Args:
         model: the model (upstream + head). It is put in eval mode during the pass (dropout
-            would make scores depend on batching) and restored afterwards; parameter values
-            and ``requires_grad`` flags are left as they were.
+            would make scores depend on batching; see ``train_mode``) and restored afterwards;
+            parameter values and ``requires_grad`` flags are left as they were.
         batches: iterable of batches, each passed to ``loss_fn``.
-        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``, the per-sample negative
-            log-likelihood. Samples must not interact (no batch statistics; padding masked).
+        loss_fn: ``loss_fn(model, batch)`` or ``loss_fn(model, batch, fisher_pass)`` (a
+            :class:`FisherPass`, to which the task/model adapter may report the batch's frame
+            lengths). It returns the per-sample negative log-likelihood ``Tensor[B]``; samples
+            must not interact (no batch statistics; padding masked). In ``mode="batch"`` it
+            may instead return a scalar: the recipe's training loss of the batch, differentiated
+            as it is (divide it by the gradient-accumulation steps there). Under
+            ``data_parallel`` a three-argument ``loss_fn`` is also called for an empty part
+            (``batch=None``) and must return ``None``; a scalar it returns is this rank's share
+            of the global batch's loss (the shares are summed over ranks).
         params: names of the parameters to score (or a mapping whose keys are used); default
             :func:`default_scored_parameter_names` (the transformer encoder layers of a speech
             upstream).
         mode: ``"per-sample"`` (eq. 6: mean over samples of squared per-sample gradients,
             independent of batching) or ``"batch"`` (the published code: mean over batches of
-            the squared mini-batch-mean gradient, optionally clipped per tensor).
+            the squared mini-batch gradient, optionally clipped per tensor).
         backend: ``"reference"`` (per-sample autograd loop), ``"native"``, ``"triton"`` or
             ``"fused"`` (in-backward kernels). Only meaningful for ``mode="per-sample"``.
-        max_samples: stop after this many samples (the last batch is truncated).
-        clip_norm: per-tensor gradient norm clip of ``mode="batch"`` (``None``: no clip).
+        max_samples: stop after this many samples (the last batch is truncated; not with a
+            scalar batch loss).
+        clip_norm: per-tensor gradient norm clip of ``mode="batch"`` (``None``: no clip), as
+            ``torch.nn.utils.clip_grad_norm_(param, clip_norm)`` on each tensor.
         progress: show a tqdm bar.
         algorithm: ``"loop"`` (one autograd.grad per sample) or ``"in-backward"`` (one
             backward per batch with the backend's kernels); default: ``"loop"`` for the
@@ -310,9 +529,11 @@ def estimate_fisher(
             rank's parts of the global batches (``None`` for an empty part; every rank must
             see the same number of global batches) and the result is the Fisher of all ranks'
             samples, the same on every rank. ``"per-sample"``: the sums and the sample count are
-            all-reduced once, in one buffer. ``"batch"``: each global batch's mean gradient is
+            all-reduced once, in one buffer. ``"batch"``: each global batch's gradient is
             all-reduced (densely, as the published code does under DDP) before it is squared.
             Limit the samples in the sharded loader (``max_items``), not with ``max_samples``.
+        train_mode: run the pass with the model in train mode (dropout, SpecAugment), as the
+            published code does; only with ``mode="batch"``.
 
     Returns:
         ``{name: fp32 tensor shaped like the parameter}`` on the parameter's device.
@@ -324,142 +545,108 @@ def estimate_fisher(
     if data_parallel is not None and max_samples is not None:
         raise ValueError("estimate_fisher: with data_parallel, cut the global sample budget in the sharded loader "
                          "(make_loader(..., max_items=)), not with max_samples")
+    if train_mode and mode != "batch":
+        raise ValueError("estimate_fisher: train_mode=True is only for mode='batch' (per-sample scores must not "
+                         "depend on dropout or batching)")
     scored = _resolve_params(model, params)
     device = next(iter(scored.values())).device
     backend_name = resolve_backend_name(backend, device)
-    if data_parallel is None:
-        fisher = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in scored.items()}
-    else:
-        # Views of one flat buffer (+1 entry: the sample count): one all-reduce at the end.
-        flat = torch.zeros(sum(p.numel() for p in scored.values()) + 1, dtype=torch.float32, device=device)
-        fisher, offset = {}, 0
-        for n, p in scored.items():
-            fisher[n] = flat[offset:offset + p.numel()].view(p.shape)
-            offset += p.numel()
-    total = getattr(batches, "__len__", None)
-    bar = tqdm(batches, total=total() if total else None, desc=f"Fisher ({mode}, {backend_name})", unit="batch", disable=not progress)
-
     if algorithm is None:
         algorithm = "loop" if backend_name == "reference" else "in-backward"
     if algorithm not in ("loop", "in-backward"):
         raise ValueError(f"estimate_fisher: unknown algorithm {algorithm!r}; choose 'loop' or 'in-backward'")
     if algorithm == "loop" and backend_name != "reference":
         raise ValueError(f"estimate_fisher: algorithm='loop' is the reference algorithm; backend {backend_name!r} runs in backward")
-    in_backward = mode == "per-sample" and algorithm == "in-backward"
-    samples = 0
-    num_batches = 0
-    if in_backward:
-        impl = get_backend(backend_name, device)
-        linear, layernorm, fallback = _plan_in_backward(model, scored)
-        log.info(
-            "Fisher pass on backend %s: %d Linear tensors and %d LayerNorm tensors in backward, %d by the per-sample fallback%s",
-            impl.name,
-            sum(1 + (b is not None) for _, _, b in linear.values()),
-            sum((w is not None) + (b is not None) for _, w, b in layernorm.values()),
-            len(fallback),
-            (": " + ", ".join(fallback[:8]) + (" ..." if len(fallback) > 8 else "")) if fallback else "",
-        )
-        anchor = torch.zeros((), device=device, requires_grad=True)
-        state = _InBackwardPass(backend=impl, anchor=anchor, fisher=fisher)
-        fallback_params = {n: scored[n] for n in fallback}
-    global _ACTIVE_PASS
+
+    # Per-sample sums under data parallel live in one flat buffer (+ the sample count).
+    flat = data_parallel is not None and mode == "per-sample"
+    fisher, buffer = _score_buffers(scored, device, flat)
+    total = getattr(batches, "__len__", None)
+    bar = tqdm(batches, total=total() if total else None, desc=f"Fisher ({mode}, {backend_name})", unit="batch",
+               disable=not progress)
+    common = dict(max_samples=max_samples, data_parallel=data_parallel)
     try:
-        with _grad_and_eval_state(model, scored.values() if not in_backward else fallback_params.values()):
-            for batch in bar:
-                if max_samples is not None and samples >= max_samples:
-                    break
-                if batch is None:  # this rank's part of the global batch is empty
-                    if data_parallel is None:
-                        raise ValueError("estimate_fisher: a batch is None (only a sharded loader yields empty parts)")
-                    if mode == "batch":
-                        _accumulate_batch_mode(None, scored, fisher, clip_norm, data_parallel)
-                    num_batches += 1
-                    continue
-                if in_backward:
-                    _ACTIVE_PASS = state
-                    state.lengths = None
-                    with _patched_modules(linear, layernorm, state):
-                        losses = _check_losses(loss_fn(model, batch))
-                    _ACTIVE_PASS = None
-                else:
-                    losses = _check_losses(loss_fn(model, batch))
-                count = losses.shape[0]
-                if max_samples is not None:
-                    count = min(count, max_samples - samples)
-                if mode == "batch":
-                    _accumulate_batch_mode(losses[:count], scored, fisher, clip_norm, data_parallel)
-                elif in_backward:
-                    used = losses[:count].sum()
-                    torch.autograd.backward(used, inputs=[anchor], retain_graph=bool(fallback_params))
-                    if fallback_params:
-                        state.accumulate = False
-                        _per_sample_reference(losses, fallback_params, fisher, count)
-                        state.accumulate = True
-                else:
-                    _per_sample_reference(losses, scored, fisher, count)
-                samples += count
-                num_batches += 1
-                bar.set_postfix(samples=samples)
-    finally:
-        _ACTIVE_PASS = None
-        bar.close()
-    if data_parallel is not None:
         if mode == "batch":
-            # Every global batch was reduced before squaring: the sums are already global.
-            samples = num_batches
+            with _pass_state(model, scored.values(), train_mode):
+                denominator = _batch_gradients(model, bar, _Loss(loss_fn, FisherPass()), scored, fisher,
+                                               clip_norm=clip_norm, **common)
+            # Under data parallel every global batch was reduced before squaring: the sums are global.
         else:
-            flat[-1] = samples
-            data_parallel.all_reduce_sum_(flat)
-            samples = int(flat[-1])
-    if samples == 0:
+            if algorithm == "loop":
+                with _pass_state(model, scored.values(), train_mode=False):
+                    samples = _per_sample_loop(model, bar, _Loss(loss_fn, FisherPass()), scored, fisher, **common)
+            else:
+                anchor = torch.zeros((), device=device, requires_grad=True)
+                state = _InBackwardPass(get_backend(backend_name, device), anchor, fisher)
+                samples = _per_sample_in_backward(model, bar, _Loss(loss_fn, state), scored, fisher, state, **common)
+            if buffer is not None:
+                buffer[-1] = samples
+                data_parallel.all_reduce_sum_(buffer)
+                samples = int(buffer[-1])
+            denominator = samples
+    finally:
+        bar.close()
+    if denominator == 0:
         raise ValueError("estimate_fisher: no samples were seen (empty batches?)")
-    denominator = num_batches if mode == "batch" else samples
     for value in fisher.values():
         value.div_(denominator)
     return fisher
 
 
-def _accumulate_batch_mode(losses, scored, fisher, clip_norm, data_parallel=None):
+def _accumulate_batch_mode(out, scored, fisher, clip_norm, data_parallel=None):
+    """Add the squared (clipped) gradient of one batch objective: ``out`` is ``[B]`` (its mean
+    is differentiated), a scalar (differentiated as it is) or ``None`` (an empty part)."""
     names = list(scored)
     if data_parallel is None:
-        grads = torch.autograd.grad(losses.mean(), [scored[n] for n in names], allow_unused=True)
+        objective = out if out.dim() == 0 else out.mean()
+        grads = torch.autograd.grad(objective, [scored[n] for n in names], allow_unused=True)
     else:
-        grads = _global_batch_gradient(losses, scored, names, data_parallel)
+        grads = _global_batch_gradient(out, scored, names, data_parallel)
     for name, grad in zip(names, grads):
         if grad is None:
             continue
         grad = grad.float()
         if clip_norm is not None:
+            # torch.nn.utils.clip_grad_norm_ on this tensor alone: the same formula and epsilon.
             norm = torch.linalg.vector_norm(grad)
             grad = grad * torch.clamp(clip_norm / (norm + 1e-6), max=1.0)
         fisher[name].add_(grad.square())
 
 
-def _global_batch_gradient(losses, scored, names, data_parallel):
-    """The gradient of the *global* batch's mean loss on every rank: this rank's summed-loss
-    gradient and sample count (zero for an empty part) in one dense buffer, all-reduced."""
+def _global_batch_gradient(out, scored, names, data_parallel):
+    """The gradient of the *global* batch's objective on every rank, in one dense all-reduced
+    buffer. ``[B]`` losses: this rank's summed-loss gradient and sample count, divided by the
+    global count (the mean). A scalar: this rank's share of the global loss, summed as is. Two
+    tail entries count samples and scalar parts so that the two kinds cannot be mixed."""
     device = next(iter(scored.values())).device
-    flat = torch.zeros(sum(scored[n].numel() for n in names) + 1, dtype=torch.float32, device=device)
-    if losses is not None and losses.numel():
-        grads = torch.autograd.grad(losses.sum(), [scored[n] for n in names], allow_unused=True)
+    flat = torch.zeros(sum(scored[n].numel() for n in names) + 2, dtype=torch.float32, device=device)
+    if out is not None and out.numel():
+        objective = out if out.dim() == 0 else out.sum()
+        grads = torch.autograd.grad(objective, [scored[n] for n in names], allow_unused=True)
         offset = 0
         for name, grad in zip(names, grads):
             numel = scored[name].numel()
             if grad is not None:
                 flat[offset:offset + numel] = grad.reshape(-1).float()
             offset += numel
-        flat[-1] = losses.numel()
+        if out.dim() == 0:
+            flat[-1] = 1
+        else:
+            flat[-2] = out.numel()
     data_parallel.all_reduce_sum_(flat)
-    count = flat[-1].item()
-    if count == 0:
-        raise ValueError("estimate_fisher: a global batch without samples")
-    flat.div_(count)
-    out, offset = [], 0
+    count, scalar_parts = flat[-2].item(), flat[-1].item()
+    if scalar_parts and count:
+        raise ValueError("estimate_fisher: ranks returned both scalar and per-sample losses for one global batch")
+    if not scalar_parts:
+        if count == 0:
+            raise ValueError("estimate_fisher: a global batch without samples")
+        flat.div_(count)
+    out_grads, offset = [], 0
     for name in names:
         numel = scored[name].numel()
-        out.append(flat[offset:offset + numel].view(scored[name].shape))
+        out_grads.append(flat[offset:offset + numel].view(scored[name].shape))
         offset += numel
-    return out
+    return out_grads
 
 
 def fisher_summary(fisher: Mapping[str, torch.Tensor]) -> dict[str, float]:

@@ -125,11 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train, under the same schedule, seed and data order: head-only (P=0, frozen upstream) and/or "
                         "full (P=1: every scored upstream entry, AdamW); comma-separated")
 
+    from adtuning.fisher import SCORED_SETS, check_scored_choice
+
+    def scored_choice(value: str) -> str:
+        try:
+            return check_scored_choice(value)
+        except ValueError as err:  # argparse names the flag: "argument --scored: ..."
+            raise argparse.ArgumentTypeError(str(err)) from None
+
     g = parser.add_argument_group("Fisher pass")
-    g.add_argument("--fisher-samples", type=int, default=512, help="training samples used for the Fisher pass (in total, over all processes)")
-    g.add_argument("--fisher-mode", choices=["per-sample", "batch"], default="per-sample", help="eq. 6 per-sample scores, or the published code's squared batch gradients")
+    g.add_argument("--fisher-samples", type=int, default=512,
+                   help="training samples used for the Fisher pass (in total, over all processes; --fisher-mode batch/published "
+                        "use whole batches, up to the one that reaches it)")
+    g.add_argument("--fisher-mode", choices=["per-sample", "batch", "published"], default="per-sample",
+                   help="per-sample: eq. 6, the mean of squared per-sample NLL gradients, model in eval mode. batch: the "
+                        "published code's scores, the mean over batches of the squared gradient of the recipe's training loss "
+                        "divided by --grad-accum, eval mode. published: the published AD-TUNING code at once: batch, model in "
+                        "train mode (dropout, SpecAugment), per-tensor clip 1.0 (--fisher-clip), the published scored set "
+                        "(--scored) and the percentile count rule (--child-count)")
     g.add_argument("--fisher-batch-size", type=int, default=None, help="batch size of the Fisher pass, per process (default: --batch-size)")
-    g.add_argument("--fisher-clip", type=float, default=None, help="per-tensor gradient norm clip of --fisher-mode batch")
+    g.add_argument("--fisher-clip", type=float, default=None,
+                   help="per-tensor gradient norm clip (clip_grad_norm_ on each tensor) of --fisher-mode batch/published "
+                        "(unset, %(default)s: none for batch, 1.0 for published)")
+    g.add_argument("--scored", type=scored_choice, default=None, metavar="|".join(SCORED_SETS) + "|REGEX",
+                   help="upstream parameters the child is chosen from: default (the transformer encoder layers), published "
+                        "(the published code's: encoder layers plus the feature-projection and encoder layer norms), "
+                        "encoder-layers, or a regular expression searched in each parameter name (unset, %(default)s: published with "
+                        "--fisher-mode published, else default)")
+    g.add_argument("--child-count", choices=["round", "percentile"], default=None,
+                   help="how many entries a Fisher child keeps: round (the top round(P*N), ties broken by order) or percentile "
+                        "(the published rule: every score >= numpy.percentile(scores, (1-P)*100), i.e. 1+floor(P*(N-1)) plus "
+                        "ties; --fisher-mode batch/published only) (unset, %(default)s: percentile with --fisher-mode published, else round)")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help="T: optimizer steps of a full run (default: 300 on the embedded corpus, 150 with --data-dir)")
@@ -504,6 +530,22 @@ class Recipe:
         paths = [children_dir / (f"p{p:g}".replace(".", "_") + ".safetensors") for p in args.candidates]
         upstream_params = self.problem.upstream_params
         dp = self.dp
+        # --fisher-mode published is a preset: batch scores in train mode, clip 1.0, the published
+        # scored set and count rule; explicit --fisher-clip/--scored/--child-count override it.
+        from adtuning.fisher import choose_scored_names
+
+        published = args.fisher_mode == "published"
+        mode = "batch" if published else args.fisher_mode
+        clip_norm = args.fisher_clip if args.fisher_clip is not None else (1.0 if published else None)
+        scored_choice = args.scored or ("published" if published else "default")
+        count_rule = args.child_count or ("percentile" if published else "round")
+        if count_rule == "percentile" and mode == "per-sample" and args.child_method == "fisher":
+            raise UsageError("--child-count: percentile is the published rule for --fisher-mode batch/published; "
+                             "per-sample scores keep round(P*N)")
+        try:
+            scored_names = choose_scored_names(scored_choice, upstream_params, self.scored_names)
+        except ValueError as err:
+            raise UsageError(f"--scored: {err}") from None
 
         def load_saved():
             if not (args.resume and all(p.is_file() for p in paths)):
@@ -519,21 +561,47 @@ class Recipe:
             return
         start = time.perf_counter()
         if args.child_method == "bernoulli":
-            scored = {n: upstream_params[n] for n in self.scored_names}
+            scored = {n: upstream_params[n] for n in scored_names}
             self.children = [ChildNetwork.bernoulli(scored, p, seed=args.seed) for p in args.candidates]
-            self.fisher_info = {"method": "bernoulli"}
+            self.fisher_info = {"method": "bernoulli", "scored": scored_choice}
         else:
+            if mode == "per-sample":
+                def objective(model, batch, fisher_pass):
+                    # The model adapter reports frame lengths to the pass (padding skipped in backward).
+                    return None if batch is None else model.per_sample_nll(batch, fisher_pass.note_sample_lengths)
+
+                batches, max_samples = self.problem.fisher_batches(), args.fisher_samples if dp is None else None
+            else:
+                def objective(model, batch, fisher_pass):
+                    # The recipe's training loss of a micro-batch (this rank's share under data parallel:
+                    # problem.loss joins the SD normaliser's all-reduce even for an empty part).
+                    loss = self.problem.loss(batch)
+                    return None if loss is None else loss / args.grad_accum
+
+                def whole_batches(batches, budget):
+                    # A batch loss cannot be cut: whole batches up to the one reaching the budget.
+                    seen = 0
+                    for batch in batches:
+                        if seen >= budget:
+                            return
+                        yield batch
+                        seen += len(batch["ids"])
+
+                batches, max_samples = self.problem.fisher_batches(), None
+                if dp is None:  # under data parallel the sharded loader already holds --fisher-samples
+                    batches = whole_batches(batches, args.fisher_samples)
             # Data parallel: each rank scores its part of the --fisher-samples; the sums are
             # all-reduced inside, so every rank returns the scores of all of them.
             scores = estimate_fisher(
-                self.model, self.problem.fisher_batches(), lambda model, batch: model.per_sample_nll(batch),
-                params=[f"upstream.{n}" for n in self.scored_names], mode=args.fisher_mode, backend=self.backend,
-                max_samples=args.fisher_samples if dp is None else None, clip_norm=args.fisher_clip,
+                self.model, batches, objective,
+                params=[f"upstream.{n}" for n in scored_names], mode=mode, backend=self.backend,
+                max_samples=max_samples, clip_norm=clip_norm, train_mode=args.fisher_mode == "published",
                 progress=not args.no_progress and self.is_main, data_parallel=dp,
             )
             scores = {name[len("upstream."):]: value for name, value in scores.items()}
-            self.children = ChildNetwork.nested(scores, args.candidates) if self.is_main else None
-            self.fisher_info = {"method": "fisher", "mode": args.fisher_mode}
+            self.children = ChildNetwork.nested(scores, args.candidates, count_rule=count_rule) if self.is_main else None
+            self.fisher_info = {"method": "fisher", "mode": args.fisher_mode, "scored": scored_choice,
+                                "count_rule": count_rule, "clip": clip_norm}
             if self.is_main:
                 from adtuning.plots import log_score_histogram
 

@@ -116,7 +116,8 @@ def test_fisher(benchmark, measure, ratios, workload, name, backend, algorithm):
             _sync(device)
     else:
         def run():
-            estimate_fisher(model, [batch], lambda m, b: m.per_sample_nll(b), params=scored,
+            estimate_fisher(model, [batch], lambda m, b, fisher_pass: m.per_sample_nll(b, fisher_pass.note_sample_lengths),
+                            params=scored,
                             backend=backend, algorithm=algorithm, progress=False)
             _sync(device)
 

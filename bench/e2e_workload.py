@@ -39,7 +39,8 @@ def fisher_children(config: dict, ps, out_dir, samples: int = 32, corpus_root=No
     root = corpus_root or embedded_corpus("ks").generate(DEFAULT_CORPUS_CACHE, progress=False)
     upstream, model = _model(config)
     loader = make_loader(build_dataset("ks", root, "train"), 8, shuffle=True, seed=0)
-    scores = estimate_fisher(model, loader, lambda m, b: m.per_sample_nll(b),
+    # The adapter hands the upstream's frame lengths to the pass: padding is skipped in backward.
+    scores = estimate_fisher(model, loader, lambda m, b, fisher_pass: m.per_sample_nll(b, fisher_pass.note_sample_lengths),
                              params=[f"upstream.{n}" for n in upstream.default_scored_parameters()],
                              backend=config["backend"], max_samples=samples, progress=False)
     scores = {name[len("upstream."):]: value for name, value in scores.items()}  # the upstream's names

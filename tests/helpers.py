@@ -51,21 +51,22 @@ class TinyWav2Vec2Classifier(nn.Module):
     def default_scored_parameters(self):
         return [n for n, _ in self.named_parameters() if ".encoder.layers." in f".{n}"]
 
-    def forward(self, wav, wav_lengths):
-        from adtuning.fisher import note_sample_lengths
-
+    def forward(self, wav, wav_lengths, on_frame_lengths=None):
         mask = (torch.arange(wav.shape[1])[None, :] < wav_lengths[:, None]).long()
         frames = self.upstream._get_feat_extract_output_lengths(wav_lengths)
-        note_sample_lengths(frames)
+        if on_frame_lengths is not None:
+            on_frame_lengths(frames)
         hidden = self.upstream(wav, attention_mask=mask).last_hidden_state
         valid = (torch.arange(hidden.shape[1])[None, :] < frames[:, None]).unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * valid).sum(1) / frames[:, None].to(hidden.dtype)
         return self.head(pooled)
 
 
-def wav_loss(model, batch):
+def wav_loss(model, batch, fisher_pass=None):
+    """Per-sample cross-entropy; reports the frame lengths to the Fisher pass it is handed."""
     wav, lengths, labels = batch
-    return F.cross_entropy(model(wav, lengths), labels, reduction="none")
+    report = None if fisher_pass is None else fisher_pass.note_sample_lengths
+    return F.cross_entropy(model(wav, lengths, report), labels, reduction="none")
 
 
 def padded_wav_batches(lengths, classes=4, seed=0, batch_size=None):

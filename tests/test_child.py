@@ -135,3 +135,95 @@ def test_names_with_dots_keep_their_own_files(tmp_path):
     assert ChildNetwork.load(tmp_path / "p0.01.safetensors").k == small.k
     assert ChildNetwork.load(tmp_path / "p0.1.json").k == large.k
     assert ChildNetwork.load(tmp_path / "p0.1").k == large.k
+
+
+# ---- the published count rule: keep score >= numpy.percentile(all, (1 - p) * 100) ----------
+
+import numpy as np  # noqa: E402
+
+
+def published_mask(scores, p):
+    """The published selection, written from its description: one flat numpy vector of all
+    scores, ``polar = np.percentile(r, (1 - p) * 100)``, keep ``score >= polar``."""
+    flat = np.concatenate([v.reshape(-1).numpy() for v in scores.values()])
+    polar = np.percentile(flat, (1 - p) * 100)
+    return {n: np.flatnonzero(v.reshape(-1).numpy() >= polar).tolist() for n, v in scores.items()}, polar
+
+
+AWKWARD_N = [1, 2, 3, 5, 7, 31, 127, 257, 1023, 1025, 4095, 4097, 8191]
+AWKWARD_P = [1e-9, 0.001, 0.01, 0.1, 1 / 3, 0.37, 0.5, 0.9, 1.0]
+
+
+@pytest.mark.parametrize("n", AWKWARD_N)
+def test_percentile_rule_matches_numpy_on_awkward_sizes(n):
+    # Split the n entries over up to three tensors: the rule is global.
+    gen = torch.Generator().manual_seed(n)
+    values = torch.rand(n, generator=gen)
+    cuts = sorted({0, n // 3, (2 * n) // 3, n})
+    scores = {f"t{i}": values[a:b].clone() for i, (a, b) in enumerate(zip(cuts, cuts[1:])) if b > a}
+    for p in AWKWARD_P:
+        child = ChildNetwork.from_scores(scores, p, count_rule="percentile")
+        expected, polar = published_mask(scores, p)
+        got = {n_: child.indices[n_].tolist() if n_ in child.indices else [] for n_ in scores}
+        assert got == expected, (n, p)
+        assert child.threshold == float(polar)
+        assert child.k == sum(len(v) for v in expected.values())
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 257, 1023, 1025])
+def test_percentile_rule_count_on_distinct_scores(n):
+    from fractions import Fraction
+
+    scores = {"a": torch.randperm(n, generator=torch.Generator().manual_seed(1)).float() + 1.0}
+    for p in AWKWARD_P:
+        child = ChildNetwork.from_scores(scores, p, count_rule="percentile")
+        # numpy's float index (1 - p) * 100 / 100 * (N - 1): keep N - floor(index), less the lower
+        # neighbour when the index is fractional.
+        index = float(np.true_divide((1 - p) * 100, 100)) * (n - 1)
+        assert child.k == n - int(np.floor(index)) - (index != np.floor(index)), (n, p)
+        exact = Fraction(p) * (n - 1)
+        if abs(exact - round(exact)) > 1e-9:  # away from float rounding of an integer index:
+            assert child.k == 1 + int(exact), (n, p)  # 1 + floor(p (N - 1))
+
+
+def test_percentile_rule_keeps_every_tie():
+    # 9 entries of one value around the threshold: round keeps exactly round(p N), percentile all ties.
+    scores = {"a": torch.tensor([0.1] * 5 + [0.5] * 9), "b": torch.tensor([0.9, 0.5, 0.2])}
+    p = 0.25  # N = 17: round -> 4 entries; percentile: index 12 of the sorted scores is 0.5
+    by_round = ChildNetwork.from_scores(scores, p)
+    by_percentile = ChildNetwork.from_scores(scores, p, count_rule="percentile")
+    assert by_round.k == 4
+    assert by_percentile.k == 11  # 0.9 and all ten 0.5s
+    expected, _ = published_mask(scores, p)
+    assert {n: v.tolist() for n, v in by_percentile.indices.items()} == expected
+
+
+def test_percentile_rule_with_interpolation_rounding_onto_the_lower_neighbour():
+    # Neighbours one ulp apart: a + (b - a) * gamma rounds back to a for small gamma, and the
+    # published rule (score >= polar) then keeps a as well: one entry more than 1 + floor(p (N-1)).
+    a = 1.0
+    b = float(np.nextafter(np.float32(a), np.float32(2)))
+    for n, p in [(11, 0.15), (101, 0.013), (1001, 0.0025)]:
+        values = torch.linspace(0.0, 0.5, n)
+        lower = int(np.floor(np.true_divide((1 - p) * 100, 100) * (n - 1)))
+        values[lower], values[lower + 1:] = a, b + torch.arange(n - lower - 1).float()
+        scores = {"a": values}
+        child = ChildNetwork.from_scores(scores, p, count_rule="percentile")
+        expected, polar = published_mask(scores, p)
+        assert child.indices["a"].tolist() == expected["a"], (n, p, polar)
+
+
+def test_percentile_rule_random_ties_and_nesting_match_numpy():
+    for seed in range(20):
+        scores = scores_with_ties(seed=seed, levels=1 + seed % 6)
+        ps = [0.001, 0.01, 0.1, 0.5]
+        children = ChildNetwork.nested(scores, ps, count_rule="percentile")
+        for p, child in zip(ps, children):
+            expected, _ = published_mask(scores, p)
+            assert {n: child.indices[n].tolist() if n in child.indices else [] for n in scores} == expected
+        assert all(big.contains(small) for small, big in zip(children, children[1:]))
+
+
+def test_unknown_count_rule_is_an_error():
+    with pytest.raises(ValueError, match="unknown count rule 'topk'"):
+        ChildNetwork.from_scores({"a": torch.rand(3)}, 0.5, count_rule="topk")

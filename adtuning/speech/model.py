@@ -1,7 +1,7 @@
 """Upstream + task: the module the CHILD-TUNING engine trains."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -10,6 +10,9 @@ from tqdm.auto import tqdm
 
 from adtuning.speech.tasks.base import Task
 from adtuning.speech.upstream import Upstream
+
+# Receives the upstream's [B] valid frame counts of a batch.
+LengthsSink = Callable[[torch.Tensor], None]
 
 
 def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -56,25 +59,33 @@ class SpeechModel(nn.Module):
         for n, p in self.task.named_parameters():
             yield "task." + n, p
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Task outputs for a batch (see the task classes)."""
+    def forward(self, batch: dict[str, Any], on_frame_lengths: LengthsSink | None = None) -> dict[str, torch.Tensor]:
+        """Task outputs for a batch (see the task classes).
+
+        ``on_frame_lengths``: called with the upstream's ``[B]`` valid frame counts, e.g. a
+        Fisher pass's ``note_sample_lengths`` (the engine learns them from this adapter; the
+        upstream knows nothing of it).
+        """
         batch = batch_to(batch, self.device)
         hidden, frame_lengths = self.upstream(batch["wav"], batch["wav_lengths"])
+        if on_frame_lengths is not None:
+            on_frame_lengths(frame_lengths)
         return self.task(hidden, frame_lengths, batch)
 
-    def per_sample_nll(self, batch: dict[str, Any]) -> torch.Tensor:
+    def per_sample_nll(self, batch: dict[str, Any], on_frame_lengths: LengthsSink | None = None) -> torch.Tensor:
         """``[B]`` negative log-likelihood ``-log p(y_j | x_j)`` of every sample (Fisher pass).
 
         A sample's value does not depend on the other samples of the batch (padding is
-        masked everywhere), up to floating-point rounding.
+        masked everywhere), up to floating-point rounding. ``on_frame_lengths``: as in
+        :meth:`forward`.
         """
         batch = batch_to(batch, self.device)
-        return self.task.per_sample_nll(self(batch), batch)
+        return self.task.per_sample_nll(self(batch, on_frame_lengths), batch)
 
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The recipe's scalar batch loss."""
+    def loss(self, batch: dict[str, Any], on_frame_lengths: LengthsSink | None = None) -> torch.Tensor:
+        """The recipe's scalar batch loss (``on_frame_lengths``: as in :meth:`forward`)."""
         batch = batch_to(batch, self.device)
-        return self.task.loss(self(batch), batch)
+        return self.task.loss(self(batch, on_frame_lengths), batch)
 
     @property
     def primary_metric(self) -> str:

@@ -207,9 +207,6 @@ class Upstream(nn.Module):
             raise ValueError(f"wav must be [B, L], got shape {tuple(wav.shape)}")
         wav_lengths = wav_lengths.to(device=wav.device, dtype=torch.long)
         frame_lengths = self.frame_lengths(wav_lengths)
-        from adtuning.fisher import note_sample_lengths
-
-        note_sample_lengths(frame_lengths)
         wav, mask = prepare_waveforms(wav, wav_lengths, normalize=self.normalize_waveform)
         wav = wav.to(self.dtype)
         self._captured = []
