@@ -327,13 +327,20 @@ def main(argv: list[str] | None = None) -> int:
         jobs[(sweep_task, seeds[0], "adtuning")] = (cli_command(sweep_task, out, seeds[0], steps,
                                                                 ["--measure-regret", "--baselines", "head-only,full"], args),
                                                     out, 5 * steps)
-    # The AD-TUNING runs (which hold five of the seven rows) first, longest first; then the
-    # CHILD-TUNING_F runs of the short tasks, the sweep, and the long F runs: a study stopped
-    # early has whole tasks, and --collect-only tables what exists.
+    # Runs already started first (finish what is paid for); then whole short tasks (T <= 500:
+    # both runs of every seed), the sweep, and the long tasks last, longest first: a study stopped
+    # early has as many complete tasks as possible, and --collect-only tables what exists.
     def priority(key):
-        kind, cost = key[2], jobs[key][2]
-        group = 0 if kind == "adtuning" else 1 if kind == "f" and cost <= 500 else 2 if kind.startswith("hours-") else 3
-        return (group, -cost if group == 0 else cost)
+        task, seed, kind = key
+        out, cost = jobs[key][1], jobs[key][2]
+        if (out / "config.json").is_file():
+            return (0, -cost, "", 0, "")
+        steps = task_steps(task, args.quick)
+        if kind.startswith("hours-"):
+            return (2, cost, task, seed, kind)
+        if steps <= 500:
+            return (1, steps, task, seed, kind)
+        return (3, -cost, task, seed, kind)
 
     order = sorted(jobs, key=priority)
     if args.collect_only:
