@@ -84,7 +84,7 @@ def load_finetuned(delta_dir: str | Path, base: str | None = None, *, device: st
 
 
 def _split_options(meta: dict) -> tuple[dict, dict]:
-    from adtuning.train import split_task_options
+    from adtuning.speech import split_task_options
 
     return split_task_options(meta["task"], meta.get("task_options", {}))
 

@@ -49,7 +49,7 @@ from adtuning.distributed import DEFAULT_TIMEOUT_S, DataParallel
 from adtuning.embedded import CORPUS_RUN_DEFAULTS, DEFAULT_CORPUS_CACHE, EMBEDDED_CORPORA, embedded_corpus
 from adtuning.fisher import estimate_fisher, fisher_summary
 from adtuning.search import BASELINES, AdaptiveSearch, SearchConfig, successive_halving
-from adtuning.speech.audio import AUDIO_OPTIONS
+from adtuning.speech.registry import TASK_NAMES, split_task_options
 
 log = logging.getLogger("adtuning")
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsOnceHelpFormatter,
     )
     g = parser.add_argument_group("task and data")
-    g.add_argument("--task", default="ks", choices=["ks", "ic", "sid", "asr", "pr", "sf", "sd"], help="SUPERB task")
+    g.add_argument("--task", default="ks", choices=TASK_NAMES, help="SUPERB task")
     g.add_argument("--data-dir", type=Path, default=None, help="corpus root in its standard layout (default: generate the task's embedded corpus; ks, sid and ic have one)")
     g.add_argument("--corpus-cache", type=Path, default=DEFAULT_CORPUS_CACHE, help="where the embedded corpus is generated and cached")
     g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
@@ -787,26 +787,6 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
     if requested is not None:
         return requested, "--threads"
     return torch.get_num_threads(), "torch default: one per core; --threads to change"
-
-
-def split_task_options(task: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split task options into (corpus-reader options, task-head options) for ``task``."""
-    dataset_keys = _DATASET_OPTIONS.get(task, ())
-    dataset = {k: v for k, v in options.items() if k in dataset_keys}
-    return dataset, {k: v for k, v in options.items() if k not in dataset_keys}
-
-
-# --task-option keys that configure the corpus reader; every other key goes to the task head.
-# Every reader also takes the audio policy of read_audio (resample=, downmix=).
-_DATASET_OPTIONS = {task: keys + AUDIO_OPTIONS for task, keys in {
-    "ks": ("test_root",),
-    "ic": (),
-    "sid": ("split_file", "max_timestep"),
-    "asr": ("subsets",),
-    "pr": ("lexicon", "subsets"),
-    "sf": ("speakers",),
-    "sd": ("split_dirs", "chunk_size", "frame_shift", "num_speakers"),
-}.items()}
 
 
 def _optional_split(build_dataset, task, data_dir, options):

@@ -51,8 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adtuning.embedded import EMBEDDED_CORPORA  # noqa: E402
+from adtuning.speech.registry import TASK_NAMES  # noqa: E402
 
-TASKS = ("ks", "ic", "sid", "asr", "pr", "sf", "sd")
+TASKS = TASK_NAMES
 CANDIDATES = (0.001, 0.01, 0.1)
 ROWS = ("Baseline", "FT", "CHILD-TUNING_F", "CHILD-TUNING_D P=0.001", "CHILD-TUNING_D P=0.01",
         "CHILD-TUNING_D P=0.1", "AD-TUNING")

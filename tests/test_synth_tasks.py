@@ -13,8 +13,11 @@ pytest.importorskip("espeakng_loader")
 
 from adtuning import train  # noqa: E402
 from adtuning.embedded import EMBEDDED_CORPORA  # noqa: E402
-from adtuning.speech import synth  # noqa: E402
-from adtuning.speech.corpora import build_dataset  # noqa: E402
+from adtuning.speech import (  # noqa: E402
+    TASK_NAMES,
+    build_dataset,
+    synth,  # noqa: E402
+)
 from adtuning.speech.corpora.snips import SPEAKERS as SNIPS_SPEAKERS  # noqa: E402
 from adtuning.speech.synth_asr import (  # noqa: E402
     LEXICON_NAME,
@@ -336,6 +339,6 @@ def test_cli_runs_the_embedded_corpus_end_to_end(task, tmp_path, monkeypatch, ca
 
 
 def test_every_task_has_an_embedded_corpus():
-    assert set(EMBEDDED_CORPORA) == {"ks", "ic", "sid", "asr", "pr", "sf", "sd"}
+    assert set(EMBEDDED_CORPORA) == set(TASK_NAMES)  # the embedded corpora and the task registry name the same tasks
     assert EMBEDDED_CORPORA["pr"].folder == EMBEDDED_CORPORA["asr"].folder  # PR is the ASR corpus + its lexicon
     assert EMBEDDED_CORPORA["pr"].params == EMBEDDED_CORPORA["asr"].params

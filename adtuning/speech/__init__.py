@@ -10,11 +10,11 @@ Typical use::
         model.loss(batch).backward()
 """
 from adtuning.speech.audio import CorpusError, MissingDataError, read_audio
-from adtuning.speech.corpora import build_dataset
 from adtuning.speech.data import BatchStream, SpeechDataset, SpeechLoader, collate, make_loader, subset_hours
 from adtuning.speech.featurizer import Featurizer
 from adtuning.speech.model import SpeechModel
-from adtuning.speech.tasks import RECIPES, TASKS, Task, build_task
+from adtuning.speech.registry import TASK_NAMES, TASK_REGISTRY, TaskSpec, build_dataset, build_task, split_task_options, task_spec
+from adtuning.speech.tasks import Task
 from adtuning.speech.upstream import (
     DEFAULT_UPSTREAM,
     EMBEDDED_UPSTREAMS,
@@ -27,8 +27,9 @@ from adtuning.speech.upstream import (
 __all__ = [
     "DEFAULT_UPSTREAM",
     "EMBEDDED_UPSTREAMS",
-    "RECIPES",
-    "TASKS",
+    "TASK_NAMES",
+    "TASK_REGISTRY",
+    "TaskSpec",
     "TINY_UPSTREAMS",
     "BatchStream",
     "CorpusError",
@@ -42,6 +43,8 @@ __all__ = [
     "build_dataset",
     "build_task",
     "build_upstream",
+    "split_task_options",
+    "task_spec",
     "collate",
     "make_loader",
     "MissingDataError",
