@@ -1,6 +1,9 @@
 """Metric functions on hand-computed cases."""
 from __future__ import annotations
 
+import itertools
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +19,41 @@ from adtuning.speech.tasks.text import CharacterVocab, PhonemeVocab, SlotVocab, 
 def test_edit_distance(hyp, ref, d):
     assert M.edit_distance(hyp, ref) == d
     assert M.edit_distance(ref, hyp) == d
+
+
+def _reference_edit_distance(a, b) -> int:
+    """Textbook full-table Levenshtein DP: the oracle the production distance must equal."""
+    d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a) + 1):
+        d[i][0] = i
+    for j in range(len(b) + 1):
+        d[0][j] = j
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return d[len(a)][len(b)]
+
+
+# 0, 1, primes, and 2^k +- 1 around the sizes where a machine word or a bit mask would wrap
+AWKWARD_LENGTHS = (0, 1, 2, 3, 5, 7, 13, 31, 33, 63, 64, 65, 127, 129, 257)
+
+
+@pytest.mark.parametrize("alphabet", ["AB", "ABCDEFGHIJKLMNOPQRSTUVWXYZ '", ["THE", "CAT", "SAT", "ON"], [0, 1, 2]])
+def test_edit_distance_equals_reference_dp(alphabet):
+    rng = random.Random(str(alphabet))
+    for n, m in itertools.product(AWKWARD_LENGTHS, repeat=2):
+        a = [rng.choice(alphabet) for _ in range(n)]
+        b = [rng.choice(alphabet) for _ in range(m)]
+        if isinstance(alphabet, str):  # strings as well as lists, as CER passes them
+            a, b = "".join(a), "".join(b)
+        want = _reference_edit_distance(a, b)
+        assert M.edit_distance(a, b) == want, (n, m)
+        assert M.edit_distance(b, a) == want, (m, n)
+    # a long shared core with edits near both ends, where an off-by-one in a mask would show
+    core = [rng.choice(alphabet) for _ in range(300)]
+    a = [alphabet[0]] + core + [alphabet[-1]]
+    b = core[1:] + [alphabet[0], alphabet[-1]]
+    assert M.edit_distance(a, b) == _reference_edit_distance(a, b)
 
 
 def test_wer_is_corpus_level():
