@@ -70,13 +70,18 @@ def _slots(text: str, clean_values: bool) -> dict[str, list[str]]:
     return out
 
 
+def _utterance_slots(hypotheses: Sequence[str], references: Sequence[str]):
+    """Per utterance, (hypothesis slots, reference slots) as ``{type: [values]}``. As in s3prl,
+    hypothesis values are stripped of nested tags and reference values are kept as written."""
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        yield _slots(hyp, True), _slots(ref, False)
+
+
 def slot_type_f1(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """s3prl ``slot_type_f1``: per utterance, F1 between the sets of slot *types* in hypothesis
     and reference (1 if both have none, 0 if only one has none), averaged over utterances."""
     scores = []
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        h = _slots(hyp, True)
-        r = _slots(ref, False)
+    for h, r in _utterance_slots(hypotheses, references):
         if not h and not r:
             scores.append(1.0)
         elif not h or not r:
@@ -90,28 +95,83 @@ def slot_type_f1(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return sum(scores) / len(scores)
 
 
+def _chars(text: str) -> str:
+    return text
+
+
+def _words(text: str) -> list[str]:
+    return text.split(" ")
+
+
+def _matched_values(hypotheses: Sequence[str], references: Sequence[str], tokens) -> list[tuple[str, str]]:
+    """(hypothesis value, reference value) for every reference slot value: the hypothesis value
+    of the same type with the lowest error rate over ``tokens(value)``, "" if the type is absent."""
+    pairs = []
+    for h, r in _utterance_slots(hypotheses, references):
+        for slot_type, values in r.items():
+            for ref_v in values:
+                ref_t = tokens(ref_v)
+                # s3prl starts from a rate of 100 and keeps the first strictly lower one, so ties
+                # go to the earliest hypothesis value
+                best, best_rate = "", 100.0
+                for hyp_v in h.get(slot_type, ()):
+                    rate = edit_distance(tokens(hyp_v), ref_t) / len(ref_t)
+                    if rate < best_rate:
+                        best, best_rate = hyp_v, rate
+                pairs.append((best, ref_v))
+    return pairs
+
+
 def slot_value_cer(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """s3prl ``slot_value_cer``: for every reference slot value, the hypothesis value of the same
     type with the lowest CER (empty if the type is absent); corpus CER over those pairs
     (0 when the references hold no slot values)."""
-    pairs_h, pairs_r = [], []
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        h = _slots(hyp, True)
-        r = _slots(ref, False)
-        for slot_type, values in r.items():
-            for ref_v in values:
-                best = ""
-                if slot_type in h:
-                    best_cer = 100.0
-                    for hyp_v in h[slot_type]:
-                        c = edit_distance(hyp_v, ref_v) / len(ref_v)
-                        if best_cer > c:
-                            best_cer, best = c, hyp_v
-                pairs_h.append(best)
-                pairs_r.append(ref_v)
-    if not pairs_r:
+    pairs = _matched_values(hypotheses, references, _chars)
+    if not pairs:
         return 0.0  # no reference slot values: nothing to get wrong
-    return char_error_rate(pairs_h, pairs_r)
+    return char_error_rate([h for h, _ in pairs], [r for _, r in pairs])
+
+
+def slot_value_wer(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """s3prl ``slot_value_wer``: :func:`slot_value_cer` with words (split on ``' '``) for
+    characters, both when picking the closest hypothesis value and in the corpus rate; a
+    missing type counts as the one-word value ``""``. 0 when the references hold no slot values."""
+    pairs = _matched_values(hypotheses, references, _words)
+    if not pairs:
+        return 0.0
+    return word_error_rate([h for h, _ in pairs], [r for _, r in pairs])
+
+
+def slot_edit_f1(hypotheses: Sequence[str], references: Sequence[str], *, full: bool) -> float:
+    """s3prl ``slot_edit_f1_full`` (``full=True``) / ``slot_edit_f1_part`` (``full=False``), in
+    percent (0-100, s3prl's scale, unlike :func:`slot_type_f1`).
+
+    Counts over the corpus, per utterance and reference slot type: a type missing from the
+    hypothesis makes each of its reference values a false negative; otherwise a reference value
+    equal to some hypothesis value of its type is a true positive, and one that is not is a false
+    negative *and* a false positive (extra hypothesis values of that type count nothing).
+    ``full`` also counts every value of a type only the hypothesis has as a false positive.
+    Returns ``100 * 2TP / (2TP + FP + FN)``; 100 when nothing was counted (no reference slots,
+    and for ``full`` no hypothesis slots either), where s3prl would divide by zero.
+    """
+    tp = fn = fp = 0
+    for h, r in _utterance_slots(hypotheses, references):
+        for slot_type, ref_values in r.items():
+            hyp_values = h.get(slot_type)
+            if hyp_values is None:
+                fn += len(ref_values)
+                continue
+            for ref_v in ref_values:
+                if ref_v in hyp_values:
+                    tp += 1
+                else:  # a wrong value is both a miss and a false alarm
+                    fn += 1
+                    fp += 1
+        if full:
+            fp += sum(len(values) for slot_type, values in h.items() if slot_type not in r)
+    if tp + fn + fp == 0:
+        return 100.0
+    return 100.0 * 2 * tp / (2 * tp + fp + fn)
 
 
 def strip_slot_tags(text: str) -> str:
