@@ -17,16 +17,42 @@ import torch
 
 
 def edit_distance(hyp: Sequence, ref: Sequence) -> int:
-    """Levenshtein distance between two sequences (unit cost substitution/insertion/deletion)."""
-    if len(hyp) < len(ref):
+    """Levenshtein distance between two sequences (unit cost substitution/insertion/deletion).
+
+    Tokens are compared as dictionary keys, so they must be hashable with equal tokens hashing
+    equal (characters, words, ints), which is what the CER/WER/PER callers pass.
+    """
+    # Bit-parallel DP (Myers 1999, in Hyyrö's 2001 form): one column of the DP table is kept as
+    # bit masks of its +1 / -1 vertical steps along the longer sequence, so each token of the
+    # shorter one costs a dozen big-integer operations instead of a Python loop over the other
+    # sequence. (torchaudio.functional.edit_distance is itself a pure-Python double loop.)
+    if len(hyp) > len(ref):
         hyp, ref = ref, hyp
-    prev = list(range(len(ref) + 1))
-    for i, h in enumerate(hyp, 1):
-        cur = [i] + [0] * len(ref)
-        for j, r in enumerate(ref, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (h != r))
-        prev = cur
-    return prev[-1]
+    m = len(ref)
+    if not hyp:
+        return m
+    match: dict = {}  # token -> bit i set where ref[i] is that token
+    for i, tok in enumerate(ref):
+        match[tok] = match.get(tok, 0) | (1 << i)
+    mask = (1 << m) - 1
+    last = 1 << (m - 1)
+    plus, minus, dist = mask, 0, m  # column 0 of the table is 0, 1, ..., m: every step is +1
+    for tok in hyp:
+        eq = match.get(tok, 0)
+        xv = eq | minus
+        xh = (((eq & plus) + plus) ^ plus) | eq
+        h_plus = minus | (~(xh | plus) & mask)
+        h_minus = plus & xh
+        if h_plus & last:
+            dist += 1
+        elif h_minus & last:
+            dist -= 1
+        # row 0 of the table is 0, 1, ..., n, so the carry into the first row is a +1 step
+        h_plus = ((h_plus << 1) | 1) & mask
+        h_minus = (h_minus << 1) & mask
+        plus = h_minus | (~(xv | h_plus) & mask)
+        minus = h_plus & xv
+    return dist
 
 
 def _rate(pairs) -> float:
