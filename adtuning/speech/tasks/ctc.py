@@ -166,8 +166,10 @@ class PRTask(CTCTask):
 class SFTask(CTCTask):
     """SF: Audio SNIPS characters with slot tags.
 
-    Metrics: ``slot_type_f1`` (primary, higher is better), ``slot_value_cer``, and ``wer`` /
-    ``cer`` of the full tagged strings, all as s3prl computes them.
+    Metrics, those of s3prl's ``snips.yaml``, as s3prl computes them: ``slot_type_f1`` (primary,
+    higher is better), ``slot_value_cer``, ``slot_value_wer``, ``slot_edit_f1_full`` and
+    ``slot_edit_f1_part`` (in percent, as s3prl reports them), and ``wer`` / ``cer`` of the full
+    tagged strings.
 
     Args:
         slots: slot names (``slots.txt`` of the corpus, see :class:`~adtuning.speech.corpora.snips.SnipsDataset`).
@@ -176,7 +178,9 @@ class SFTask(CTCTask):
     """
 
     name = "sf"
-    metrics: ClassVar[dict[str, bool]] = {"slot_type_f1": True, "slot_value_cer": False, "wer": False, "cer": False}
+    metrics: ClassVar[dict[str, bool]] = {"slot_type_f1": True, "slot_value_cer": False, "slot_value_wer": False,
+                                          "slot_edit_f1_full": True, "slot_edit_f1_part": True,
+                                          "wer": False, "cer": False}
     primary_metric = "slot_type_f1"
 
     def __init__(self, *, upstream_dim: int, num_layers: int, slots: Sequence[str], project_dim: int = 1024,
@@ -191,6 +195,9 @@ class SFTask(CTCTask):
         out = super().eval_compute(state)
         out["slot_type_f1"] = M.slot_type_f1(state["hyp"], state["ref"])
         out["slot_value_cer"] = M.slot_value_cer(state["hyp"], state["ref"])
+        out["slot_value_wer"] = M.slot_value_wer(state["hyp"], state["ref"])
+        out["slot_edit_f1_full"] = M.slot_edit_f1(state["hyp"], state["ref"], full=True)
+        out["slot_edit_f1_part"] = M.slot_edit_f1(state["hyp"], state["ref"], full=False)
         out["wer"] = M.word_error_rate(state["hyp"], state["ref"])
         out["cer"] = M.char_error_rate(state["hyp"], state["ref"])
         return out
