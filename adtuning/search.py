@@ -37,8 +37,6 @@ state); resuming needs the same world size.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -48,38 +46,27 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from adtuning.atomic import atomic_write, atomic_write_bytes, check_fields, remove_stale_temporaries
 from adtuning.child import INT32_LIMIT, ChildNetwork
 from adtuning.distributed import DataParallel, GradientReducer
 from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup
+from adtuning.search_checkpoint import (
+    NonFiniteError,
+    candidate_prefix,
+    candidate_record,
+    read_checkpoint,
+    restore_candidate,
+    rng_key,
+    write_checkpoint,
+)
 from adtuning.sparse_grad import WEIGHT_GRAD_MODES, SparseWeightGrad, install_sparse_weight_grad
 
 log = logging.getLogger("adtuning")
 
-CHECKPOINT_VERSION = 4
-# Version 1 predates regret and baselines (it reads as "none run yet"); version 2 predates data
-# parallelism (it reads as world size 1); version 3 predates the tensor checksum and the
-# non-finite step counters.
-_READABLE_VERSIONS = (1, 2, 3, 4)
-
-#: The checkpoint JSONs kept, newest first: a torn or corrupt newest one falls back to the other.
-CHECKPOINT_FILES = ("search.json", "search.prev.json")
-
 #: What a non-finite loss or gradient does (``SearchConfig.on_nonfinite``).
 NONFINITE_POLICIES = ("stop", "skip")
-
-
-class NonFiniteError(RuntimeError):
-    """A non-finite loss or gradient stopped training, or a non-finite tensor was about to be
-    written to a checkpoint (nothing is written then; the previous checkpoint stays valid)."""
-
-
-class CheckpointError(RuntimeError):
-    """Checkpoints exist but none is usable: each is torn or fails its integrity check (named)."""
 
 #: Baselines :meth:`AdaptiveSearch.run_baselines` can train, with the P they amount to.
 BASELINES = {"head-only": 0.0, "full": 1.0}
@@ -761,39 +748,19 @@ class AdaptiveSearch:
                 [torch.get_rng_state() if c is self.active else c.rng_state for c in self.candidates + self.baselines])
             if not self.dp.is_main:
                 return None
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if self.active is not None:
             self._capture(self.active, offload=True)
         tensors: dict[str, torch.Tensor] = {}
-        records = [self._record(cand, _prefix(cand), tensors) for cand in self.candidates]
-        baselines = [self._record(cand, _prefix(cand), tensors) for cand in self.baselines]
-        for rank, states in enumerate(rank_rngs or [], start=0):
-            if rank == 0:
-                continue
-            for cand, state in zip(self.candidates + self.baselines, states):
-                tensors[f"{_prefix(cand)}.rng.rank{rank}"] = state.contiguous()
-        for key, tensor in tensors.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteError(f"refusing to write a checkpoint to {self.checkpoint_dir}: {key} holds "
-                                     f"{int((~torch.isfinite(tensor)).sum())} NaN/inf values (the previous checkpoint is kept)")
-        serial = int(time.time() * 1e6)
-        tensor_name = f"search-{serial}.safetensors"
-        digest: dict[str, str] = {}
-
-        def write_tensors(tmp: str) -> None:
-            save_file(tensors, tmp)
-            digest["sha256"] = _file_sha256(tmp)
-
-        for name in (tensor_name, *CHECKPOINT_FILES):
-            remove_stale_temporaries(self.checkpoint_dir / name)  # left by a writer that was killed
-        atomic_write(self.checkpoint_dir / tensor_name, write_tensors)
+        everyone = self.candidates + self.baselines
+        records = {id(cand): candidate_record(cand, _prefix(cand), tensors) for cand in everyone}
+        for rank, states in enumerate(rank_rngs or []):
+            if rank > 0:
+                for cand, state in zip(everyone, states):
+                    tensors[rng_key(_prefix(cand), rank)] = state.contiguous()
         meta = {
-            "version": CHECKPOINT_VERSION,
-            "tensors": tensor_name,
-            "tensors_sha256": digest["sha256"],
             "active": None if self.active is None else self.active.index,
-            "candidates": records,
-            "baselines": baselines,
+            "candidates": [records[id(cand)] for cand in self.candidates],
+            "baselines": [records[id(cand)] for cand in self.baselines],
             "swap_seconds": self.swap_seconds,
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
@@ -801,16 +768,7 @@ class AdaptiveSearch:
             "allreduce_seconds": self.allreduce_seconds,
             "allreduce_steps": self.allreduce_steps,
         }
-        # Keep two generations: the newest becomes the previous one (an atomic rename), then the
-        # new JSON goes in. A kill between the two leaves only the previous one, which resumes.
-        newest, previous = (self.checkpoint_dir / name for name in CHECKPOINT_FILES)
-        if newest.is_file():
-            os.replace(newest, previous)
-        path = atomic_write_bytes(newest, json.dumps(meta).encode())
-        keep = {tensor_name, _named_tensors(previous)}
-        for old in self.checkpoint_dir.glob("search-*.safetensors"):
-            if old.name not in keep:
-                old.unlink(missing_ok=True)
+        path = write_checkpoint(self.checkpoint_dir, meta, tensors)
         if self.active is not None:
             self._drop_snapshot(self.active)
         return path
@@ -824,29 +782,6 @@ class AdaptiveSearch:
         tensors = {f"upstream {n}": upstream[n] for n in self.active.child.indices}
         tensors.update({f"head {n}": p for n, p in self.problem.head_params.items()})
         self.dp.check_replicas(tensors, f"the trained parameters of {self.active.name}")
-
-    @staticmethod
-    def _record(cand: Candidate, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
-        """The JSON record of ``cand``; its tensors go into ``tensors`` under ``prefix``."""
-        for name, value in cand.values.items():
-            tensors[f"{prefix}.values.{name}"] = value.detach().cpu().contiguous()
-        for name, value in cand.head.items():
-            tensors[f"{prefix}.head.{name}"] = value.detach().cpu().contiguous()
-        tensors[f"{prefix}.rng"] = cand.rng_state.contiguous()
-        opt_meta = None
-        if cand.optimizer_state is not None:
-            opt_meta = {"param_groups": cand.optimizer_state["param_groups"], "state": {}}
-            for pid, st in cand.optimizer_state["state"].items():
-                opt_meta["state"][str(pid)] = sorted(st)
-                for key, value in st.items():
-                    tensors[f"{prefix}.opt.{pid}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
-        return {
-            "index": cand.index, "p": cand.p, "k": cand.child.k, "baseline": cand.baseline, "step": cand.step, "epoch": cand.epoch,
-            "batch_in_epoch": cand.batch_in_epoch, "status": cand.status, "stopped_at": cand.stopped_at, "final": cand.final,
-            "curve": cand.curve, "train_losses": cand.train_losses, "rung_metrics": {str(k): v for k, v in cand.rung_metrics.items()},
-            "scheduler_state": cand.scheduler_state, "optimizer": opt_meta,
-            "skipped_steps": cand.skipped_steps, "nonfinite_streak": cand.nonfinite_streak,
-        }
 
     def load_checkpoint(self) -> bool:
         """Restore the state written by :meth:`save_checkpoint`; False if there is none.
@@ -874,9 +809,9 @@ class AdaptiveSearch:
         if self.active is not None:
             self._deactivate()
         for rec, cand in zip(meta["candidates"], self.candidates):
-            self._restore(rec, cand, _prefix(cand), tensors, meta_path)
+            self._restore(rec, cand, tensors, meta_path)
         for rec, cand in zip(meta.get("baselines", []), self.baselines):
-            self._restore(rec, cand, _prefix(cand), tensors, meta_path)
+            self._restore(rec, cand, tensors, meta_path)
         self.swap_seconds, self.train_seconds, self.eval_seconds = meta["swap_seconds"], meta["train_seconds"], meta["eval_seconds"]
         self.allreduce_seconds, self.allreduce_steps = meta.get("allreduce_seconds", 0.0), meta.get("allreduce_steps", 0)
         if meta["active"] is not None:
@@ -885,130 +820,19 @@ class AdaptiveSearch:
         return True
 
     def _read_checkpoint(self) -> tuple[Path, dict, dict[str, torch.Tensor]] | None:
-        """``(path of the JSON, its JSON, its tensors)`` of the newest usable checkpoint, or
-        ``None`` when there is none.
+        return read_checkpoint(self.checkpoint_dir, self.world_size)
 
-        The newest is used unless it is torn or fails its checksum; then the previous one is,
-        with a warning that says why.
-
-        Raises:
-            CheckpointError: checkpoints exist but none is usable (each reason named).
-            ValueError: a usable checkpoint does not fit this job (version, world size).
-        """
-        problems = []
-        for meta_path in (self.checkpoint_dir / name for name in CHECKPOINT_FILES):
-            if not meta_path.is_file():
-                continue
-            try:
-                meta, tensors = self._read_checkpoint_files(meta_path)
-            except _DamagedCheckpoint as damage:
-                log.warning("checkpoint %s is unusable: %s", meta_path, damage)
-                problems.append(f"{meta_path}: {damage}")
-                continue
-            if meta_path.name != CHECKPOINT_FILES[0]:
-                reason = "; ".join(problems) or f"{CHECKPOINT_FILES[0]} was not written (the job stopped while replacing it)"
-                log.warning("resuming from the previous checkpoint %s (%s)", meta_path, reason)
-            return meta_path, meta, tensors
-        if problems:
-            raise CheckpointError(f"no usable checkpoint in {self.checkpoint_dir}: " + "; ".join(problems)
-                                  + ". Start afresh with --overwrite (or delete the folder)")
-        return None
-
-    def _read_checkpoint_files(self, meta_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-        """One checkpoint's JSON and tensors, checked; :class:`_DamagedCheckpoint` if torn or corrupt."""
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise _DamagedCheckpoint(f"not readable JSON ({err})") from None
-        if not isinstance(meta, dict):
-            raise _DamagedCheckpoint("not a search checkpoint (not a JSON object)")
-        check_fields(meta, _CHECKPOINT_FIELDS, "the JSON", _DamagedCheckpoint)
-        for rec in meta["candidates"] + meta.get("baselines", []):
-            if not isinstance(rec, dict):
-                raise _DamagedCheckpoint("a candidate record is not a JSON object")
-            check_fields(rec, _RECORD_FIELDS, f"candidate record {rec.get('index')!r}", _DamagedCheckpoint)
-        if meta.get("version") not in _READABLE_VERSIONS:
-            raise ValueError(f"{meta_path}: unsupported checkpoint version {meta.get('version')}")
-        saved_world = int(meta.get("world_size", 1))
-        if saved_world != self.world_size:
-            raise ValueError(f"{meta_path}: the run was checkpointed by {saved_world} process(es) and this job has "
-                             f"{self.world_size}; resume with the same world size (torchrun --nnodes x --nproc_per_node = "
-                             f"{saved_world}): each rank's data shard and random stream depend on it")
-        tensor_path = self.checkpoint_dir / Path(meta["tensors"]).name
-        if not tensor_path.is_file():
-            raise _DamagedCheckpoint(f"names {tensor_path.name}, which is missing")
-        expected = meta.get("tensors_sha256")
-        if expected is not None and _file_sha256(tensor_path) != expected:
-            raise _DamagedCheckpoint(f"{tensor_path.name} does not match its checksum (torn or corrupt)")
-        try:
-            tensors = load_file(str(tensor_path))
-        except Exception as err:  # safetensors raises its own error types for a corrupt header
-            raise _DamagedCheckpoint(f"{tensor_path.name} is not a readable safetensors file ({err})") from None
-        return meta, tensors
-
-    def _restore(self, rec: dict, cand: Candidate, prefix: str, tensors: dict[str, torch.Tensor], meta_path: Path) -> None:
-        if abs(rec["p"] - cand.p) > 1e-12 or rec["k"] != cand.child.k:
-            raise ValueError(f"{meta_path}: candidate {cand.index} was P={rec['p']} k={rec['k']}, now P={cand.p} k={cand.child.k}")
+    def _restore(self, rec: dict, cand: Candidate, tensors: dict[str, torch.Tensor], meta_path: Path) -> None:
         # A baseline's paused values stay in host memory until it is swapped in.
-        device = {n: ("cpu" if cand.baseline else p.device) for n, p in self.problem.upstream_params.items()}
-        cand.values = {n: tensors[f"{prefix}.values.{n}"].to(device[n]) for n in cand.child.indices if f"{prefix}.values.{n}" in tensors}
-        cand.head = {n: tensors[f"{prefix}.head.{n}"].to(p.device) for n, p in self.problem.head_params.items() if f"{prefix}.head.{n}" in tensors}
-        cand.rng_state = tensors[f"{prefix}.rng" if self.rank == 0 else f"{prefix}.rng.rank{self.rank}"]
-        opt_meta = rec["optimizer"]
-        if opt_meta is None:
-            cand.optimizer_state = None
-        else:
-            state = {int(pid): {key: tensors[f"{prefix}.opt.{pid}.{key}"] for key in keys} for pid, keys in opt_meta["state"].items()}
-            cand.optimizer_state = {"state": state, "param_groups": opt_meta["param_groups"]}
-        cand.scheduler_state = rec["scheduler_state"]
-        cand.step, cand.epoch, cand.batch_in_epoch = rec["step"], rec["epoch"], rec["batch_in_epoch"]
-        cand.status, cand.curve = rec["status"], rec["curve"]
-        # Version 1 knew no regret training: a culled candidate stopped at its current step.
-        cand.stopped_at = rec.get("stopped_at", cand.step if cand.status == "stopped" else None)
-        cand.final = rec.get("final", {})
-        cand.train_losses = [tuple(x) for x in rec["train_losses"]]
-        cand.rung_metrics = {int(k): v for k, v in rec["rung_metrics"].items()}
-        cand.skipped_steps, cand.nonfinite_streak = rec.get("skipped_steps", 0), rec.get("nonfinite_streak", 0)
-
-
-class _DamagedCheckpoint(Exception):
-    """One checkpoint is torn or corrupt (another may still be usable)."""
-
-
-# The keys (and types) a search checkpoint JSON must have; a JSON without them is damaged.
-_CHECKPOINT_FIELDS = {
-    "version": ((int,), True), "tensors": ((str,), True), "tensors_sha256": ((str,), False),
-    "active": ((int, type(None)), True), "candidates": ((list,), True), "baselines": ((list,), False),
-    "swap_seconds": ((float,), True), "train_seconds": ((float,), True), "eval_seconds": ((float,), True),
-    "world_size": ((int,), False),
-}
-_RECORD_FIELDS = {
-    "index": ((int,), True), "p": ((float,), True), "k": ((int,), True), "step": ((int,), True),
-    "epoch": ((int,), True), "batch_in_epoch": ((int,), True), "status": ((str,), True),
-    "curve": ((list,), True), "train_losses": ((list,), True), "rung_metrics": ((dict,), True),
-}
-
-
-def _file_sha256(path: str | os.PathLike) -> str:
-    """``"sha256:<hex>"`` of a file, read in chunks (checkpoints can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
-
-def _named_tensors(meta_path: Path) -> str | None:
-    """The tensor file a checkpoint JSON names (``None`` if it is missing or unreadable)."""
-    try:
-        return Path(json.loads(meta_path.read_text())["tensors"]).name
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        value_devices = {n: ("cpu" if cand.baseline else p.device) for n, p in self.problem.upstream_params.items()}
+        head_devices = {n: p.device for n, p in self.problem.head_params.items()}
+        restore_candidate(rec, cand, _prefix(cand), tensors, rank=self.rank, value_devices=value_devices,
+                          head_devices=head_devices, where=meta_path)
 
 
 def _prefix(cand: Candidate) -> str:
     """Where a candidate's tensors live in the checkpoint."""
-    return f"c{cand.index}" if cand.baseline is None else f"baseline.{cand.baseline}"
+    return candidate_prefix(cand.index, cand.baseline)
 
 
 def _rank_seed(seed: int, rank: int) -> int:

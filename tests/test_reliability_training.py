@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
-from adtuning import atomic
-from adtuning import search as search_module
+from adtuning import atomic, search_checkpoint
 from adtuning.atomic import WriteError
-from adtuning.search import CHECKPOINT_FILES, AdaptiveSearch, CheckpointError, NonFiniteError, SearchConfig
+from adtuning.search import AdaptiveSearch, SearchConfig
+from adtuning.search_checkpoint import CHECKPOINT_FILES, CheckpointError, NonFiniteError
 from tests.test_search import ToyProblem, children_for, config, snapshot
 
 
@@ -228,7 +228,7 @@ def test_disk_full_while_writing_checkpoint_tensors_keeps_both_generations(tmp_p
     def full_disk(tensors, path, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(search_module, "save_file", full_disk)
+    monkeypatch.setattr(search_checkpoint, "save_file", full_disk)
     with pytest.raises(WriteError, match=r"search-\d+\.safetensors failed: No space left on device"):
         search.save_checkpoint()
     assert files(tmp_path) == before  # no temporary left, both generations untouched
