@@ -5,7 +5,9 @@ Run from the repository root (adtuning need not be installed)::
     python bench/gpu_check.py [--results-dir bench/results] [--quick] [--dry-run]
 
 1. **Correctness** on CUDA: ``gather``, ``sparse_adamw_`` and ``linear_fisher_`` of the
-   ``triton`` backend against their reference twins (awkward sizes, every dtype), and the
+   ``triton`` backend on every case of ``tests/op_cases.py`` (the cases that
+   ``tests/test_ops.py`` runs on every backend: awkward sizes, every dtype, against the reference
+   twins and oracles, with the one error metric ``op_cases.rel_err``), and the
    whole Fisher pass of a small wav2vec2 with ``backend="triton"`` against the reference
    kernels run inside the same backward.
 2. **Fisher pass** (``adtuning.fisher.estimate_fisher(..., backend="triton")``) against a
@@ -21,8 +23,8 @@ Run from the repository root (adtuning need not be installed)::
    launch per tensor, against dense fused AdamW over the model.
 4. **Fisher kernel** per wav2vec2-base Linear shape: the kernel under a few tilings (TF32x3
    and IEEE fp32 dots) against the ordinary weight-gradient GEMM it replaces, for tuning.
-5. **Sparse weight gradients**: correctness of the ``sddmm`` kernel against its reference twin
-   and of a short training run with the SDDMM path against the dense path (section
+5. **Sparse weight gradients**: correctness of the ``sddmm`` kernel on the ``sddmm`` cases of
+   ``tests/op_cases.py`` and of a short training run with the SDDMM path against the dense path (section
    ``sparse_weight_grad_correctness``); per wav2vec2-base Linear shape over 8 x 4 s, the SDDMM
    against the dense weight-gradient GEMM + gather it replaces at P = 0.001 ... 0.3, fp32 and
    bf16, with the crossover densities that ``adtuning.sparse_grad.DENSITY_THRESHOLDS["triton"]``
@@ -52,6 +54,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -72,14 +75,9 @@ NOMINAL_HBM = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PC
 WAV2VEC2_BASE_SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # (out, in) of its Linears
 SPARSE_RATIOS = (0.001, 0.01, 0.1)
 SPARSE_BENCH_NUMEL = 94_371_712  # wav2vec2-base's parameter count, as one tensor
-# Correctness cases: awkward sizes (1, primes, 2^k + 1) up to wav2vec2-base's largest Linear.
-GATHER_CHECK_SIZES = [(1, 1), (4097, 1025), (278011, 27803)]  # (numel, k)
-ADAMW_CHECK_SIZES = [(1, 1), (4097, 2049), (278011, 2781)]  # (numel, k)
-FISHER_CHECK_SHAPES = [(1, 1, 1, 1), (3, 17, 31, 13), (2, 33, 65, 127), (5, 97, 257, 1025),
-                       (8, 199, 768, 3072)]  # (B, T, in, out)
 # --dry-run: the CPU interpreter stands in for the GPU; tiny sizes keep it to seconds.
 DRY_RUN = False
-DRY_CHECK_CASES = 3  # the first (smallest) cases of each correctness list above
+DRY_CHECK_CASES = 12  # correctness cases per op in a dry run, spread over tests/op_cases.py's list
 
 
 def _tiny_wav2vec2_config():
@@ -89,10 +87,6 @@ def _tiny_wav2vec2_config():
     return Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                           intermediate_size=37, conv_dim=(16,) * 7, layerdrop=0.0,
                           num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
-
-
-def _check_cases(cases: list) -> list:
-    return cases[:DRY_CHECK_CASES] if DRY_RUN else cases
 
 
 def _import_adtuning():
@@ -160,9 +154,9 @@ def peak_bytes(fn: Callable[[], object]) -> int:
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (the scale of an accumulator)."""
-    scale = expected.abs().max().item()
-    return (actual.float() - expected.float()).abs().max().item() / (scale if scale > 0 else 1.0)
+    """The one error metric of the tests, ``tests/op_cases.py``'s ``rel_err``: max |actual - expected| /
+    max |expected| (the scale of an accumulator)."""
+    return _op_cases().rel_err(actual, expected)
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -176,72 +170,45 @@ def copy_bandwidth(device: torch.device) -> float:
 
 # ---- 1. correctness ---------------------------------------------------------------------
 
-def check_kernels(tb, ref, device: torch.device) -> list[dict]:
-    """Every kernel against its reference twin on ``device``; one record per case."""
+def _op_cases():
+    """``tests/op_cases.py``, the per-op cases shared with ``tests/test_ops.py``. Imported on first
+    use, after :func:`_import_adtuning` (it imports ``adtuning.reference``) and after a dry run has
+    set TRITON_INTERPRET."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("tests.op_cases")
+
+
+def run_op_cases(tb, op: str, device: torch.device) -> list[dict]:
+    """The triton backend on every case of ``op`` that runs on ``device`` (a dry run takes
+    DRY_CHECK_CASES of them, spread over sizes and dtypes); one record per case, its error and
+    tolerance those of its worst comparison. A case that raises is a failed record."""
+    op_cases = _op_cases()
+    cases = [c for c in op_cases.CASES[op] if op_cases.skip_reason(c, "triton", device.type) is None]
+    if DRY_RUN:
+        # The longest stride that still picks DRY_CHECK_CASES, coprime with the case lists' inner
+        # cycles (dtypes: 3; index dtypes and options: 2) so that every parameter varies.
+        step = max((s for s in range(1, len(cases)) if math.gcd(s, 6) == 1 and s * (DRY_CHECK_CASES - 1) < len(cases)),
+                   default=1)
+        cases = cases[::step][:DRY_CHECK_CASES]
     records = []
-
-    def record(op, case, err, tol, ok=None):
-        ok = (err <= tol) if ok is None else ok
-        records.append({"op": op, "case": case, "error": err, "tolerance": tol, "ok": bool(ok)})
-
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def indices(numel, k, dtype):
-        return torch.randperm(numel, generator=gen)[:k].sort().values.to(dtype).to(device)
-
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for index_dtype in (torch.int32, torch.int64):
-            for numel, k in _check_cases(GATHER_CHECK_SIZES):
-                grad = torch.randn(numel, device=device).to(dtype)
-                idx = indices(numel, k, index_dtype)
-                out = torch.full((k,), 7.0, device=device)
-                expected = out.clone()
-                tb.gather(grad, idx, out=out, accumulate=True)
-                ref.gather_ref(grad, idx, out=expected, accumulate=True)
-                exact = torch.equal(tb.gather(grad, idx), ref.gather_ref(grad, idx)) and torch.equal(out, expected)
-                record("gather", f"{dtype} idx={index_dtype} numel={numel} k={k}", 0.0 if exact else 1.0, 0.0)
-
-    hyper = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for index_dtype in (torch.int32, torch.int64):
-            for numel, k in _check_cases(ADAMW_CHECK_SIZES):
-                param = torch.randn(numel, device=device).to(dtype)
-                idx = indices(numel, k, index_dtype)
-                state = [torch.zeros(k, device=device), torch.zeros(k, device=device),
-                         param[idx.long()].float() if dtype != torch.float32 else None]
-                ours = [param.clone()] + [s.clone() if s is not None else None for s in state]
-                theirs = [param.clone()] + [s.clone() if s is not None else None for s in state]
-                for step in range(1, 6):
-                    grad = torch.randn(k, device=device)
-                    tb.sparse_adamw_(ours[0], grad, idx, *ours[1:], step=step, **hyper)
-                    ref.sparse_adamw_ref_(theirs[0], grad, idx, *theirs[1:], step=step, **hyper)
-                # fp32: the child entries of param; bf16/fp16: the fp32 masters (param = their rounding).
-                child = idx.long()
-                pairs = [(ours[1], theirs[1]), (ours[2], theirs[2])]
-                pairs.append((ours[3], theirs[3]) if dtype != torch.float32 else (ours[0][child], theirs[0][child]))
-                err = max(rel_err(a, b) for a, b in pairs)
-                untouched = torch.ones(numel, dtype=torch.bool, device=device)
-                untouched[child] = False
-                ok = err <= 1e-5 and torch.equal(ours[0][untouched], param[untouched])
-                if dtype != torch.float32:
-                    ok = ok and torch.equal(ours[0][child], ours[3].to(dtype))
-                record("sparse_adamw", f"{dtype} idx={index_dtype} numel={numel} k={k} 5 steps", err, 1e-5, ok)
-
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)):
-        for batch, frames, in_f, out_f in _check_cases(FISHER_CHECK_SHAPES):
-            for with_lengths in (False, True):
-                x = torch.randn(batch, frames, in_f, device=device).to(dtype)
-                dy = torch.randn(batch, frames, out_f, device=device).to(dtype)
-                lengths = (torch.randint(0, frames + 1, (batch,), generator=gen).to(device)
-                           if with_lengths else None)
-                fw, fb = torch.rand(out_f, in_f, device=device), torch.rand(out_f, device=device)
-                rw, rb = fw.clone(), fb.clone()
-                tb.linear_fisher_(x, dy, fw, fb, lengths)
-                ref.linear_fisher_ref_(x, dy, rw, rb, lengths)
-                err = max(rel_err(fw, rw), rel_err(fb, rb))
-                record("linear_fisher", f"{dtype} B,T,in,out={batch},{frames},{in_f},{out_f} "
-                       f"lengths={with_lengths}", err, tol)
+    for case in cases:
+        try:
+            result = op_cases.run_case(case, tb, device)
+        except Exception as exc:  # one broken case must not hide the others' results
+            records.append({"op": op, "case": case.name, "error": float("inf"), "tolerance": 0.0,
+                            "ok": False, "exception": repr(exc)})
+            continue
+        worst = result.worst
+        records.append({"op": op, "case": case.name, "error": worst.error, "tolerance": worst.tolerance,
+                        "worst_check": worst.name, "ok": result.ok,
+                        "checks": {c.name: c.error for c in result.comparisons}})
     return records
+
+
+def check_kernels(tb, device: torch.device) -> list[dict]:
+    """gather, sparse AdamW and the Linear Fisher kernel on their shared cases; one record per case."""
+    return [record for op in ("gather", "sparse_adamw", "linear_fisher") for record in run_op_cases(tb, op, device)]
 
 
 def check_fisher_pass(adtuning, device: torch.device) -> dict:
@@ -484,37 +451,16 @@ def bench_model_step(tb, device: torch.device, config=None) -> list[dict]:
 
 # ---- 5. sparse weight gradients (SDDMM) ---------------------------------------------------
 
-SDDMM_CHECK_SHAPES = [(1, 1, 1), (33, 31, 65), (2, 1, 4097), (199, 768, 3072)]  # (N, out, in)
 SDDMM_BENCH_FRACTIONS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 SDDMM_BENCH_ROWS = 8 * 199  # 8 utterances x 4 s at wav2vec2's 20 ms frame rate
 
 
-def check_sparse_weight_grad(tb, ref, device: torch.device) -> list[dict]:
-    """The sddmm kernel against its reference twin (bound relative to sum |dy||x|), and a short
+def check_sparse_weight_grad(tb, device: torch.device) -> list[dict]:
+    """The sddmm kernel on its shared cases (bounds relative to sum |dy||x|), and a short
     training run with the SDDMM path against the dense path on the triton backend."""
     from adtuning import ChildNetwork, SparseAdamW, install_sparse_weight_grad
 
-    records = []
-    gen = torch.Generator().manual_seed(3)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for index_dtype in (torch.int32, torch.int64):
-            for rows, out_f, in_f in _check_cases(SDDMM_CHECK_SHAPES):
-                numel = out_f * in_f
-                for k in sorted({1, max(1, numel // 97), numel}):
-                    dy = torch.randn(rows, out_f, generator=gen).to(dtype).to(device)
-                    x = torch.randn(rows, in_f, generator=gen).to(dtype).to(device)
-                    idx = torch.randperm(numel, generator=gen)[:k].sort().values.to(index_dtype).to(device)
-                    ours = tb.sddmm(dy, x, idx)
-                    exact = (dy.double().t() @ x.double()).flatten()[idx.long()]
-                    bound = (dy.double().abs().t() @ x.double().abs()).flatten()[idx.long()] + 1e-30
-                    err = ((ours.double() - exact).abs() / bound).max().item()
-                    acc = torch.ones(k, device=device)
-                    tb.sddmm(dy, x, idx, out=acc, accumulate=True)
-                    acc_err = ((acc.double() - 1.0 - exact).abs() / (bound + 1.0)).max().item()
-                    ref_err = ((ref.sddmm_ref(dy, x, idx).double() - exact).abs() / bound).max().item()
-                    records.append({"op": "sddmm", "case": f"{dtype} idx={index_dtype} N,out,in={rows},{out_f},{in_f} k={k}",
-                                    "error": max(err, acc_err), "reference_error": ref_err, "tolerance": 1e-5,
-                                    "ok": max(err, acc_err) <= 1e-5})
+    records = run_op_cases(tb, "sddmm", device)
 
     def train(mode: str):
         torch.manual_seed(0)
@@ -783,23 +729,22 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
     elif not torch.cuda.is_available():
         print("gpu_check: skipped: no CUDA device (torch.cuda.is_available() is False); "
-              "the kernels are tested on the CPU by tests/test_triton_kernels.py under TRITON_INTERPRET=1 "
+              "the kernels are tested on the CPU by tests/test_ops.py under TRITON_INTERPRET=1 "
               "(and this script by --dry-run)")
         return 0
 
     started = time.monotonic()
     device = torch.device("cpu" if DRY_RUN else "cuda")
     adtuning = _import_adtuning()
-    from adtuning import reference
     from adtuning.backends import get_backend
 
     tb = get_backend("triton", device)
     results: dict = {"environment": environment(), "dry_run": DRY_RUN}
     print(f"[gpu_check] {results['environment'].get('device')} torch {torch.__version__} "
           f"triton {results['environment']['triton']}", flush=True)
-    _section(results, "kernel_correctness", lambda: check_kernels(tb, reference, device), started)
+    _section(results, "kernel_correctness", lambda: check_kernels(tb, device), started)
     _section(results, "fisher_pass_correctness", lambda: check_fisher_pass(adtuning, device), started)
-    _section(results, "sparse_weight_grad_correctness", lambda: check_sparse_weight_grad(tb, reference, device), started)
+    _section(results, "sparse_weight_grad_correctness", lambda: check_sparse_weight_grad(tb, device), started)
     if not args.quick:
         # Most important figures first: later sections are skipped if the time budget runs out.
         pass_kwargs = {"batch": 2, "seconds": 0.25, "config": _tiny_wav2vec2_config()} if DRY_RUN else {}

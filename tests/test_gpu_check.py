@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import op_cases
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("kernel_correctness", "fisher_pass_correctness", "fisher_pass", "bandwidth",
             "sparse_adamw", "sparse_adamw_model", "fisher_kernel")
@@ -39,6 +41,11 @@ def test_gpu_check_dry_run_completes_every_section(tmp_path):
                                                  or "skipped" in value)), (section, value)
     assert all(case["ok"] for case in report["kernel_correctness"])
     assert {case["op"] for case in report["kernel_correctness"]} == {"gather", "sparse_adamw", "linear_fisher"}
+    # The script runs the cases of tests/op_cases.py, the ones tests/test_ops.py runs.
+    sddmm = [case for case in report["sparse_weight_grad_correctness"] if case["op"] == "sddmm"]
+    assert sddmm and all(case["ok"] for case in sddmm)
+    known = {(case.op, case.name) for case in op_cases.ALL_CASES}
+    assert all((case["op"], case["case"]) in known for case in report["kernel_correctness"] + sddmm)
     assert all("error" not in row for row in report["fisher_kernel"]), report["fisher_kernel"]
     assert report["fisher_pass"]["memory_ratio"] > 0  # so the summary's memory line was formatted
     assert "Fisher pass:" in result.stdout and "all correctness checks passed" in result.stdout

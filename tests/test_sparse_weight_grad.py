@@ -1,8 +1,10 @@
-"""Sparse weight gradients: the SDDMM op on every backend, and the training path built on it.
+"""Sparse weight gradients: what is backend-specific about the SDDMM op, and the training path.
 
-The op is checked against an fp64 oracle and against dense autograd's gathered gradient
-``weight.grad.flatten()[idx]`` on awkward sizes (1, primes, 2^k +- 1), every input dtype,
-empty child sets and a child that is the whole tensor. The training path is checked by the
+The op's values on every backend (against an fp64 oracle and dense autograd's gathered
+gradient ``weight.grad.flatten()[idx]``, on awkward sizes, every input dtype, empty child sets,
+no frames and a child that is the whole tensor) are cases of tests/test_ops.py (from
+tests/op_cases.py); here remain the argument checks, native's opcheck and thread-count
+determinism, and the Triton kernel's operand layouts. The training path is checked by the
 contract of the issue: the same short run with the weight gradients dense or sparse, on the
 reference, native and (interpreted) Triton backends, gives the same child values within
 tolerance and leaves every other entry bit-identical, without a dense dW or dense Adam state.
@@ -23,92 +25,15 @@ from adtuning.search import AdaptiveSearch, SearchConfig
 from adtuning.sparse_grad import DENSITY_THRESHOLDS, WEIGHT_GRAD_MODES, use_sparse_path
 from tests.backends import ALL_BACKENDS, require_backend
 from tests.helpers import TinyWav2Vec2Classifier, padded_wav_batches, wav_loss
-
-# (N frames, out, in): 1, primes, 2^k +- 1. The interpreter runs the Triton kernel in Python,
-# so the largest shapes are for the compiled backends only.
-SHAPES = [(1, 1, 1), (5, 7, 13), (33, 31, 65), (2, 1, 4097)]
-LARGE_SHAPES = [(97, 257, 129), (129, 3, 1023)]
-# Error bound relative to sum_n |dy[n, i]| |x[n, j]|, the scale of an entry's rounding error.
-# Against fp64 every backend sums exact 16-bit inputs in fp32; against dense autograd the
-# 16-bit weight gradient was itself rounded to 8 (bf16) or 11 (fp16) bits.
-DTYPES = [
-    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
-    pytest.param(torch.bfloat16, 1e-5, 1e-2, id="bf16"),
-    pytest.param(torch.float16, 1e-5, 2e-3, id="fp16"),
-]
-
-
-def _indices(numel: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randperm(numel, generator=gen)[:k].sort().values.to(dtype)
+from tests.op_cases import child_indices
 
 
 def _bound(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """sum_n |dy[n, i]| |x[n, j]| per child entry: the scale of its rounding error."""
     return (dy.double().abs().t() @ x.double().abs()).flatten()[idx.long()] + 1e-30
 
 
-def _dense_autograd_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight.grad of an ordinary nn.Linear whose output gradient is dy (x and dy as [B, T, *])."""
-    weight = torch.zeros(dy.shape[1], x.shape[1], dtype=x.dtype, requires_grad=True)
-    batch = 1 if x.shape[0] % 2 else 2  # exercise the [B, T, features] fold as well
-    y = F.linear(x.reshape(batch, -1, x.shape[1]), weight)
-    y.backward(dy.reshape(batch, -1, dy.shape[1]))
-    return weight.grad
-
-
-# --------------------------------------------------------------------------------- the op
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("dtype,tol_exact,tol_dense", DTYPES)
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("density", ["one", "third", "all"])
-def test_sddmm_matches_fp64_and_dense_autograd(backend, dtype, tol_exact, tol_dense, index_dtype, density):
-    impl = require_backend(backend)
-    shapes = SHAPES + (LARGE_SHAPES if backend != "triton" else [])
-    for frames, out_f, in_f in shapes:
-        gen = torch.Generator().manual_seed(frames * 1000 + out_f + in_f)
-        dy = torch.randn(frames, out_f, generator=gen).to(dtype)
-        x = torch.randn(frames, in_f, generator=gen).to(dtype)
-        numel = out_f * in_f
-        k = {"one": 1, "third": max(1, numel // 3), "all": numel}[density]
-        idx = _indices(numel, k, index_dtype, seed=numel)
-        got = impl.sddmm(dy, x, idx)
-        assert got.dtype == torch.float32 and got.shape == (k,)
-        bound = _bound(dy, x, idx)
-        exact = (dy.double().t() @ x.double()).flatten()[idx.long()]
-        assert ((got.double() - exact).abs() <= tol_exact * bound).all(), (frames, out_f, in_f)
-        dense = _dense_autograd_grad(dy, x).flatten()[idx.long()].double()
-        assert ((got.double() - dense).abs() <= tol_dense * bound).all(), (frames, out_f, in_f)
-        if backend != "reference":
-            torch.testing.assert_close(got, sddmm_ref(dy, x, idx), rtol=1e-5, atol=1e-5 * bound.max().item())
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_sddmm_accumulates_into_out_and_handles_empty_inputs(backend):
-    impl = require_backend(backend)
-    gen = torch.Generator().manual_seed(5)
-    dy, x = torch.randn(17, 31, generator=gen), torch.randn(17, 13, generator=gen)
-    idx = _indices(31 * 13, 97, torch.int32, seed=3)
-    values = sddmm_ref(dy, x, idx)
-    out = torch.randn(97, generator=gen)
-    start = out.clone()
-    assert impl.sddmm(dy, x, idx, out=out, accumulate=True) is out
-    torch.testing.assert_close(out, start + values, rtol=1e-5, atol=1e-5)
-    impl.sddmm(dy, x, idx, out=out)
-    torch.testing.assert_close(out, values, rtol=1e-5, atol=1e-5)
-    # No child entries: nothing to compute, an empty result.
-    empty = impl.sddmm(dy, x, torch.empty(0, dtype=torch.int64))
-    assert empty.shape == (0,) and empty.dtype == torch.float32
-    # No frames: the gradient is zero (or the accumulator is left as it was).
-    no_frames = impl.sddmm(dy[:0], x[:0], idx)
-    assert torch.equal(no_frames, torch.zeros(97))
-    kept = torch.ones(97)
-    impl.sddmm(dy[:0], x[:0], idx, out=kept, accumulate=True)
-    assert torch.equal(kept, torch.ones(97))
-    # Non-contiguous operands (a transposed view) give the same values.
-    strided = impl.sddmm(dy.t().contiguous().t(), x.t().contiguous().t(), idx)
-    torch.testing.assert_close(strided, values, rtol=1e-5, atol=1e-5)
+# ---------------------------------------------------------------- the op, backend-specific
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
@@ -131,7 +56,7 @@ def test_native_sddmm_reports_out_of_range_indices_and_passes_opcheck():
     with pytest.raises(RuntimeError, match="outside"):
         impl.sddmm(dy, x, torch.tensor([0, 15]))
     op = torch.ops.adtuning.sddmm.default
-    idx = _indices(31 * 13, 50, torch.int64, seed=1)
+    idx = child_indices(31 * 13, 50, torch.int64, seed=1)
     for accumulate in (False, True):
         torch.library.opcheck(op, (torch.randn(9, 31), torch.randn(9, 13), idx, torch.randn(50), accumulate))
     torch.library.opcheck(op, (torch.randn(9, 31).bfloat16(), torch.randn(9, 13), idx.int(), torch.randn(50), False))
@@ -141,7 +66,7 @@ def test_native_sddmm_is_deterministic_across_thread_counts():
     impl = require_backend("native")
     gen = torch.Generator().manual_seed(11)
     dy, x = torch.randn(300, 257, generator=gen), torch.randn(300, 3073, generator=gen)
-    idx = _indices(257 * 3073, 20011, torch.int32, seed=2)
+    idx = child_indices(257 * 3073, 20011, torch.int32, seed=2)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -458,7 +383,7 @@ def test_triton_sddmm_with_transposed_operands_gives_the_same_values():
     gen = torch.Generator().manual_seed(8)
     for dtype in (torch.float32, torch.bfloat16):
         dy, x = torch.randn(33, 31, generator=gen).to(dtype), torch.randn(33, 65, generator=gen).to(dtype)
-        idx = _indices(31 * 65, 301, torch.int64, seed=4)
+        idx = child_indices(31 * 65, 301, torch.int64, seed=4)
         plain = sddmm(dy, x, idx, transpose_operands=False)
         transposed = sddmm(dy, x, idx, transpose_operands=True)
         torch.testing.assert_close(transposed, plain, rtol=1e-6, atol=1e-6 * _bound(dy, x, idx).max().item())

@@ -1,9 +1,11 @@
-"""Triton backend: every kernel against its reference twin, plus the availability contract.
+"""What is specific to the Triton backend: the availability contract (missing triton, no CUDA,
+kernels imported before the interpreter was enabled), the launchers' signatures and argument
+checks, bf16 round-to-nearest-even, forced small tiles, and a short training run on it.
 
-Without CUDA the kernels run in Triton's CPU interpreter (``tests/conftest.py`` sets
-``TRITON_INTERPRET=1`` before anything imports them); with CUDA they run compiled. Sizes are
-awkward on purpose (1, primes, powers of two plus or minus one) and kept small because the
-interpreter executes every program in Python.
+Every kernel's values against its reference twin and oracles are cases of tests/test_ops.py
+(from tests/op_cases.py). Without CUDA the kernels run in Triton's CPU interpreter
+(``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before anything imports them); with CUDA
+they run compiled.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from adtuning import reference
 from adtuning.backends import BackendUnavailableError, get_backend
+from tests.op_cases import FISHER_TOL, rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -36,17 +39,6 @@ def tb():
     if not _triton_usable():
         pytest.skip("triton not importable or not usable here")
     return get_backend("triton")
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (the scale of an accumulator, not per entry)."""
-    scale = expected.abs().max().item()
-    return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
-
-
-def _sorted_indices(numel: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randperm(numel, generator=gen)[:k].sort().values.to(dtype).to(DEVICE)
 
 
 # ---- availability -----------------------------------------------------------------------
@@ -93,35 +85,6 @@ def test_signatures_match_the_reference_twins(tb):
 # ---- gather -----------------------------------------------------------------------------
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("shape,k", [((1,), 1), ((7, 13), 1), ((31, 33), 97), ((4097,), 1025), ((1023,), 1023)])
-def test_gather_equals_reference(tb, dtype, index_dtype, shape, k):
-    torch.manual_seed(0)
-    grad = torch.randn(shape, device=DEVICE).to(dtype)
-    idx = _sorted_indices(grad.numel(), k, index_dtype, seed=k)
-    # A gather is exact: bit-identical in every dtype.
-    assert torch.equal(tb.gather(grad, idx), reference.gather_ref(grad, idx))
-    out = torch.full((k,), 3.0, device=DEVICE)
-    expected = out.clone()
-    returned = tb.gather(grad, idx, out=out)
-    assert returned is out
-    assert torch.equal(out, reference.gather_ref(grad, idx, out=expected))
-    tb.gather(grad, idx, out=out, accumulate=True)
-    reference.gather_ref(grad, idx, out=expected, accumulate=True)
-    assert torch.equal(out, expected)
-
-
-@needs_triton
-def test_gather_non_contiguous_grad_and_empty_indices(tb):
-    grad = torch.randn(17, 5, device=DEVICE).t()
-    idx = torch.tensor([0, 4, 84], dtype=torch.int32, device=DEVICE)
-    assert torch.equal(tb.gather(grad, idx), reference.gather_ref(grad, idx))
-    empty = torch.empty(0, dtype=torch.int64, device=DEVICE)
-    assert tb.gather(grad, empty).shape == (0,)
-
-
-@needs_triton
 def test_gather_rejects_bad_inputs(tb):
     grad = torch.randn(10, device=DEVICE)
     with pytest.raises(TypeError, match="int32 or int64"):
@@ -133,75 +96,6 @@ def test_gather_rejects_bad_inputs(tb):
 # ---- sparse AdamW -----------------------------------------------------------------------
 
 HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
-
-# (param dtype, tolerance on the fp32 state). The kernel uses the fused multiply-adds of
-# ATen's CPU AdamW; the interpreter rounds a*b+c twice, so allow a few ulp.
-ADAMW_CASES = [
-    pytest.param(torch.float32, 2e-6, id="fp32"),
-    pytest.param(torch.bfloat16, 2e-6, id="bf16+master"),
-    pytest.param(torch.float16, 2e-6, id="fp16+master"),
-]
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype,tol", ADAMW_CASES)
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("numel,k", [(1, 1), (2, 1), (97, 13), (1025, 1023), (4097, 2049)])
-def test_sparse_adamw_equals_reference(tb, dtype, tol, index_dtype, numel, k):
-    torch.manual_seed(numel)
-    param = torch.randn(numel, device=DEVICE).to(dtype)
-    idx = _sorted_indices(numel, k, index_dtype, seed=numel)
-    exp_avg = torch.zeros(k, device=DEVICE)
-    exp_avg_sq = torch.zeros(k, device=DEVICE)
-    master = param[idx.long()].float() if dtype != torch.float32 else None
-    ours = [t.clone() if t is not None else None for t in (param, exp_avg, exp_avg_sq, master)]
-    theirs = [t.clone() if t is not None else None for t in (param, exp_avg, exp_avg_sq, master)]
-    untouched = torch.ones(numel, dtype=torch.bool, device=DEVICE)
-    untouched[idx.long()] = False
-    for step in range(1, 6):
-        grad = torch.randn(k, device=DEVICE)
-        tb.sparse_adamw_(ours[0], grad, idx, *ours[1:], step=step, **HYPER)
-        reference.sparse_adamw_ref_(theirs[0], grad, idx, *theirs[1:], step=step, **HYPER)
-    for name, a, b in zip(("exp_avg", "exp_avg_sq", "master"), ours[1:], theirs[1:]):
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item(), msg=name)
-    child = idx.long()
-    if dtype == torch.float32:
-        torch.testing.assert_close(ours[0][child], theirs[0][child], rtol=tol, atol=tol * 1e-2)
-    else:
-        # param holds the round-to-nearest-even of the master, bit for bit as torch rounds it,
-        # and so is at most one rounding step from the reference where the masters differ by ulps.
-        assert torch.equal(ours[0][child], ours[3].to(dtype))
-        torch.testing.assert_close(ours[0][child].float(), theirs[0][child].float(), rtol=1e-2, atol=1e-5)
-    assert torch.equal(ours[0][untouched], param[untouched]), "non-child entries must stay bit-identical"
-
-
-@needs_triton
-@pytest.mark.parametrize("beta1,weight_decay", [(0.9, 0.0), (0.3, 0.1)])
-def test_sparse_adamw_equals_torch_adamw_on_the_child_vector(tb, beta1, weight_decay):
-    """Other hyper-parameters too (no decay; beta1 < 0.5 takes lerp's other branch)."""
-    torch.manual_seed(1)
-    numel, k = 257, 61
-    param = torch.randn(numel, device=DEVICE)
-    idx = _sorted_indices(numel, k, torch.int64, seed=3)
-    vector = torch.nn.Parameter(param[idx].clone())
-    oracle = torch.optim.AdamW([vector], lr=3e-3, betas=(beta1, 0.98), eps=1e-6, weight_decay=weight_decay)
-    exp_avg, exp_avg_sq = torch.zeros(k, device=DEVICE), torch.zeros(k, device=DEVICE)
-    before = param.clone()
-    for step in range(1, 8):
-        grad = torch.randn(k, device=DEVICE)
-        vector.grad = grad.clone()
-        oracle.step()
-        tb.sparse_adamw_(param, grad, idx, exp_avg, exp_avg_sq, None, step=step,
-                         lr=3e-3, beta1=beta1, beta2=0.98, eps=1e-6, weight_decay=weight_decay)
-    state = oracle.state[vector]
-    # A few ulp of each tensor's scale: the operations match, fused multiply-adds may not.
-    for ours, oracle_value in ((param[idx], vector.detach()), (exp_avg, state["exp_avg"]),
-                               (exp_avg_sq, state["exp_avg_sq"])):
-        torch.testing.assert_close(ours, oracle_value, rtol=2e-6, atol=2e-6 * oracle_value.abs().max().item())
-    others = torch.ones(numel, dtype=torch.bool, device=DEVICE)
-    others[idx] = False
-    assert torch.equal(param[others], before[others])
 
 
 @needs_triton
@@ -236,73 +130,11 @@ def test_sparse_adamw_bf16_rounding_is_round_to_nearest_even(tb):
 
 # ---- Linear per-sample Fisher ----------------------------------------------------------
 
-# (input dtype, tolerance relative to the largest Fisher entry).
-FISHER_CASES = [
-    pytest.param(torch.float32, 1e-5, id="fp32"),
-    pytest.param(torch.bfloat16, 1e-4, id="bf16"),
-    pytest.param(torch.float16, 1e-4, id="fp16"),
-]
-
-# (B, T, in, out): tiny (below tl.dot's 16), primes, 2^k +- 1, several tiles per axis.
-FISHER_SHAPES = [(1, 1, 1, 1), (2, 17, 31, 13), (3, 33, 65, 127), (1, 64, 16, 17), (4, 7, 129, 3)]
-
-
 def _fisher_pair(x, dy, with_bias):
     out_f, in_f = dy.shape[2], x.shape[2]
     fw = torch.rand(out_f, in_f, device=DEVICE)  # non-zero start: the ops accumulate
     fb = torch.rand(out_f, device=DEVICE) if with_bias else None
     return (fw, fb), (fw.clone(), fb.clone() if fb is not None else None)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype,tol", FISHER_CASES)
-@pytest.mark.parametrize("shape", FISHER_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_linear_fisher_equals_reference(tb, dtype, tol, shape):
-    batch, frames, in_f, out_f = shape
-    torch.manual_seed(sum(shape))
-    x = torch.randn(batch, frames, in_f, device=DEVICE).to(dtype)
-    dy = torch.randn(batch, frames, out_f, device=DEVICE).to(dtype)
-    (fw, fb), (rw, rb) = _fisher_pair(x, dy, with_bias=True)
-    tb.linear_fisher_(x, dy, fw, fb)
-    reference.linear_fisher_ref_(x, dy, rw, rb)
-    assert _rel_err(fw, rw) <= tol
-    assert _rel_err(fb, rb) <= tol
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype,tol", FISHER_CASES)
-@pytest.mark.parametrize("length_dtype", [torch.int32, torch.int64])
-def test_linear_fisher_respects_lengths(tb, dtype, tol, length_dtype):
-    torch.manual_seed(2)
-    batch, frames, in_f, out_f = 5, 37, 33, 31
-    x = torch.randn(batch, frames, in_f, device=DEVICE).to(dtype)
-    dy = torch.randn(batch, frames, out_f, device=DEVICE).to(dtype)
-    # Zero, one, a prime, 2^5 + 1 and the full length; padding holds garbage that must not count.
-    lengths = torch.tensor([0, 1, 17, 33, frames], dtype=length_dtype, device=DEVICE)
-    (fw, fb), (rw, rb) = _fisher_pair(x, dy, with_bias=True)
-    tb.linear_fisher_(x, dy, fw, fb, lengths)
-    reference.linear_fisher_ref_(x, dy, rw, rb, lengths)
-    assert _rel_err(fw, rw) <= tol
-    assert _rel_err(fb, rb) <= tol
-
-
-@needs_triton
-def test_linear_fisher_without_bias_strided_inputs_and_mixed_dtypes(tb):
-    torch.manual_seed(3)
-    # x as a transposed view ([B, in, T] storage), dy sliced along features.
-    x = torch.randn(3, 31, 19, device=DEVICE).transpose(1, 2)
-    dy_full = torch.randn(3, 19, 40, device=DEVICE)
-    dy = dy_full[:, :, 3:36]
-    (fw, _), (rw, _) = _fisher_pair(x, dy, with_bias=False)
-    tb.linear_fisher_(x, dy, fw)
-    reference.linear_fisher_ref_(x, dy, rw)
-    assert _rel_err(fw, rw) <= 1e-5
-    # fp32 activations with bf16 output gradients (as under autocast).
-    dy16 = dy.to(torch.bfloat16)
-    (fw, fb), (rw, rb) = _fisher_pair(x, dy16, with_bias=True)
-    tb.linear_fisher_(x, dy16, fw, fb)
-    reference.linear_fisher_ref_(x, dy16, rw, rb)
-    assert _rel_err(fw, rw) <= 1e-5 and _rel_err(fb, rb) <= 1e-5
 
 
 @needs_triton
@@ -316,7 +148,7 @@ def test_linear_fisher_small_tiles_cover_every_tile(tb):
     (fw, fb), (rw, rb) = _fisher_pair(x, dy, with_bias=True)
     linear_fisher(x, dy, fw, fb, torch.tensor([41, 23], device=DEVICE), block_m=16, block_n=16, block_k=16)
     reference.linear_fisher_ref_(x, dy, rw, rb, torch.tensor([41, 23]))
-    assert _rel_err(fw, rw) <= 1e-5 and _rel_err(fb, rb) <= 1e-5
+    assert rel_err(fw, rw) <= FISHER_TOL[torch.float32] and rel_err(fb, rb) <= FISHER_TOL[torch.float32]
 
 
 @needs_triton
