@@ -421,9 +421,15 @@ class Recipe:
         from adtuning.speech import SpeechModel, build_dataset, build_task, build_upstream
 
         data_dir = args.data_dir
+        self.task_options = _task_options(args.task_option)
         if data_dir is None:
             data_dir = self._embedded_corpus() if dp is None else dp.staged(self._embedded_corpus)
-        dataset_options, task_options = split_task_options(args.task, _task_options(args.task_option))
+            # The embedded corpus's reader/head options (e.g. PR's lexicon, ASR's head size) under
+            # the ones given with --task-option; the delta records the result, so export rebuilds
+            # the same head.
+            self.task_options = {**embedded_corpus(args.task).resolved_task_options(data_dir), **self.task_options}
+            log.info("task options: %s", ", ".join(f"{k}={v!r}" for k, v in self.task_options.items()) or "none")
+        dataset_options, task_options = split_task_options(args.task, self.task_options)
         self.train_set = build_dataset(args.task, data_dir, "train", **dataset_options)
         self.dev_set = build_dataset(args.task, data_dir, "dev", **dataset_options)
         self.test_set = _optional_split(build_dataset, args.task, data_dir, dataset_options)
@@ -695,7 +701,7 @@ class Recipe:
         delta_dir = save_delta(
             self.out / "delta", self.problem.upstream_params, best.child, self.problem.head_params,
             {"base_model": args.upstream, "base_fingerprint": self.base_fingerprint, "base_dtype": "bfloat16" if args.bf16 else "float32",
-             "base_seed": args.seed, "task": args.task, "task_options": _task_options(args.task_option),
+             "base_seed": args.seed, "task": args.task, "task_options": self.task_options,
              "task_kwargs": _jsonable(getattr(self.train_set, "task_kwargs", {})), "metrics": self.final},
         )
         rung_steps = self.config.rung_steps()

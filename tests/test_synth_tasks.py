@@ -327,15 +327,16 @@ def test_cli_runs_the_embedded_corpus_end_to_end(task, tmp_path, monkeypatch, ca
     monkeypatch.setitem(EMBEDDED_CORPORA, task, dataclasses.replace(corpus, params=CLI_PARAMS[task]))
     folder = corpus.folder
     out, cache = tmp_path / "run", tmp_path / "cache"
-    # The registry's reader/head options, given explicitly too (an explicit --task-option wins over the
-    # registry's, so this holds whether or not the CLI applies the registry's task options itself).
-    options = [f"--task-option={k}={json.dumps(v)}" for k, v in corpus.resolved_task_options(cache / folder).items()]
+    # No --task-option: the CLI applies the registry's reader/head options (PR's lexicon, the ASR/SF
+    # head, SD's LSTM size) and the delta records them, so export rebuilds the same head.
     argv = ["--task", task, "--steps", "4", "--batch-size", "4", "--fisher-samples", "8", "--eval-interval", "2",
-            "--no-progress", "--log-level", "WARNING", "--output-dir", str(out), "--corpus-cache", str(cache), *options]
+            "--no-progress", "--log-level", "WARNING", "--output-dir", str(out), "--corpus-cache", str(cache)]
     assert train.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert "test" in summary["final"] and summary["primary_metric"] in summary["final"]["test"]
     assert (cache / folder / synth.MANIFEST_NAME).is_file()
+    recorded = json.loads((out / "delta" / "delta.json").read_text())["task_options"]
+    assert recorded == corpus.resolved_task_options(cache / folder)
 
 
 def test_every_task_has_an_embedded_corpus():
