@@ -2,9 +2,16 @@
 
 Usage, from the repository root::
 
-    python bench/mini_superb.py                      # every task, 2 seeds, low-resource sweep (~90 min, 2 idle cores)
+    python bench/mini_superb.py --jobs 2 --threads 1 # every task, 2 seeds, low-resource sweep (hours on 2 cores)
     python bench/mini_superb.py --quick              # 1 seed, a third of each task's steps, no sweep
     python bench/mini_superb.py --tasks ks,pr --seeds 0,1,2
+    python bench/mini_superb.py --collect-only       # table the runs made so far, start none
+
+Cost: per task and seed, 6T optimizer steps (AD-TUNING's 1.4T, the two culled candidates continued
+to T, both baselines, CHILD-TUNING_F) plus evaluations. With the embedded defaults (T = 300 for KS,
+IC and SD, 400 for PR, 500 for SID, 1200 for ASR and SF) that is about 50,000 steps for two seeds
+and the sweep: ASR and SF alone take ~50 minutes a run on one thread, so the whole study takes
+hours on 2 cores; ``--tasks`` selects, and runs are reused and resumed.
 
 For every task and seed it runs the CLI (``python -m adtuning.train``, ``--fused``, the task's
 embedded corpus and run defaults) twice:
