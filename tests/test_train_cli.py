@@ -12,7 +12,8 @@ from adtuning.export import load_finetuned, merge_delta
 from adtuning.export import main as export_main
 from adtuning.search import AdaptiveSearch
 
-SMALL = ["--steps", "6", "--candidates", "0.01,0.1", "--r", "0.5", "--fisher-samples", "12", "--batch-size", "8",
+# The reference backend explicitly: the runs of this module are compared with each other bitwise.
+SMALL = ["--backend", "reference", "--steps", "6", "--candidates", "0.01,0.1", "--r", "0.5", "--fisher-samples", "12", "--batch-size", "8",
          "--eval-interval", "3", "--checkpoint-interval", "2", "--no-progress", "--log-level", "WARNING"]
 
 
@@ -238,3 +239,22 @@ def test_unparseable_flag_values_exit_with_usage(capsys):
         train.main(["--candidates", "a,b"])
     assert info.value.code == 2
     assert "--candidates" in capsys.readouterr().err
+
+
+def test_the_default_backend_is_the_fused_one_when_it_loads(monkeypatch):
+    from types import SimpleNamespace
+
+    from adtuning.backend_contract import BackendUnavailableError
+
+    recipe = SimpleNamespace(args=SimpleNamespace(fused=False, backend=None), device=torch.device("cpu"))
+    name, why = train.Recipe._choose_backend(recipe)
+    assert name == "native" and "default" in why
+    recipe.args.backend = "reference"
+    assert train.Recipe._choose_backend(recipe) == ("reference", "asked for with --backend")
+
+    def unavailable(name, device=None):
+        raise BackendUnavailableError("no compiler")
+
+    monkeypatch.setattr(train, "get_backend", unavailable)
+    recipe.args.backend = None
+    assert train.Recipe._choose_backend(recipe) == ("reference", "the fused backend is not available")
