@@ -173,8 +173,11 @@ def write_checkpoint(directory: Path, meta: dict, tensors: Mapping[str, torch.Te
         save_file(dict(tensors), tmp)
         digest["sha256"] = file_sha256(tmp)
 
-    for name in (tensor_name, *CHECKPOINT_FILES):
-        remove_stale_temporaries(directory / name)  # left by a writer that was killed
+    # Temporaries left by a writer that was killed (its tensor file had another serial).
+    for name in CHECKPOINT_FILES:
+        remove_stale_temporaries(directory / name)
+    for tmp in directory.glob(".search-*.safetensors.*.tmp"):
+        tmp.unlink(missing_ok=True)
     atomic_write(directory / tensor_name, write_tensors)
     meta = {"version": CHECKPOINT_VERSION, "tensors": tensor_name, "tensors_sha256": digest["sha256"], **meta}
     # The newest becomes the previous generation (an atomic rename), then the new JSON goes in.
