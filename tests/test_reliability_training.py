@@ -15,40 +15,7 @@ from adtuning import atomic, search_checkpoint
 from adtuning.atomic import WriteError
 from adtuning.search import AdaptiveSearch, SearchConfig
 from adtuning.search_checkpoint import CHECKPOINT_FILES, CheckpointError, NonFiniteError
-from tests.test_search import ToyProblem, children_for, config, snapshot
-
-
-def reference_weights():
-    problem = ToyProblem()
-    AdaptiveSearch(problem, children_for(problem), config(), progress=False).run()
-    return snapshot(problem)
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupted_run(checkpoint_dir, stop_at=13):
-    """A search checkpointing every 2 steps, interrupted at its ``stop_at``-th training step."""
-
-    def bomb(kind, info, seen=[0]):
-        if kind == "train":
-            seen[0] += 1
-            if seen[0] == stop_at:
-                raise Interrupt
-
-    problem = ToyProblem()
-    with pytest.raises(Interrupt):
-        AdaptiveSearch(problem, children_for(problem), config(checkpoint_interval=2), checkpoint_dir=checkpoint_dir,
-                       progress=False, on_event=bomb).run()
-
-
-def resume(checkpoint_dir):
-    problem = ToyProblem()
-    search = AdaptiveSearch(problem, children_for(problem), config(checkpoint_interval=2), checkpoint_dir=checkpoint_dir, progress=False)
-    assert search.load_checkpoint()
-    search.run()
-    return snapshot(problem)
+from tests.test_search import ToyProblem, children_for, config, interrupted_run, reference_weights, resume, snapshot
 
 
 def newest_tensors(checkpoint_dir):

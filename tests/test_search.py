@@ -121,10 +121,15 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("stop_at", [3, 11, 27])
-def test_resume_after_interruption_gives_the_same_result(tmp_path, stop_at):
-    reference_problem = ToyProblem()
-    AdaptiveSearch(reference_problem, children_for(reference_problem), config(), progress=False).run()
+def reference_weights():
+    """The weights after an uninterrupted search with :func:`config`."""
+    problem = ToyProblem()
+    AdaptiveSearch(problem, children_for(problem), config(), progress=False).run()
+    return snapshot(problem)
+
+
+def interrupted_run(checkpoint_dir, stop_at=13):
+    """A search checkpointing every 2 steps, interrupted at its ``stop_at``-th training step."""
 
     def bomb(kind, info, seen=[0]):
         if kind == "train":
@@ -134,13 +139,24 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, stop_at):
 
     problem = ToyProblem()
     with pytest.raises(Interrupt):
-        AdaptiveSearch(problem, children_for(problem), config(checkpoint_interval=2), checkpoint_dir=tmp_path, progress=False, on_event=bomb).run()
-    resumed_problem = ToyProblem()
-    resumed = AdaptiveSearch(resumed_problem, children_for(resumed_problem), config(checkpoint_interval=2), checkpoint_dir=tmp_path, progress=False)
-    assert resumed.load_checkpoint()
-    resumed.run()
-    expected = snapshot(reference_problem)
-    for name, value in snapshot(resumed_problem).items():
+        AdaptiveSearch(problem, children_for(problem), config(checkpoint_interval=2), checkpoint_dir=checkpoint_dir,
+                       progress=False, on_event=bomb).run()
+
+
+def resume(checkpoint_dir):
+    """Resume the search in ``checkpoint_dir`` on a fresh problem, run it to the end; its weights."""
+    problem = ToyProblem()
+    search = AdaptiveSearch(problem, children_for(problem), config(checkpoint_interval=2), checkpoint_dir=checkpoint_dir, progress=False)
+    assert search.load_checkpoint()
+    search.run()
+    return snapshot(problem)
+
+
+@pytest.mark.parametrize("stop_at", [3, 11, 27])
+def test_resume_after_interruption_gives_the_same_result(tmp_path, stop_at):
+    expected = reference_weights()
+    interrupted_run(tmp_path, stop_at)
+    for name, value in resume(tmp_path).items():
         assert torch.equal(value, expected[name]), name
     assert len(list(tmp_path.glob("search-*.safetensors"))) == 2  # two checkpoint generations
 
