@@ -81,7 +81,8 @@ def weights_fingerprint(named_params: Mapping[str, torch.Tensor]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _count_nonfinite(tensor: torch.Tensor) -> int:
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """How many NaN/inf values ``tensor`` holds (0 for integer tensors): what every writer checks."""
     return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
 
 
@@ -122,7 +123,7 @@ def save_delta(
     for name, value in head_params.items():
         tensors[f"head.{name}"] = value.detach().cpu().contiguous()
     for key, tensor in tensors.items():
-        bad = _count_nonfinite(tensor)
+        bad = count_nonfinite(tensor)
         if bad:
             raise DeltaError(f"refusing to write {directory / TENSORS_FILE}: tensor {key} has {bad} NaN/inf values")
     blob = save_safetensors(tensors, metadata={"format": DELTA_FORMAT})
@@ -233,7 +234,7 @@ def read_delta_tensors(directory: str | os.PathLike, meta: Mapping[str, Any] | N
                 raise DeltaError(f"{path}: {key} has no matching indices tensor")
         else:
             raise DeltaError(f"{path}: unexpected tensor {key!r} (expected upstream.<name>.indices/.values or head.<name>)")
-        bad = _count_nonfinite(tensor)
+        bad = count_nonfinite(tensor)
         if bad:
             raise DeltaError(f"{path}: tensor {key} has {bad} NaN/inf values")
     if total != meta["k"]:

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adtuning.atomic import atomic_write, atomic_write_bytes, check_fields, remove_stale_temporaries
+from adtuning.checkpoint import count_nonfinite
 
 log = logging.getLogger("adtuning")
 
@@ -162,9 +163,10 @@ def write_checkpoint(directory: Path, meta: dict, tensors: Mapping[str, torch.Te
             disk stay usable.
     """
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = count_nonfinite(tensor)
+        if bad:
             raise NonFiniteError(f"refusing to write a checkpoint to {directory}: {key} holds "
-                                 f"{int((~torch.isfinite(tensor)).sum())} NaN/inf values (the previous checkpoint is kept)")
+                                 f"{bad} NaN/inf values (the previous checkpoint is kept)")
     directory.mkdir(parents=True, exist_ok=True)
     tensor_name = f"search-{int(time.time() * 1e6)}.safetensors"
     digest: dict[str, str] = {}
