@@ -65,7 +65,16 @@ def disabled() -> bool:
 
 def source_files() -> list[Path]:
     """The C++ sources and headers of the native ops, as shipped in ``adtuning.csrc``."""
-    root = Path(str(importlib.resources.files("adtuning.csrc")))
+    try:
+        root = Path(str(importlib.resources.files("adtuning.csrc")))
+    except ModuleNotFoundError as exc:
+        # setup.py maps csrc/ to adtuning.csrc: a checkout that pip did not install (or an
+        # editable install whose checkout moved) has the package but not its C++ sources.
+        raise BackendUnavailableError(
+            f"native backend: the C++ sources (package adtuning.csrc) cannot be found ({exc}); "
+            f"adtuning is imported from {Path(__file__).parent} but is not installed from there: "
+            f"run `pip install -e {Path(__file__).parents[1]}`"
+        ) from exc
     files = sorted(p for p in root.iterdir() if p.suffix in (".cpp", ".h"))
     if not any(p.suffix == ".cpp" for p in files):
         raise BackendUnavailableError(f"native backend: no C++ sources found in {root}")

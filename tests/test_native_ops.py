@@ -150,6 +150,17 @@ def test_disable_env_raises_and_reference_still_works(monkeypatch):
     assert get_backend("reference").name == "reference"
 
 
+def test_missing_sources_package_names_the_fix(monkeypatch):
+    """A source tree pip did not install (no adtuning.csrc) gets an error saying to install it."""
+
+    def missing(package):
+        raise ModuleNotFoundError(f"No module named {package!r}")
+
+    monkeypatch.setattr(native.importlib.resources, "files", missing)
+    with pytest.raises(BackendUnavailableError, match=r"adtuning\.csrc.*pip install -e"):
+        native.source_files()
+
+
 def test_failed_build_names_compiler_output(tmp_path):
     """A compile error becomes BackendUnavailableError carrying the compiler's message."""
     source = tmp_path / "broken.cpp"
