@@ -110,8 +110,8 @@ def cli_command(task: str, out: Path, seed: int, steps: int, extra: list[str], a
     return cmd
 
 
-def run(cmd: list[str], out: Path, log: list[dict]) -> dict:
-    """Run (or reuse, or resume) one CLI run; return its summary.
+def run(cmd: list[str], out: Path, log: list[dict]) -> dict | None:
+    """Run (or reuse, or resume) one CLI run; return its summary (None if the run failed).
 
     The run's stdout and stderr go to ``out/run.log`` (appended, so a resumed run keeps both
     parts), which holds the CLI's printout of the search.
@@ -129,8 +129,12 @@ def run(cmd: list[str], out: Path, log: list[dict]) -> dict:
             proc = subprocess.run(full, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
         entry["wall_seconds"] = time.perf_counter() - start
         if proc.returncode != 0:
-            raise SystemExit(f"mini_superb: the run in {out} failed with exit status {proc.returncode} "
-                             f"(its output: {out / 'run.log'}): {shlex.join(full)}")
+            # One failed run must not cost the others (or the results of those that finished).
+            print(f"mini_superb: the run in {out} failed with exit status {proc.returncode} "
+                  f"(its output: {out / 'run.log'}): {shlex.join(full)}", flush=True)
+            entry["failed"] = proc.returncode
+            log.append(entry)
+            return None
         print(f"mini_superb: done in {entry['wall_seconds']:.0f} s: {out}", flush=True)
     result = json.loads(summary.read_text())
     # When and how long the run itself ran (a reused run ran before this invocation).
@@ -272,7 +276,10 @@ def markdown(result: dict) -> str:
                   "lists only the seeds whose AD-TUNING run exists (see 'AD picks'):", ""]
         lines += [f"    {path}" for path in result["missing_runs"]]
     lines += ["", "Runs (date and wall time of each run; the 1-min load above is at this invocation's start):", ""]
-    lines += [f"    {r['command']}  # {r['run_date']}, {r['run_wall_seconds']:.0f} s" for r in result["runs"]]
+    lines += [f"    {r['command']}  # {r['run_date']}, {r['run_wall_seconds']:.0f} s" for r in result["runs"] if not r.get("failed")]
+    if result.get("failed_runs"):
+        lines += ["", "Runs that failed (exit status; their output is run.log in the run's folder):", ""]
+        lines += [f"    {r['command']}  # exit status {r['failed']}" for r in result["runs"] if r.get("failed")]
     return "\n".join(lines) + "\n"
 
 
@@ -360,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             futures = {key: pool.submit(run, jobs[key][0], jobs[key][1], result["runs"]) for key in order}
             summaries = {key: future.result() for key, future in futures.items()}
     result["missing_runs"] = sorted(str(jobs[key][1]) for key in order if summaries[key] is None)
+    result["failed_runs"] = sorted(entry["output_dir"] for entry in result["runs"] if entry.get("failed"))
     for task in tasks:
         per_seed = {}
         for seed in seeds:
@@ -392,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, path)
     print(markdown(result))
     print(f"mini_superb: wrote {stem}.json and {stem}.md")
+    if result["failed_runs"]:
+        print(f"mini_superb: {len(result['failed_runs'])} run(s) failed (see their run.log): "
+              + ", ".join(result["failed_runs"]), file=sys.stderr)
+        return 1
     return 0
 
 
