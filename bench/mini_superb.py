@@ -343,8 +343,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                 ["--measure-regret", "--baselines", "head-only,full"], args),
                                                     out, 5 * steps)
     # Runs already started first (finish what is paid for); then whole short tasks (T <= 500:
-    # both runs of every seed), the sweep, and the long tasks last, longest first: a study stopped
-    # early has as many complete tasks as possible, and --collect-only tables what exists.
+    # both runs of every seed), the sweep, and the long tasks last: those with runs already made
+    # first, then longest first. A study stopped early has as many complete tasks as possible,
+    # and --collect-only tables what exists.
+    begun = {task for (task, _, _), (_, out, _) in jobs.items() if (out / "config.json").is_file()}
+
     def priority(key):
         task, seed, kind = key
         out, cost = jobs[key][1], jobs[key][2]
@@ -355,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             return (2, cost, task, seed, kind)
         if steps <= 500:
             return (1, steps, task, seed, kind)
-        return (3, -cost, task, seed, kind)
+        return (3, task not in begun, -cost, task, seed, kind)
 
     order = sorted(jobs, key=priority)
     if args.collect_only:
