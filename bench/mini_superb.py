@@ -241,7 +241,8 @@ def markdown(result: dict) -> str:
     for row in ROWS:
         params = next((result["tasks"][t]["summary"]["rows"][row]["trainable_upstream"] for t in tasks
                        if result["tasks"][t]["summary"]["rows"][row]["trainable_upstream"] is not None), None)
-        params = "-" if params is None else f"{params:,}"
+        # AD-TUNING trains its pick's child, which differs across tasks and seeds (see "AD picks").
+        params = "-" if params is None else ("the pick's" if row == "AD-TUNING" else f"{params:,}")
         cells = [_fmt(result["tasks"][t]["summary"]["rows"][row][result["tasks"][t]["summary"]["split"]]) for t in tasks]
         lines.append(f"| {row} | {params} | " + " | ".join(cells) + " |")
     lines += ["", "Per task: AD-TUNING's picks, its regret against the best CHILD-TUNING_D row (positive: worse), "
