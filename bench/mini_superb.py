@@ -31,8 +31,9 @@ training time only), so rows of one run share a step cost; say so when comparing
 regret is the best CHILD-TUNING_D row minus AD-TUNING's pick (positive: the pick is worse; dev and
 test, per seed, from ``summary.json``).
 
-The low-resource sweep (not with ``--quick``) repeats run 1 on one task (``--low-resource-task``,
-default pr) with ``--max-train-hours`` at several sizes, to see whether smaller training sets
+The low-resource sweep (not with ``--quick``) repeats run 1 (without the baselines) on one task
+(``--low-resource-task``, default pr) for every seed with ``--max-train-hours`` at several sizes
+(``--hours``; the study's own run is the full-size point), to see whether smaller training sets
 prefer smaller P (the paper's Fig. 5).
 
 Results: ``bench/results/<date>-mini-superb.json`` (environment, commands, every run's figures)
@@ -220,6 +221,26 @@ def aggregate(per_seed: dict[int, dict[str, dict]], higher: bool) -> dict:
             "ad_picks": {str(s): per_seed[s]["AD-TUNING"]["p"] for s in sorted(per_seed)}}
 
 
+def low_resource(summaries: dict, task: str, seeds: list[int], hours: list[str]) -> dict | None:
+    """The --max-train-hours sweep: per training-set size, each candidate's metric at T (mean +-
+    spread over the seeds whose run of that size exists), the best P by that mean, and the picks."""
+    sizes, metric = {}, None
+    for size in hours + ["full"]:
+        made = {seed: summaries.get((task, seed, "adtuning" if size == "full" else f"hours-{size}")) for seed in seeds}
+        made = {seed: s for seed, s in made.items() if s is not None}
+        if not made:
+            continue
+        first = next(iter(made.values()))
+        metric, higher = first["primary_metric"], first["higher_is_better"]
+        split = "final_test" if all(c["final_test"] for s in made.values() for c in s["candidates"]) else "final_dev"
+        per_p = {f"{c['p']:g}": _stats([next(x for x in s["candidates"] if x["p"] == c["p"])[split][metric]
+                                        for s in made.values()]) for c in first["candidates"]}
+        best = (max if higher else min)(per_p, key=lambda p: per_p[p]["mean"])
+        sizes[size] = {"per_p": per_p, "best_p": float(best), "seeds": sorted(made), "split": split,
+                       "ad_picks": {str(seed): s["chosen_p"] for seed, s in made.items()}}
+    return {"task": task, "seeds": seeds, "metric": metric, "sizes": sizes} if sizes else None
+
+
 def _fmt(stat: dict, digits: int = 3) -> str:
     if stat["mean"] is None:
         return "-"
@@ -266,12 +287,16 @@ def markdown(result: dict) -> str:
                                              f"{rows[r]['steps']} / {_fmt(rows[r]['seconds'], 0)} s" for r in ROWS) + " |")
     if result.get("low_resource"):
         lr = result["low_resource"]
-        lines += ["", f"Low-resource sweep on {lr['task']} (seed {lr['seed']}, --max-train-hours; test "
-                  f"{lr['metric']} of each CHILD-TUNING_D row trained to T, and AD-TUNING's pick):", "",
-                  "| hours | " + " | ".join(f"P={p:g}" for p in CANDIDATES) + " | best P | AD pick |", "|" + "---|" * (len(CANDIDATES) + 3)]
+        lines += ["", f"Low-resource sweep on {lr['task']} (--max-train-hours; {lr['metric']} of each "
+                  "CHILD-TUNING_D row trained to T, mean ± half the range over the seeds listed, the best P by "
+                  "that mean, and AD-TUNING's pick per seed):", "",
+                  "| hours | seeds | " + " | ".join(f"P={p:g}" for p in CANDIDATES) + " | best P | AD picks |",
+                  "|" + "---|" * (len(CANDIDATES) + 4)]
         for hours, entry in lr["sizes"].items():
-            lines.append(f"| {hours} | " + " | ".join(f"{entry['per_p'][f'{p:g}']:.3f}" for p in CANDIDATES)
-                         + f" | {entry['best_p']:g} | {entry['ad_pick']:g} |")
+            split = entry["split"].removeprefix("final_")
+            lines.append(f"| {hours} | {', '.join(map(str, entry['seeds']))} ({split}) | "
+                         + " | ".join(_fmt(entry["per_p"][f"{p:g}"]) for p in CANDIDATES)
+                         + f" | {entry['best_p']:g} | {', '.join(f'{p:g}' for p in entry['ad_picks'].values())} |")
     if result.get("missing_runs"):
         lines += ["", f"Runs not made (yet): {len(result['missing_runs'])}; their rows are '-' or 'not run', and a task "
                   "lists only the seeds whose AD-TUNING run exists (see 'AD picks'):", ""]
@@ -292,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed, a third of each task's steps, no low-resource sweep")
     parser.add_argument("--p-f", type=float, default=0.1, help="P_F of the CHILD-TUNING_F row")
     parser.add_argument("--low-resource-task", default="pr", help="task of the --max-train-hours sweep ('' to skip)")
-    parser.add_argument("--hours", default="0.05,0.1,0.2", help="training-set sizes of the sweep, in hours (the full set is added)")
+    parser.add_argument("--hours", default="0.025,0.05,0.1,0.2", help="training-set sizes of the sweep, in hours (the full set is added)")
     parser.add_argument("--threads", type=int, default=None, help="--threads of every run (default: the CLI's)")
     parser.add_argument("--corpus-cache", type=Path, default=None, help="--corpus-cache of every run (default: the CLI's)")
     parser.add_argument("--work", type=Path, default=None, help="run folders (default: mini-superb-runs beside the corpus cache)")
@@ -331,16 +356,16 @@ def main(argv: list[str] | None = None) -> int:
                                        base / "child-tuning-f", steps)
     sweep_task = args.low_resource_task if not args.quick else ""
     sweep_hours = [h for h in args.hours.split(",") if h] if sweep_task else []
-    for hours in sweep_hours:
+    for seed in seeds if sweep_task else []:
         steps = task_steps(sweep_task, False)
-        out = args.work / mode / f"low-resource-{sweep_task}" / f"hours-{hours}"
-        jobs[(sweep_task, seeds[0], f"hours-{hours}")] = (
-            cli_command(sweep_task, out, seeds[0], steps, ["--measure-regret", "--max-train-hours", hours], args), out, 3 * steps)
-    if sweep_task and (sweep_task, seeds[0], "adtuning") not in jobs:
-        # The full-size point of the sweep is the study's run of that task (all candidates trained to T).
-        steps = task_steps(sweep_task, False)
-        out = args.work / mode / sweep_task / f"seed{seeds[0]}" / "adtuning"
-        jobs[(sweep_task, seeds[0], "adtuning")] = (cli_command(sweep_task, out, seeds[0], steps,
+        for hours in sweep_hours:
+            out = args.work / mode / f"low-resource-{sweep_task}" / f"seed{seed}" / f"hours-{hours}"
+            jobs[(sweep_task, seed, f"hours-{hours}")] = (
+                cli_command(sweep_task, out, seed, steps, ["--measure-regret", "--max-train-hours", hours], args), out, 3 * steps)
+        if (sweep_task, seed, "adtuning") not in jobs:
+            # The full-size point of the sweep is the study's run of that task (all candidates trained to T).
+            out = args.work / mode / sweep_task / f"seed{seed}" / "adtuning"
+            jobs[(sweep_task, seed, "adtuning")] = (cli_command(sweep_task, out, seed, steps,
                                                                 ["--measure-regret", "--baselines", "head-only,full"], args),
                                                     out, 5 * steps)
     # Runs already started first (finish what is paid for); then whole short tasks (T <= 500:
@@ -383,17 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         if per_seed:
             result["tasks"][task] = {"metric": metric, "higher_is_better": higher, "steps": task_steps(task, args.quick),
                                      "seeds": sorted(per_seed), "summary": aggregate(per_seed, higher)}
-    if sweep_task and all(summaries.get((sweep_task, seeds[0], k)) is not None
-                          for k in ["adtuning"] + [f"hours-{h}" for h in sweep_hours]):
-        sizes = {}
-        for hours in sweep_hours + ["full"]:
-            s = summaries[(sweep_task, seeds[0], "adtuning" if hours == "full" else f"hours-{hours}")]
-            metric, higher = s["primary_metric"], s["higher_is_better"]
-            split = "final_test" if all(c["final_test"] for c in s["candidates"]) else "final_dev"
-            per_p = {f"{c['p']:g}": c[split][metric] for c in s["candidates"]}
-            best = (max if higher else min)(s["candidates"], key=lambda c: c[split][metric])["p"]
-            sizes[hours] = {"per_p": per_p, "best_p": best, "ad_pick": s["chosen_p"], "split": split}
-        result["low_resource"] = {"task": sweep_task, "seed": seeds[0], "metric": metric, "sizes": sizes}
+    if sweep_task:
+        result["low_resource"] = low_resource(summaries, sweep_task, seeds, sweep_hours)
     result["runs"].sort(key=lambda r: r["output_dir"])
     result["wall_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
