@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from adtuning.atomic import atomic_write, atomic_write_bytes, check_fields, remove_stale_temporaries
+from adtuning.atomic import atomic_write, atomic_write_bytes, check_fields, read_json_object, remove_stale_temporaries
 from adtuning.checkpoint import count_nonfinite
 
 log = logging.getLogger("adtuning")
@@ -213,9 +213,9 @@ def read_checkpoint(directory: Path, world_size: int) -> tuple[Path, dict, dict[
             continue
         try:
             meta, tensors = _read_generation(meta_path, world_size)
-        except _DamagedCheckpoint as damage:
-            log.warning("checkpoint %s is unusable: %s", meta_path, damage)
-            problems.append(f"{meta_path}: {damage}")
+        except _DamagedCheckpoint as damage:  # its message names the file
+            log.warning("unusable checkpoint: %s", damage)
+            problems.append(str(damage))
             continue
         if meta_path.name != CHECKPOINT_FILES[0]:
             reason = "; ".join(problems) or f"{CHECKPOINT_FILES[0]} was not written (the job stopped while replacing it)"
@@ -228,20 +228,16 @@ def read_checkpoint(directory: Path, world_size: int) -> tuple[Path, dict, dict[
 
 
 def _read_generation(meta_path: Path, world_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """One generation's JSON and tensors, checked; :class:`_DamagedCheckpoint` if torn or corrupt."""
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _DamagedCheckpoint(f"not readable JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise _DamagedCheckpoint("not a search checkpoint (not a JSON object)")
+    """One generation's JSON and tensors, checked; :class:`_DamagedCheckpoint` (naming
+    ``meta_path``) if torn or corrupt."""
+    meta = read_json_object(meta_path, _DamagedCheckpoint)
     if "version" in meta and meta["version"] not in READABLE_VERSIONS:
         raise ValueError(f"{meta_path}: unsupported checkpoint version {meta['version']!r:.40}")
-    check_fields(meta, _CHECKPOINT_FIELDS, "the JSON", _DamagedCheckpoint)
+    check_fields(meta, _CHECKPOINT_FIELDS, str(meta_path), _DamagedCheckpoint)
     for rec in meta["candidates"] + meta.get("baselines", []):
         if not isinstance(rec, dict):
-            raise _DamagedCheckpoint("a candidate record is not a JSON object")
-        check_fields(rec, _RECORD_FIELDS, f"candidate record {rec.get('index')!r}", _DamagedCheckpoint)
+            raise _DamagedCheckpoint(f"{meta_path}: a candidate record is not a JSON object")
+        check_fields(rec, _RECORD_FIELDS, f"{meta_path}: candidate record {rec.get('index')!r}", _DamagedCheckpoint)
     saved_world = int(meta.get("world_size", 1))
     if saved_world != world_size:
         raise ValueError(f"{meta_path}: the run was checkpointed by {saved_world} process(es) and this job has "
@@ -249,14 +245,14 @@ def _read_generation(meta_path: Path, world_size: int) -> tuple[dict, dict[str, 
                          f"{saved_world}): each rank's data shard and random stream depend on it")
     tensor_path = meta_path.parent / Path(meta["tensors"]).name
     if not tensor_path.is_file():
-        raise _DamagedCheckpoint(f"names {tensor_path.name}, which is missing")
+        raise _DamagedCheckpoint(f"{meta_path} names {tensor_path.name}, which is missing")
     expected = meta.get("tensors_sha256")
     if expected is not None and file_sha256(tensor_path) != expected:
-        raise _DamagedCheckpoint(f"{tensor_path.name} does not match its checksum (torn or corrupt)")
+        raise _DamagedCheckpoint(f"{meta_path}: {tensor_path.name} does not match its checksum (torn or corrupt)")
     try:
         tensors = load_file(str(tensor_path))
     except Exception as err:  # safetensors raises its own error types for a corrupt header
-        raise _DamagedCheckpoint(f"{tensor_path.name} is not a readable safetensors file ({err})") from None
+        raise _DamagedCheckpoint(f"{meta_path}: {tensor_path.name} is not a readable safetensors file ({err})") from None
     return meta, tensors
 
 
