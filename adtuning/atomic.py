@@ -147,8 +147,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def remove_stale_temporaries(path: str | os.PathLike) -> int:
     """Delete temporaries of ``path`` left by a writer that was killed; returns how many.
 
-    Only for targets with a single writer (a run's own output folder): a concurrent writer's
-    temporary would be removed too.
+    ``path``'s name may be a glob pattern (``search-*.safetensors``), for targets whose names
+    change from write to write. Only for targets with a single writer (a run's own output
+    folder): a concurrent writer's temporary would be removed too.
     """
     path = Path(path)
     removed = 0

@@ -176,10 +176,8 @@ def write_checkpoint(directory: Path, meta: dict, tensors: Mapping[str, torch.Te
         digest["sha256"] = file_sha256(tmp)
 
     # Temporaries left by a writer that was killed (its tensor file had another serial).
-    for name in CHECKPOINT_FILES:
+    for name in (*CHECKPOINT_FILES, "search-*.safetensors"):
         remove_stale_temporaries(directory / name)
-    for tmp in directory.glob(".search-*.safetensors.*.tmp"):
-        tmp.unlink(missing_ok=True)
     atomic_write(directory / tensor_name, write_tensors)
     meta = {"version": CHECKPOINT_VERSION, "tensors": tensor_name, "tensors_sha256": digest["sha256"], **meta}
     # The newest becomes the previous generation (an atomic rename), then the new JSON goes in.
