@@ -9,7 +9,7 @@ crosses the wire:
   then selects the child networks and :meth:`DataParallel.broadcast_children` hands its index
   sets to every rank, so all ranks train bit-identical children by construction.
 * **Training** — :class:`GradientReducer`: the optimizer's compact child gradients (bound as
-  views of one flat fp32 buffer, see :meth:`adtuning.optim.SparseAdamW.bind_compact_grad_storage`),
+  views of one flat fp32 buffer, see :meth:`adtuning.compact_grad.CompactGradStore.bind`),
   the dense head gradients (bound as views of the same buffer) and one entry for the step's
   loss: ``4 * (k + head + 1)`` bytes, all-reduced once per optimizer step, after the last
   micro-batch. Clipping and the SparseAdamW step then run on the reduced gradients on every
@@ -296,13 +296,14 @@ class GradientReducer:
     """One flat fp32 buffer for one optimizer: compact child gradients, dense head gradients and
     the step's loss, all-reduced (summed) once per optimizer step.
 
-    Layout: ``[compact gradients of optimizer.sparse_parameters() | dense parameters, in the
+    Layout: ``[compact gradients of optimizer.grad_store.parameters() | dense parameters, in the
     given order | loss]`` — ``k + head + 1`` entries, ``4 * (k + head + 1)`` bytes per step: the
     one extra entry carries the step's loss so that every rank logs the global loss without a
     second collective; there is no other padding.
 
-    The optimizer writes its compact gradients straight into the buffer (the gather hook and the
-    sparse weight-gradient path of :mod:`adtuning.sparse_grad` both write into the bound views),
+    The optimizer's :class:`~adtuning.compact_grad.CompactGradStore` keeps its compact gradients
+    straight in the buffer (its gather hooks and the sparse weight-gradient path of
+    :mod:`adtuning.sparse_grad` both write into the bound views),
     and the head gradients are views of it (``param.grad`` is set to its view before backward;
     autograd accumulates into an existing gradient in place). So the all-reduce runs on the
     very buffers clipping and the update read, with no copy in either direction.
@@ -316,24 +317,25 @@ class GradientReducer:
 
     Args:
         dp: the process group.
-        optimizer: the :class:`~adtuning.optim.SparseAdamW` of the active candidate.
+        optimizer: the :class:`~adtuning.optim.SparseAdamW` of the active candidate (only its
+            ``grad_store`` is used).
         dense_params: the parameters of its dense groups (heads, layer weights), fp32.
     """
 
     def __init__(self, dp: DataParallel, optimizer: "SparseAdamW", dense_params: Sequence[torch.nn.Parameter]):
         self.dp = dp
-        self.optimizer = optimizer
-        params = optimizer.sparse_parameters()
+        self.store = optimizer.grad_store
+        params = self.store.parameters()
         device = params[0].device if params else (dense_params[0].device if dense_params else dp.device)
         for p in dense_params:
             if p.dtype != torch.float32:
                 raise ValueError(f"GradientReducer: dense parameters must be float32 (gradients live in one fp32 buffer), got {p.dtype}")
             if p.device != device:
                 raise ValueError(f"GradientReducer: dense parameter on {p.device}, the child parameters on {device}")
-        self.k = optimizer.compact_grad_numel()
+        self.k = self.store.numel()
         self.head_entries = sum(p.numel() for p in dense_params)
         self.flat = torch.zeros(self.k + self.head_entries + 1, dtype=torch.float32, device=device)
-        optimizer.bind_compact_grad_storage(self.flat[: self.k])
+        self.store.bind(self.flat[: self.k])
         self._dense: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         offset = self.k
         for p in dense_params:
@@ -359,7 +361,7 @@ class GradientReducer:
     def reduce(self, loss: float) -> float:
         """Sum the step's gradients and ``loss`` (this rank's share) over the ranks, in place;
         returns the global loss. Call once per optimizer step, after the last micro-batch."""
-        self.optimizer.fill_missing_compact_grads()
+        self.store.fill_missing()
         for p, view in self._dense:
             if p.grad is None:
                 p.grad = view.zero_()
@@ -376,7 +378,7 @@ class GradientReducer:
 
     def release(self) -> None:
         """Detach the buffer from the optimizer and the parameters."""
-        self.optimizer.release_compact_grad_storage()
+        self.store.release()
         for p, view in self._dense:
             if p.grad is view:
                 p.grad = None

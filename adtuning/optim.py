@@ -5,9 +5,10 @@ Two kinds of parameter group share one optimizer:
 * **sparse groups** — ``{"named_params": ..., "child": ChildNetwork, <hyper-parameters>}``.
   For every tensor with child entries the optimizer keeps ``exp_avg`` and ``exp_avg_sq``
   (fp32, length k_t) and, for bf16/fp16 weights, an fp32 master copy of the child entries.
-  A post-accumulate-grad hook gathers ``grad[indices]`` into a compact fp32 buffer and frees
-  the dense gradient at once; micro-batch accumulation adds into the compact buffer. Tensors
-  of the group without child entries get ``requires_grad=False``.
+  Their gradients live in a :class:`~adtuning.compact_grad.CompactGradStore`
+  (``optimizer.grad_store``): a post-accumulate-grad hook gathers ``grad[indices]`` into a
+  compact fp32 buffer and frees the dense gradient at once; micro-batch accumulation adds into
+  the compact buffer. Tensors of the group without child entries get ``requires_grad=False``.
 * **dense groups** — ordinary ``{"params": [...]}`` (heads, the layer-weighted sum), updated
   exactly like ``torch.optim.AdamW``.
 
@@ -17,13 +18,14 @@ the vector of those entries alone; every other entry stays bit-identical.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from adtuning.backends import get_backend, resolve_backend_name
 from adtuning.child import ChildNetwork
+from adtuning.compact_grad import CompactGradStore
 from adtuning.reference.adamw import adamw_update_
 
 _HYPER = ("lr", "betas", "eps", "weight_decay")
@@ -42,6 +44,12 @@ class SparseAdamW(torch.optim.Optimizer):
         backend: ``"reference"``, ``"native"``, ``"triton"`` or ``"fused"`` (resolved for the
             device of the first sparse parameter). Applies to the gradient gather and the
             sparse update; dense groups always use the PyTorch update.
+
+    Attributes:
+        grad_store: the :class:`~adtuning.compact_grad.CompactGradStore` of the sparse
+            parameters' compact gradients (its gather hooks use this backend); the sparse
+            weight-gradient path and the data-parallel reducer write and bind its buffers.
+        backend_name, backend: the resolved backend.
 
     Example::
 
@@ -71,179 +79,34 @@ class SparseAdamW(torch.optim.Optimizer):
         if weight_decay < 0:
             raise ValueError(f"SparseAdamW: invalid weight_decay {weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        self._indices: dict[torch.Tensor, torch.Tensor] = {}
-        self._compact_grads: dict[torch.Tensor, torch.Tensor | None] = {}
-        # With bound storage (bind_compact_grad_storage), each sparse parameter's compact
-        # gradient lives at a fixed view of one caller-owned flat buffer.
-        self._grad_views: dict[torch.Tensor, torch.Tensor] = {}
-        self._hooks = []
-        groups = [self._prepare_group(g) for g in _as_groups(params)]
+        child_indices: list[tuple[torch.Tensor, torch.Tensor]] = []
+        groups = [_prepare_group(g, child_indices) for g in _as_groups(params)]
         super().__init__(groups, defaults)
 
-        sparse_params = [p for g in self.param_groups if g["sparse"] for p in g["params"]]
+        sparse_params = self.sparse_parameters()
         device = sparse_params[0].device if sparse_params else torch.device("cpu")
         self.backend_name = resolve_backend_name(backend, device)
         self.backend = get_backend(self.backend_name, device)
-        for p in sparse_params:
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_hook))
-
-    # ---- construction -----------------------------------------------------------------
-
-    def _prepare_group(self, group: dict) -> dict:
-        if "child" not in group:
-            if "named_params" in group:
-                raise ValueError("SparseAdamW: a group with 'named_params' needs a 'child' ChildNetwork")
-            params = list(group["params"])
-            out = {k: v for k, v in group.items() if k != "params"}
-            out.update(params=params, sparse=False, child_names=[])
-            return out
-        child = group["child"]
-        if not isinstance(child, ChildNetwork):
-            raise TypeError(f"SparseAdamW: 'child' must be a ChildNetwork, got {type(child).__name__}")
-        named = dict(group["named_params"])
-        child.check_against(named, where="the group's named_params")
-        params, names = [], []
-        for name, param in named.items():
-            idx = child.indices.get(name)
-            if idx is None:
-                # No child entries: autograd need not compute this weight gradient at all.
-                param.requires_grad_(False)
-                continue
-            if not param.is_contiguous():
-                raise ValueError(f"SparseAdamW: parameter {name!r} must be contiguous")
-            if not param.requires_grad:
-                param.requires_grad_(True)
-            self._indices[param] = idx.to(param.device)
-            self._compact_grads[param] = None
-            params.append(param)
-            names.append(name)
-        out = {k: v for k, v in group.items() if k not in ("named_params", "child", "params")}
-        out.update(params=params, sparse=True, child_names=names)
-        return out
+        self.grad_store = CompactGradStore(child_indices, gather=self.backend.gather)
 
     # ---- gradients ----------------------------------------------------------------------
 
-    def _gather_hook(self, param: torch.Tensor) -> None:
-        grad = param.grad
-        if grad is None:
-            return
-        buffer = self._compact_grads.get(param)
-        idx = self._indices[param]
-        if buffer is None:
-            view = self._grad_views.get(param)
-            if view is None:
-                self._compact_grads[param] = self.backend.gather(grad, idx)
-            else:
-                self._compact_grads[param] = self.backend.gather(grad, idx, out=view, accumulate=False)
-        else:
-            self.backend.gather(grad, idx, out=buffer, accumulate=True)
-        param.grad = None  # the dense gradient is dead weight from here on
-
-    def compact_grad_target(self, param: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """The compact fp32 gradient buffer of a sparse parameter, for an op that writes the
-        child entries of its gradient straight into it (the sparse Linear weight gradient of
-        :mod:`adtuning.sparse_grad`), and whether that op must add onto it.
-
-        The first write of a step gets a fresh, uninitialised buffer and ``False``; later
-        writes (micro-batches, a layer called twice, a buffer kept by
-        ``zero_grad(set_to_none=False)``) get the same buffer and ``True``.
-
-        Raises:
-            KeyError: ``param`` is not a sparse parameter of this optimizer.
-        """
-        buffer = self._compact_grads[param]
-        if buffer is not None:
-            return buffer, True
-        buffer = self._grad_views.get(param)
-        if buffer is None:
-            buffer = torch.empty(self._indices[param].numel(), dtype=torch.float32, device=param.device)
-        self._compact_grads[param] = buffer
-        return buffer, False
-
-    def compact_grad_numel(self) -> int:
-        """Total child entries of the sparse parameters (the length of their compact gradients)."""
-        return sum(self._indices[p].numel() for p in self.sparse_parameters())
-
-    def bind_compact_grad_storage(self, storage: torch.Tensor) -> None:
-        """Keep the compact gradients in ``storage`` from now on: one flat fp32 buffer of
-        :meth:`compact_grad_numel` entries on the parameters' device, holding the compact
-        gradient of every sparse parameter (in :meth:`sparse_parameters` order) at a fixed
-        offset. A collective can then reduce all child gradients in place, in one call.
-
-        The semantics are unchanged: a parameter without a gradient this step still reports
-        ``None`` from :meth:`compact_grad` (its view is merely not written);
-        ``zero_grad(set_to_none=True)`` forgets which views hold a gradient, ``False`` zeroes
-        them. Gradients already accumulated are moved into the storage.
-
-        Raises:
-            ValueError: ``storage`` has the wrong size, dtype, device or layout.
-        """
-        params = self.sparse_parameters()
-        total = self.compact_grad_numel()
-        if storage.dim() != 1 or storage.numel() != total or storage.dtype != torch.float32 or not storage.is_contiguous():
-            raise ValueError(f"SparseAdamW.bind_compact_grad_storage: need a contiguous 1-D float32 tensor of {total} "
-                             f"entries, got {tuple(storage.shape)} {storage.dtype}")
-        if params and storage.device != params[0].device:
-            raise ValueError(f"SparseAdamW.bind_compact_grad_storage: storage is on {storage.device}, "
-                             f"the parameters on {params[0].device}")
-        views, offset = {}, 0
-        for p in params:
-            n = self._indices[p].numel()
-            views[p] = storage[offset:offset + n]
-            offset += n
-        for p, view in views.items():
-            current = self._compact_grads.get(p)
-            if current is not None and current is not view:
-                view.copy_(current)
-                self._compact_grads[p] = view
-        self._grad_views = views
-
-    def release_compact_grad_storage(self) -> None:
-        """Stop using the storage of :meth:`bind_compact_grad_storage` (gradients held there are
-        copied out, so nothing refers to the caller's buffer afterwards)."""
-        for p, view in self._grad_views.items():
-            if self._compact_grads.get(p) is view:
-                self._compact_grads[p] = view.clone()
-        self._grad_views = {}
-
-    def fill_missing_compact_grads(self) -> None:
-        """Give every sparse parameter without a compact gradient this step a zero one (in its
-        bound view when storage is bound): after a data-parallel reduction every rank holds
-        the same gradients, including for parameters another rank had no gradient for."""
-        for p in self.sparse_parameters():
-            if self._compact_grads[p] is None:
-                view = self._grad_views.get(p)
-                if view is None:
-                    view = torch.empty(self._indices[p].numel(), dtype=torch.float32, device=p.device)
-                self._compact_grads[p] = view.zero_()
-
     def sparse_parameters(self) -> list[torch.Tensor]:
-        """The parameters of the sparse groups that have child entries (in group order)."""
+        """The parameters of the sparse groups that have child entries (in group order; the
+        order of :attr:`grad_store`)."""
         return [p for g in self.param_groups if g["sparse"] for p in g["params"]]
 
-    def compact_grad(self, param: torch.Tensor) -> torch.Tensor | None:
-        """The accumulated compact fp32 gradient of a sparse parameter (``None`` if none yet)."""
-        return self._compact_grads[param]
-
-    def indices(self, param: torch.Tensor) -> torch.Tensor:
-        """The child indices of a sparse parameter (on its device)."""
-        return self._indices[param]
-
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear compact buffers of sparse groups and gradients of dense groups."""
-        for param, buffer in self._compact_grads.items():
-            if buffer is not None:
-                if set_to_none:
-                    self._compact_grads[param] = None
-                else:
-                    buffer.zero_()
+        """Clear the compact gradients of sparse groups (:meth:`CompactGradStore.zero`) and the
+        gradients of dense groups."""
+        self.grad_store.zero(set_to_none)
         super().zero_grad(set_to_none=set_to_none)
 
     def _all_grads(self) -> list[torch.Tensor]:
         grads = []
         for group in self.param_groups:
             for p in group["params"]:
-                g = self._compact_grads.get(p) if group["sparse"] else p.grad
+                g = self.grad_store.grad(p) if group["sparse"] else p.grad
                 if g is not None:
                     grads.append(g)
         return grads
@@ -279,7 +142,7 @@ class SparseAdamW(torch.optim.Optimizer):
     # ---- update -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One AdamW step over every parameter that has a (compact or dense) gradient."""
         loss = None
         if closure is not None:
@@ -290,13 +153,13 @@ class SparseAdamW(torch.optim.Optimizer):
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
             for p in group["params"]:
                 if group["sparse"]:
-                    grad = self._compact_grads.get(p)
+                    grad = self.grad_store.grad(p)
                     if grad is None:
                         continue
                     state = self._sparse_state(p)
                     state["step"] += 1
                     self.backend.sparse_adamw_(
-                        p.data, grad, self._indices[p], state["exp_avg"], state["exp_avg_sq"], state.get("master"),
+                        p.data, grad, self.grad_store.indices(p), state["exp_avg"], state["exp_avg_sq"], state.get("master"),
                         step=float(state["step"].item()), **hyper,
                     )
                 else:
@@ -313,20 +176,20 @@ class SparseAdamW(torch.optim.Optimizer):
                     adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=float(state["step"].item()), **hyper)
         return loss
 
-    def _sparse_state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
+    def _sparse_state(self, p: torch.Tensor) -> dict[str, Any]:
+        state: dict[str, Any] = self.state[p]
         if not state:
-            k = self._indices[p].numel()
+            k = self.grad_store.indices(p).numel()
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros(k, dtype=torch.float32, device=p.device)
             state["exp_avg_sq"] = torch.zeros(k, dtype=torch.float32, device=p.device)
             if p.dtype != torch.float32:
-                state["master"] = p.detach().reshape(-1).index_select(0, self._indices[p].long()).float()
+                state["master"] = p.detach().reshape(-1).index_select(0, self.grad_store.indices(p).long()).float()
         return state
 
     # ---- persistence --------------------------------------------------------------------
 
-    def load_state_dict(self, state_dict: dict, *, adopt: bool = False) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *, adopt: bool = False) -> None:  # type: ignore[override]
         """Load a :meth:`state_dict`, keeping compact fp32 state in fp32 (unlike the base class,
         which would cast it to the parameter dtype) and checking it fits this optimizer.
 
@@ -361,10 +224,10 @@ class SparseAdamW(torch.optim.Optimizer):
                     restored[name] = value if adopt else value.clone()
                 else:
                     restored[name] = value
-            if p in self._indices and restored["exp_avg"].numel() != self._indices[p].numel():
+            if p in self.grad_store and restored["exp_avg"].numel() != self.grad_store.indices(p).numel():
                 raise ValueError(
                     f"SparseAdamW.load_state_dict: saved state has {restored['exp_avg'].numel()} entries "
-                    f"but the child of this tensor has {self._indices[p].numel()}"
+                    f"but the child of this tensor has {self.grad_store.indices(p).numel()}"
                 )
             new_state[p] = restored
         self.state = new_state
@@ -381,24 +244,55 @@ class SparseAdamW(torch.optim.Optimizer):
         state_bytes = sum(
             t.numel() * t.element_size() for s in self.state.values() for t in s.values() if isinstance(t, torch.Tensor)
         )
-        grad_bytes = sum(g.numel() * g.element_size() for g in self._compact_grads.values() if g is not None)
         dense_grad_bytes = sum(
             p.grad.numel() * p.grad.element_size() for g in self.param_groups if not g["sparse"] for p in g["params"] if p.grad is not None
         )
         return {
             "state_bytes": state_bytes,
-            "compact_grad_bytes": grad_bytes,
+            "compact_grad_bytes": self.grad_store.grad_bytes(),
             "dense_grad_bytes": dense_grad_bytes,
-            "index_bytes": sum(i.numel() * i.element_size() for i in self._indices.values()),
-            "sparse_entries": sum(i.numel() for i in self._indices.values()),
+            "index_bytes": self.grad_store.index_bytes(),
+            "sparse_entries": self.grad_store.numel(),
             "dense_entries": sum(p.numel() for g in self.param_groups if not g["sparse"] for p in g["params"]),
         }
 
     def remove_hooks(self) -> None:
         """Detach the gradient-gather hooks (the parameters go back to ordinary gradients)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        self.grad_store.remove_hooks()
+
+
+def _prepare_group(group: dict[str, Any], child_indices: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """A param group as the optimizer keeps it (``params``, ``sparse``, ``child_names``); the
+    child indices of a sparse group's parameters are appended to ``child_indices``."""
+    if "child" not in group:
+        if "named_params" in group:
+            raise ValueError("SparseAdamW: a group with 'named_params' needs a 'child' ChildNetwork")
+        params = list(group["params"])
+        out = {k: v for k, v in group.items() if k != "params"}
+        out.update(params=params, sparse=False, child_names=[])
+        return out
+    child = group["child"]
+    if not isinstance(child, ChildNetwork):
+        raise TypeError(f"SparseAdamW: 'child' must be a ChildNetwork, got {type(child).__name__}")
+    named = dict(group["named_params"])
+    child.check_against(named, where="the group's named_params")
+    params, names = [], []
+    for name, param in named.items():
+        idx = child.indices.get(name)
+        if idx is None:
+            # No child entries: autograd need not compute this weight gradient at all.
+            param.requires_grad_(False)
+            continue
+        if not param.is_contiguous():
+            raise ValueError(f"SparseAdamW: parameter {name!r} must be contiguous")
+        if not param.requires_grad:
+            param.requires_grad_(True)
+        child_indices.append((param, idx))
+        params.append(param)
+        names.append(name)
+    out = {k: v for k, v in group.items() if k not in ("named_params", "child", "params")}
+    out.update(params=params, sparse=True, child_names=names)
+    return out
 
 
 def _as_groups(params: Iterable[Any]) -> list[dict]:

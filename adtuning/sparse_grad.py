@@ -7,9 +7,10 @@ routes such Linears through :class:`_SparseGradLinear`, whose backward
 
 * returns the input gradient ``dX = dY W`` densely (the chain continues as usual),
 * writes the child entries of the weight gradient with the backend's ``sddmm`` op straight
-  into :class:`~adtuning.optim.SparseAdamW`'s compact fp32 buffer (adding onto it for
-  micro-batch accumulation), so no dense ``dW`` is ever allocated and no gather runs,
-* returns the bias gradient densely (``out`` entries), which the optimizer's usual hook gathers.
+  into the compact fp32 buffer of the optimizer's :class:`~adtuning.compact_grad.CompactGradStore`
+  (:meth:`~adtuning.compact_grad.CompactGradStore.target`; adding onto it for micro-batch
+  accumulation), so no dense ``dW`` is ever allocated and no gather runs,
+* returns the bias gradient densely (``out`` entries), which the store's usual hook gathers.
 
 Whether a tensor takes this path is decided per tensor from its child density ``k / numel``:
 
@@ -28,13 +29,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
+    from adtuning.compact_grad import CompactGradStore
     from adtuning.optim import SparseAdamW
 
 log = logging.getLogger("adtuning")
@@ -85,7 +87,8 @@ def use_sparse_path(
         return False
     if mode == "sparse":
         return True
-    threshold = (DENSITY_THRESHOLDS if thresholds is None else thresholds)[backend]
+    table: Mapping[str, float | Mapping[torch.dtype, float]] = DENSITY_THRESHOLDS if thresholds is None else thresholds
+    threshold = table[backend]
     if isinstance(threshold, Mapping):
         threshold = threshold.get(dtype, threshold[torch.float32])
     return k / numel <= threshold
@@ -95,13 +98,13 @@ def use_sparse_path(
 class _Route:
     """Where the compact weight gradient of one Linear goes."""
 
-    optimizer: "SparseAdamW"
+    store: "CompactGradStore"
     weight: torch.Tensor
     indices: torch.Tensor
     sddmm: Callable[..., torch.Tensor]
 
     def write(self, dy: torch.Tensor, x: torch.Tensor) -> None:
-        buffer, accumulate = self.optimizer.compact_grad_target(self.weight)
+        buffer, accumulate = self.store.target(self.weight)
         self.sddmm(dy, x, self.indices, out=buffer, accumulate=accumulate)
 
 
@@ -110,13 +113,14 @@ class _SparseGradLinear(torch.autograd.Function):
     written into the optimizer's compact buffer (the weight's autograd gradient stays None)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, route: _Route):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                route: _Route) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.route = route
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -165,16 +169,17 @@ class SparseWeightGrad:
     def __enter__(self) -> "SparseWeightGrad":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
 
-def _sparse_forward(module: nn.Linear, route: _Route):
+def _sparse_forward(module: nn.Linear, route: _Route) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         # Outside autograd (evaluation) there is no gradient to route: plain F.linear.
         if not torch.is_grad_enabled() or not module.weight.requires_grad:
             return F.linear(x, module.weight, module.bias)
-        return _SparseGradLinear.apply(x, module.weight, module.bias, route)
+        out: torch.Tensor = _SparseGradLinear.apply(x, module.weight, module.bias, route)
+        return out
 
     return forward
 
@@ -184,7 +189,7 @@ def install_sparse_weight_grad(
     optimizer: "SparseAdamW",
     mode: str = "auto",
     *,
-    thresholds: Mapping[str, float] | None = None,
+    thresholds: Mapping[str, float | Mapping[torch.dtype, float]] | None = None,
 ) -> SparseWeightGrad:
     """Route the trained ``nn.Linear`` weights of ``model`` through the sparse gradient path.
 
@@ -192,7 +197,7 @@ def install_sparse_weight_grad(
     alone) whose weight is a sparse parameter of ``optimizer`` with child entries is considered;
     :func:`use_sparse_path` decides per weight. A chosen module's ``forward`` is replaced by
     one that writes the child entries of its weight gradient into the optimizer's compact
-    buffer in backward (see the module docstring). Nothing else changes: the bias, other
+    buffer in backward (``optimizer.grad_store``, see the module docstring). Nothing else changes: the bias, other
     parameters and dense groups keep their ordinary gradients and hooks.
 
     Args:
@@ -214,14 +219,15 @@ def install_sparse_weight_grad(
     if mode not in WEIGHT_GRAD_MODES:
         raise ValueError(f"unknown weight-gradient mode {mode!r}; choose one of {', '.join(WEIGHT_GRAD_MODES)}")
     handle = SparseWeightGrad(mode=mode, backend=optimizer.backend_name)
-    trained = {id(p) for p in optimizer.sparse_parameters()}
+    store = optimizer.grad_store
+    trained = {id(p) for p in store.parameters()}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
             continue
         weight = module.weight
         if id(weight) not in trained:
             continue
-        indices = optimizer.indices(weight)
+        indices = store.indices(weight)
         density = indices.numel() / weight.numel()
         if not use_sparse_path(indices.numel(), weight.numel(), handle.backend, mode, thresholds, weight.dtype):
             handle.dense[name] = density
@@ -229,8 +235,8 @@ def install_sparse_weight_grad(
         if "forward" in module.__dict__:
             handle.remove()
             raise RuntimeError(f"install_sparse_weight_grad: {name!r} already has a patched forward")
-        route = _Route(optimizer=optimizer, weight=weight, indices=indices, sddmm=optimizer.backend.sddmm)
-        module.forward = _sparse_forward(module, route)
+        route = _Route(store=store, weight=weight, indices=indices, sddmm=optimizer.backend.sddmm)
+        module.forward = _sparse_forward(module, route)  # type: ignore[method-assign]
         handle._patched.append(module)
         handle.sparse[name] = density
     log.info("%s", handle.summary())

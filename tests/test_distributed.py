@@ -136,23 +136,23 @@ def test_bound_compact_grad_storage_changes_nothing_but_where_gradients_live(wei
         child = ChildNetwork.from_scores(scores, 0.3)
         opt = SparseAdamW([{"named_params": upstream, "child": child}, {"params": head}], lr=1e-2)
         handle = install_sparse_weight_grad(model, opt, weight_grad)
-        storage = torch.full((opt.compact_grad_numel(),), float("nan")) if bind else None
+        storage = torch.full((opt.grad_store.numel(),), float("nan")) if bind else None
         if bind:
-            opt.bind_compact_grad_storage(storage)
+            opt.grad_store.bind(storage)
         gen = torch.Generator().manual_seed(1)
         for step in range(4):
             for _ in range(2):  # accumulation into the bound views
                 x, y = torch.randn(6, 7, generator=gen), torch.randint(0, 5, (6,), generator=gen)
                 mlp_loss(model, (x, y)).mean().backward()
             if bind:
-                grads = [opt.compact_grad(p) for p in opt.sparse_parameters()]
+                grads = [opt.grad_store.grad(p) for p in opt.sparse_parameters()]
                 assert all(g.untyped_storage().data_ptr() == storage.untyped_storage().data_ptr() for g in grads)
             opt.clip_grad_norm_(0.1)
             opt.step()
             opt.zero_grad(set_to_none=step % 2 == 0)
         if bind:
-            opt.release_compact_grad_storage()
-            assert all(opt.compact_grad(p) is None or opt.compact_grad(p).untyped_storage().data_ptr()
+            opt.grad_store.release()
+            assert all(opt.grad_store.grad(p) is None or opt.grad_store.grad(p).untyped_storage().data_ptr()
                        != storage.untyped_storage().data_ptr() for p in opt.sparse_parameters())
         handle.remove()
         return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -167,9 +167,9 @@ def test_bind_compact_grad_storage_checks_the_buffer():
     child = ChildNetwork.from_scores({n: torch.rand(p.shape) for n, p in model.named_parameters()}, 0.2)
     opt = SparseAdamW([{"named_params": model.named_parameters(), "child": child}])
     with pytest.raises(ValueError, match=f"{child.k} entries"):
-        opt.bind_compact_grad_storage(torch.zeros(child.k + 1))
+        opt.grad_store.bind(torch.zeros(child.k + 1))
     with pytest.raises(ValueError, match="float32"):
-        opt.bind_compact_grad_storage(torch.zeros(child.k, dtype=torch.float64))
+        opt.grad_store.bind(torch.zeros(child.k, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------

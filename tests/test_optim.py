@@ -173,7 +173,7 @@ def test_hook_gathers_and_frees_dense_grad_and_freezes_empty_tensors():
     for name in child.indices:
         assert params[name].grad is None
         expected = grads[name].reshape(-1)[child.indices[name].long()]
-        assert torch.equal(opt.compact_grad(params[name]), expected)
+        assert torch.equal(opt.grad_store.grad(params[name]), expected)
     report = opt.memory_report()
     assert report["compact_grad_bytes"] == child.k * 4
     assert report["sparse_entries"] == child.k
@@ -189,7 +189,7 @@ def test_gradient_accumulation_over_micro_batches():
         sum((p * g[n]).sum() for n, p in params_a.items() if p.requires_grad).backward()
     sum((p * (g1[n] + g2[n])).sum() for n, p in params_b.items() if p.requires_grad).backward()
     for name in child.indices:
-        torch.testing.assert_close(opt_a.compact_grad(params_a[name]), opt_b.compact_grad(params_b[name]))
+        torch.testing.assert_close(opt_a.grad_store.grad(params_a[name]), opt_b.grad_store.grad(params_b[name]))
     opt_a.step(), opt_b.step()
     for name in SHAPES:
         torch.testing.assert_close(params_a[name], params_b[name])
@@ -202,11 +202,11 @@ def test_clip_grad_norm_matches_torch_on_child_and_dense_grads():
     g = grads_for(3)
     (sum((p * g[n] * 10).sum() for n, p in params.items() if p.requires_grad) + (head * 7).sum()).backward()
     vec = nn.Parameter(torch.zeros(child.k + 4))
-    vec.grad = torch.cat([opt.compact_grad(params[n]) for n in child.indices] + [head.grad])
+    vec.grad = torch.cat([opt.grad_store.grad(params[n]) for n in child.indices] + [head.grad])
     expected_norm = torch.nn.utils.clip_grad_norm_([vec], 1.5)
     norm = opt.clip_grad_norm_(1.5)
     torch.testing.assert_close(norm, expected_norm)
-    clipped = torch.cat([opt.compact_grad(params[n]) for n in child.indices] + [head.grad])
+    clipped = torch.cat([opt.grad_store.grad(params[n]) for n in child.indices] + [head.grad])
     torch.testing.assert_close(clipped, vec.grad)
 
 

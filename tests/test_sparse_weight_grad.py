@@ -185,7 +185,7 @@ def test_sparse_training_matches_dense_training(backend, whole):
         _assert_contract(child, before, after, oracle, rtol=1e-5, atol=2e-6)
         for param in opt.sparse_parameters():  # compact state only
             state = opt.state[param]
-            assert state["exp_avg"].numel() == opt.indices(param).numel() < param.numel() or whole
+            assert state["exp_avg"].numel() == opt.grad_store.indices(param).numel() < param.numel() or whole
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
@@ -243,7 +243,7 @@ def test_no_dense_weight_gradient_on_the_sparse_path(mode):
     if mode == "sparse":
         assert not produced, produced  # no [out, in] tensor was ever made in backward
         assert all(p.grad is None for p in opt.sparse_parameters())
-        assert all(opt.compact_grad(m.weight) is not None for m in (model.fc1, model.mid, model.out))
+        assert all(opt.grad_store.grad(m.weight) is not None for m in (model.fc1, model.mid, model.out))
     else:
         assert produced == weight_shapes  # the dense path does compute dW (then gathers it)
     handle.remove()
@@ -362,18 +362,18 @@ def test_compact_grad_target_hands_out_one_buffer_per_step():
     scores = {n: torch.rand(t.shape) for n, t in model.named_parameters()}
     opt = SparseAdamW([{"named_params": model.named_parameters(), "child": ChildNetwork.from_scores(scores, 0.05)}])
     weight = model.fc1.weight
-    buffer, accumulate = opt.compact_grad_target(weight)
-    assert not accumulate and buffer.dtype == torch.float32 and buffer.numel() == opt.indices(weight).numel()
-    again, accumulate = opt.compact_grad_target(weight)
-    assert again is buffer and accumulate and opt.compact_grad(weight) is buffer
+    buffer, accumulate = opt.grad_store.target(weight)
+    assert not accumulate and buffer.dtype == torch.float32 and buffer.numel() == opt.grad_store.indices(weight).numel()
+    again, accumulate = opt.grad_store.target(weight)
+    assert again is buffer and accumulate and opt.grad_store.grad(weight) is buffer
     opt.zero_grad(set_to_none=False)
-    kept, accumulate = opt.compact_grad_target(weight)
+    kept, accumulate = opt.grad_store.target(weight)
     assert kept is buffer and accumulate and torch.equal(buffer, torch.zeros_like(buffer))
     opt.zero_grad()
-    fresh, accumulate = opt.compact_grad_target(weight)
+    fresh, accumulate = opt.grad_store.target(weight)
     assert fresh is not buffer and not accumulate
     with pytest.raises(KeyError):
-        opt.compact_grad_target(torch.nn.Parameter(torch.zeros(3)))
+        opt.grad_store.target(torch.nn.Parameter(torch.zeros(3)))
 
 
 def test_triton_sddmm_with_transposed_operands_gives_the_same_values():
