@@ -37,6 +37,13 @@ The low-resource sweep (not with ``--quick``) repeats run 1 (without the baselin
 (``--hours``; the study's own run is the full-size point), to see whether smaller training sets
 prefer smaller P (the paper's Fig. 5).
 
+Provenance: every run's ``summary.json`` records the commit it ran at (``"commit": {"sha", "dirty"}``,
+and for a resumed run ``"commits"``, one per segment); a run without it counts as commit ``unknown``,
+a commit of its own. The script refuses to table runs of different commits (nor one run whose
+segments ran at different commits), and refuses up front to add runs at the checkout's commit to
+finished runs of another, unless ``--allow-mixed-commits`` is given: the tables then say which
+rows came from which commit (a commit column and a per-run list).
+
 Results: ``bench/results/<date>-mini-superb.json`` (environment, commands, every run's figures)
 and ``.md`` (the tables); with ``--quick`` the stem ends in ``-quick``. Runs are kept under ``--work``
 (default ``mini-superb-runs`` beside the corpus cache); a run whose ``summary.json`` exists is reused, an interrupted one is resumed, so
@@ -66,6 +73,64 @@ TASKS = TASK_NAMES
 CANDIDATES = (0.001, 0.01, 0.1)
 ROWS = ("Baseline", "FT", "CHILD-TUNING_F", "CHILD-TUNING_D P=0.001", "CHILD-TUNING_D P=0.01",
         "CHILD-TUNING_D P=0.1", "AD-TUNING")
+
+
+#: The commit label of a run whose summary.json records none (runs made before provenance).
+UNKNOWN_COMMIT = "unknown"
+
+
+def _commit_label(record: object) -> str:
+    """``<sha[:12]>`` (``+dirty`` when the tree had uncommitted changes) of one commit record."""
+    if not isinstance(record, dict) or not isinstance(record.get("sha"), str) or not record["sha"]:
+        return UNKNOWN_COMMIT
+    return record["sha"][:12] + ("+dirty" if record.get("dirty") else "")
+
+
+def run_commit(summary: dict) -> str:
+    """The commit a run ran at, from its ``summary.json``: the label of ``"commits"`` (one
+    record per segment of a resumed run; segments at different commits are joined with
+    `` -> ``, which is then a commit of its own) or of ``"commit"``; ``unknown`` without either."""
+    segments = summary.get("commits")
+    if not isinstance(segments, list) or not segments:
+        segments = [summary.get("commit")]
+    labels: list[str] = []
+    for record in segments:
+        label = _commit_label(record)
+        if label not in labels:
+            labels.append(label)
+    return " -> ".join(labels)
+
+
+def checkout_commit() -> str | None:
+    """The sha of the checkout this script runs in (``None`` outside a git work tree)."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
+
+
+def commits_of_runs(runs: list[dict]) -> dict[str, list[str]]:
+    """``{commit label: [run folders]}`` of the runs that did not fail (sorted)."""
+    out: dict[str, list[str]] = {}
+    for entry in runs:
+        if not entry.get("failed") and "commit" in entry:
+            out.setdefault(entry["commit"], []).append(entry["output_dir"])
+    return {label: sorted(dirs) for label, dirs in sorted(out.items())}
+
+
+def mixed_commits_error(commits: dict[str, list[str]], what: str) -> str | None:
+    """The refusal message when ``commits`` (label -> run folders) holds more than one commit,
+    or a run resumed across commits; ``None`` when every run ran at one commit."""
+    if len(commits) <= 1 and not any(" -> " in label for label in commits):
+        return None
+    lines = [f"mini_superb: {what} span {len(commits)} commit(s); refusing to table them together "
+             "(re-run the rows at one commit, or pass --allow-mixed-commits to table them with their commits):"]
+    for label, dirs in commits.items():
+        lines.append(f"  {label}: {len(dirs)} run(s): " + ", ".join(dirs))
+    return "\n".join(lines)
 
 
 def _cpu_name() -> str:
@@ -139,8 +204,8 @@ def run(cmd: list[str], out: Path, log: list[dict]) -> dict | None:
             return None
         print(f"mini_superb: done in {entry['wall_seconds']:.0f} s: {out}", flush=True)
     result = json.loads(summary.read_text())
-    # When and how long the run itself ran (a reused run ran before this invocation).
-    entry.update(run_date=result.get("date"), run_wall_seconds=result.get("wall_seconds"))
+    # When, how long and at which commit the run itself ran (a reused run ran before this invocation).
+    entry.update(run_date=result.get("date"), run_wall_seconds=result.get("wall_seconds"), commit=run_commit(result))
     log.append(entry)
     return result
 
@@ -249,6 +314,22 @@ def _fmt(stat: dict, digits: int = 3) -> str:
     return text + (f" ± {stat['spread']:.{digits}f}" if stat["spread"] is not None else "")
 
 
+#: Which run of a task and seed trains each row (the rest come from the AD-TUNING run).
+ROW_RUN = {"CHILD-TUNING_F": "child-tuning-f"}
+
+
+def row_commits(result: dict, row: str, letters: dict[str, str]) -> str:
+    """The commits a row's figures came from: ``<letter> (<task> <seeds>)``, one per commit."""
+    where: dict[str, list[str]] = {}
+    for task in (t for t in TASKS if t in result["tasks"]):
+        by_seed = result["tasks"][task].get("commits", {})
+        for seed, runs in by_seed.items():
+            label = runs.get(ROW_RUN.get(row, "adtuning"))
+            if label is not None:
+                where.setdefault(label, []).append(f"{task} {seed}")
+    return "; ".join(f"{letters.get(label, label)} ({', '.join(places)})" for label, places in where.items()) or "-"
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# mini-SUPERB ({result['date']})", "",
@@ -257,16 +338,30 @@ def markdown(result: dict) -> str:
              f"{', '.join(map(str, result['seeds']))}; CHILD-TUNING_F at P_F = {result['p_f']:g}. Upstream: the "
              "embedded adtuning-hubert-mini; corpora: the embedded generated ones (adtuning/embedded.py).", ""]
     tasks = [t for t in TASKS if t in result["tasks"]]
+    commits = result.get("commits", {})
+    mixed = len(commits) > 1 or any(" -> " in label for label in commits)
+    letters = {label: chr(ord("a") + i) if i < 26 else f"c{i}" for i, label in enumerate(commits)}
+    if mixed:
+        lines += [f"**Mixed commits** (--allow-mixed-commits): the runs span {len(commits)} commits; the column "
+                  "'commit' says which rows came from which (letter: task and seeds), the list below names them:", ""]
+        lines += [f"- {letters[label]} = {label}: {len(dirs)} run(s)" for label, dirs in commits.items()]
+        lines.append("")
+    elif commits:
+        lines += [f"Commit: {next(iter(commits))} (every run).", ""]
     head = "| row | upstream params | " + " | ".join(
         f"{t} {result['tasks'][t]['metric']} {'↑' if result['tasks'][t]['higher_is_better'] else '↓'}" for t in tasks) + " |"
-    lines += ["Test metric, mean ± half the range over the seeds:", "", head, "|" + "---|" * (len(tasks) + 2)]
+    head += " commit |" if mixed else ""
+    lines += ["Test metric, mean ± half the range over the seeds:", "", head, "|" + "---|" * (len(tasks) + 2 + mixed)]
     for row in ROWS:
         params = next((result["tasks"][t]["summary"]["rows"][row]["trainable_upstream"] for t in tasks
                        if result["tasks"][t]["summary"]["rows"][row]["trainable_upstream"] is not None), None)
         # AD-TUNING trains its pick's child, which differs across tasks and seeds (see "AD picks").
         params = "-" if params is None else ("the pick's" if row == "AD-TUNING" else f"{params:,}")
         cells = [_fmt(result["tasks"][t]["summary"]["rows"][row][result["tasks"][t]["summary"]["split"]]) for t in tasks]
-        lines.append(f"| {row} | {params} | " + " | ".join(cells) + " |")
+        line = f"| {row} | {params} | " + " | ".join(cells) + " |"
+        if mixed:
+            line += f" {row_commits(result, row, letters)} |"
+        lines.append(line)
     lines += ["", "Per task: AD-TUNING's picks, its regret against the best CHILD-TUNING_D row (positive: worse), "
               "and CHILD-TUNING_D vs _F at the same P:", "",
               "| task | T | AD picks (per seed) | best D row | AD regret | within the best row's spread | D(P_F) ≥ F(P_F) | AD steps vs training all |",
@@ -298,16 +393,46 @@ def markdown(result: dict) -> str:
             lines.append(f"| {hours} | {', '.join(map(str, entry['seeds']))} ({split}) | "
                          + " | ".join(_fmt(entry["per_p"][f"{p:g}"]) for p in CANDIDATES)
                          + f" | {entry['best_p']:g} | {', '.join(f'{p:g}' for p in entry['ad_picks'].values())} |")
+    if mixed:
+        lines += ["", "Commit of every run (mixed commits):", ""]
+        lines += [f"    {letters[label]} {label}: {d}" for label, dirs in commits.items() for d in dirs]
     if result.get("missing_runs"):
         lines += ["", f"Runs not made (yet): {len(result['missing_runs'])}; their rows are '-' or 'not run', and a task "
                   "lists only the seeds whose AD-TUNING run exists (see 'AD picks'):", ""]
         lines += [f"    {path}" for path in result["missing_runs"]]
     lines += ["", "Runs (date and wall time of each run; the 1-min load above is at this invocation's start):", ""]
-    lines += [f"    {r['command']}  # {r['run_date']}, {r['run_wall_seconds']:.0f} s" for r in result["runs"] if not r.get("failed")]
+    lines += [f"    {r['command']}  # {r['run_date']}, {r['run_wall_seconds']:.0f} s, commit {r.get('commit', UNKNOWN_COMMIT)}"
+              for r in result["runs"] if not r.get("failed")]
     if result.get("failed_runs"):
         lines += ["", "Runs that failed (exit status; their output is run.log in the run's folder):", ""]
         lines += [f"    {r['command']}  # exit status {r['failed']}" for r in result["runs"] if r.get("failed")]
     return "\n".join(lines) + "\n"
+
+
+def _mixed_before_running(jobs: dict, collect_only: bool) -> str | None:
+    """Refuse before any run starts when the finished runs of the plan already span commits, or
+    when runs still to be made (at the checkout's commit) would join finished runs of another."""
+    done: dict[str, list[str]] = {}
+    for _, out, _ in jobs.values():
+        path = out / "summary.json"
+        if path.is_file():
+            try:
+                label = run_commit(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue  # read (and reported) when tabled
+            done.setdefault(label, []).append(str(out))
+    done = {label: sorted(dirs) for label, dirs in sorted(done.items())}
+    message = mixed_commits_error(done, "the finished runs")
+    if message or collect_only or not done:
+        return message
+    todo = [str(out) for _, out, _ in jobs.values() if not (out / "summary.json").is_file()]
+    head = checkout_commit()
+    label = next(iter(done))
+    if todo and (head is None or label == UNKNOWN_COMMIT or not head.startswith(label.removesuffix("+dirty"))):
+        return (f"mini_superb: {len(todo)} run(s) to make at the checkout's commit {head or UNKNOWN_COMMIT} would be "
+                f"tabled with {len(done[label])} finished run(s) of commit {label} ({', '.join(done[label])}); refusing "
+                "(move those runs away, or pass --allow-mixed-commits)")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="run folders (default: mini-superb-runs beside the corpus cache)")
     parser.add_argument("--collect-only", action="store_true",
                         help="start no run: table the runs that have finished (missing rows and runs are listed)")
+    parser.add_argument("--allow-mixed-commits", action="store_true",
+                        help="table runs made at different commits (the tables then say which rows came from which)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads threads; 2 x --threads 1 suits 2 cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
     args = parser.parse_args(argv)
@@ -388,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
         return (3, task not in begun, -cost, task, seed, kind)
 
     order = sorted(jobs, key=priority)
+    if not args.allow_mixed_commits:
+        message = _mixed_before_running(jobs, args.collect_only)
+        if message:
+            print(message, file=sys.stderr)
+            return 2
     if args.collect_only:
         summaries = {key: run(jobs[key][0], jobs[key][1], result["runs"]) if (jobs[key][1] / "summary.json").is_file() else None
                      for key in order}
@@ -396,19 +528,26 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = {key: pool.submit(run, jobs[key][0], jobs[key][1], result["runs"]) for key in order}
             summaries = {key: future.result() for key, future in futures.items()}
+    result["commits"] = commits_of_runs(result["runs"])
+    message = None if args.allow_mixed_commits else mixed_commits_error(result["commits"], "the runs to table")
+    if message:
+        # Nothing is written: a table of rows from different code would read as one experiment.
+        print(message, file=sys.stderr)
+        return 2
     result["missing_runs"] = sorted(str(jobs[key][1]) for key in order if summaries[key] is None)
     result["failed_runs"] = sorted(entry["output_dir"] for entry in result["runs"] if entry.get("failed"))
     for task in tasks:
-        per_seed = {}
+        per_seed, commits = {}, {}
         for seed in seeds:
             adt, f = summaries[(task, seed, "adtuning")], summaries[(task, seed, "f")]
             if adt is None:
                 continue
             per_seed[seed] = rows_of(adt, f, args.p_f)
+            commits[str(seed)] = {"adtuning": run_commit(adt), "child-tuning-f": None if f is None else run_commit(f)}
             metric, higher = adt["primary_metric"], adt["higher_is_better"]
         if per_seed:
             result["tasks"][task] = {"metric": metric, "higher_is_better": higher, "steps": task_steps(task, args.quick),
-                                     "seeds": sorted(per_seed), "summary": aggregate(per_seed, higher)}
+                                     "seeds": sorted(per_seed), "summary": aggregate(per_seed, higher), "commits": commits}
     if sweep_task:
         result["low_resource"] = low_resource(summaries, sweep_task, seeds, sweep_hours)
     result["runs"].sort(key=lambda r: r["output_dir"])
