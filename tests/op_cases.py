@@ -4,10 +4,14 @@ Each :class:`OpCase` names one op (``gather``, ``sparse_adamw``, ``linear_fisher
 one set of inputs (awkward sizes: 1, primes, 2^k +- 1; every input dtype; both index dtypes;
 the optional arguments: ``out``/``accumulate``, master weights, bias, lengths, strided
 operands) and a tier saying where it is affordable. :func:`run_case` runs a backend's op on
-those inputs and compares it with the reference twin in :mod:`adtuning.reference` and, where
-one exists, with an independent oracle (``torch.optim.AdamW`` on the gathered child entries for
-sparse AdamW; the fp64 product and dense autograd's gathered weight gradient for SDDMM). The
-result lists every comparison, so a test can assert on it and gpu_check can record it.
+those inputs and compares it with an oracle that shares no code with any backend: plain Python
+indexing of the values as a list for gather; per-sample weight and bias gradients from dense
+autograd in fp64, squared and summed, for the linear Fisher; ``torch.optim.AdamW`` on the
+gathered child entries for sparse AdamW; the fp64 product and dense autograd's gathered weight
+gradient for SDDMM. So the reference backend is tested like every other one. A backend other
+than the reference is also compared with its reference twin in :mod:`adtuning.reference` (the
+twin is not compared with itself). The result lists every comparison, so a test can assert on
+it and gpu_check can record it.
 
 One error metric is used everywhere: :func:`rel_err`, ``max |actual - expected| / scale``, with
 the scale of an accumulator (``max |expected|``) by default or a per-entry scale (SDDMM's
@@ -130,6 +134,12 @@ def child_indices(numel: int, k: int, index_dtype: torch.dtype, seed: int) -> to
     return torch.randperm(numel, generator=gen)[:k].sort().values.to(index_dtype)
 
 
+def is_reference(backend) -> bool:
+    """Whether ``backend`` is the reference one: its comparison with its own twin is skipped
+    (it could not fail); the oracles still check it."""
+    return getattr(backend, "name", None) == "reference"
+
+
 def _dt(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
             torch.int32: "i32", torch.int64: "i64"}[dtype]
@@ -148,23 +158,56 @@ GATHER_SIZES = [((1,), 1, TIER_ALL), ((7, 13), 1, TIER_ALL), ((97,), 32, TIER_AL
                 ((278011,), 27803, TIER_ALL), ((278011,), 92670, TIER_ALL)]
 
 
+def _flat_values(tensor: torch.Tensor) -> list[float]:
+    """The entries of ``tensor`` in its logical row-major order, as Python floats (exact for
+    every float dtype), read through ``tolist`` and nested lists: no reshape, stride or index op."""
+    values = tensor.detach().cpu().tolist()
+    for _ in range(tensor.dim() - 1):
+        values = [v for row in values for v in row]
+    return values if tensor.dim() else [values]
+
+
+def gather_oracle(grad: torch.Tensor, indices: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """``float32(grad.flatten()[indices])`` (plus ``start``) by plain Python list indexing.
+
+    The gathered 16-bit or fp32 values are exact in fp32. An fp32 accumulation is one add of two
+    fp32 numbers: the Python (fp64) sum rounded once to fp32 is that add correctly rounded
+    (53 >= 2 * 24 + 2 bits, so the double rounding is innocuous).
+    """
+    flat = _flat_values(grad)
+    picked = [flat[i] for i in indices.cpu().tolist()]
+    if start is not None:
+        picked = [a + b for a, b in zip(_flat_values(start), picked)]
+    return torch.tensor(picked, dtype=torch.float32).to(grad.device)
+
+
 def check_gather(backend, device, *, shape, k, dtype, index_dtype, seed, transpose=False) -> CaseResult:
     """Gather is exact in every dtype (a cast to fp32, and one fp32 add when accumulating):
-    plain, into ``out`` (which is returned) and accumulated onto ``out``."""
+    plain, into ``out`` (which is returned) and accumulated onto ``out``, against plain Python
+    indexing (:func:`gather_oracle`) and, for backends other than the reference, bit for bit
+    against the reference twin."""
     result = CaseResult()
     gen = torch.Generator().manual_seed(seed)
     grad = torch.randn(shape, generator=gen).to(dtype).to(device)
     if transpose:  # a non-contiguous view: read in its logical (flattened) order
         grad = grad.t()
     idx = child_indices(grad.numel(), k, index_dtype, seed + 1).to(device)
-    expected = reference.gather_ref(grad, idx)
-    result.equal("gather", backend.gather(grad, idx), expected)
+    expected = gather_oracle(grad, idx)
+    got = backend.gather(grad, idx)
+    result.equal("gather vs Python indexing", got, expected)
+    if not is_reference(backend):
+        result.equal("gather vs reference", got, reference.gather_ref(grad, idx))
     out = torch.full((k,), 5.0, device=device)
     result.holds("out is returned", backend.gather(grad, idx, out=out) is out)
-    result.equal("gather into out", out, expected)
+    result.equal("gather into out vs Python indexing", out, expected)
     acc = torch.randn(k, generator=gen).to(device)
-    want = reference.gather_ref(grad, idx, out=acc.clone(), accumulate=True)
-    result.equal("accumulate onto out", backend.gather(grad, idx, out=acc, accumulate=True), want)
+    want = gather_oracle(grad, idx, start=acc)
+    start = acc.clone()
+    result.holds("accumulate returns out", backend.gather(grad, idx, out=acc, accumulate=True) is acc)
+    result.equal("accumulate onto out vs Python indexing", acc, want)
+    if not is_reference(backend):
+        result.equal("accumulate onto out vs reference", acc,
+                     reference.gather_ref(grad, idx, out=start, accumulate=True))
     return result
 
 
@@ -211,8 +254,8 @@ ADAMW_SIZES = [(1, 1, TIER_ALL), (2, 1, TIER_ALL), (97, 13, TIER_ALL), (97, 32, 
 
 
 def check_sparse_adamw(backend, device, *, numel, k, dtype, index_dtype, hyper, steps, master, seed) -> CaseResult:
-    """``steps`` AdamW steps on the child entries against the reference twin and against
-    ``torch.optim.AdamW`` (fused and not) on the gathered child vector; non-child entries stay
+    """``steps`` AdamW steps on the child entries against ``torch.optim.AdamW`` (fused and not)
+    on the gathered child vector, and against the reference twin; non-child entries stay
     bit-identical and a param with a master holds the master rounded (round-to-nearest-even).
 
     ``master``: ``"none"``, ``"copy"`` (the child entries in fp32, as for 16-bit params) or
@@ -237,16 +280,18 @@ def check_sparse_adamw(backend, device, *, numel, k, dtype, index_dtype, hyper, 
     for step in range(1, steps + 1):
         grad = torch.randn(k, generator=gen).to(device)
         backend.sparse_adamw_(ours[0], grad, idx, *ours[1:], step=step, **h)
-        reference.sparse_adamw_ref_(theirs[0], grad, idx, *theirs[1:], step=step, **h)
+        if not is_reference(backend):
+            reference.sparse_adamw_ref_(theirs[0], grad, idx, *theirs[1:], step=step, **h)
         for vector, optimizer in oracles:
             vector.grad = grad.clone()
             optimizer.step()
 
-    for name, a, b in zip(("exp_avg", "exp_avg_sq", "master"), ours[1:], theirs[1:]):
-        if a is not None:
-            result.close(f"{name} vs reference", a, b, ADAMW_STATE_TOL)
-    result.close("param child entries vs reference", ours[0][child].float(), theirs[0][child].float(),
-                 ADAMW_PARAM_TOL[dtype])
+    if not is_reference(backend):
+        for name, a, b in zip(("exp_avg", "exp_avg_sq", "master"), ours[1:], theirs[1:]):
+            if a is not None:
+                result.close(f"{name} vs reference", a, b, ADAMW_STATE_TOL)
+        result.close("param child entries vs reference", ours[0][child].float(), theirs[0][child].float(),
+                     ADAMW_PARAM_TOL[dtype])
     fp32_child = ours[3] if ours[3] is not None else ours[0][child]
     for (vector, optimizer), kind in zip(oracles, ("fused", "unfused")):
         oracle_state = optimizer.state[vector]
@@ -288,8 +333,9 @@ def sparse_adamw_cases() -> list[OpCase]:
 
 # ---- Linear per-sample Fisher ---------------------------------------------------------------
 
-# max |ours - reference| / max |reference|, by the dtype of x: both sum in fp32 but in another
-# order; 16-bit dots may round their products on some backends.
+# max |ours - expected| / max |expected|, by the dtype of x, against the fp64 oracle and the
+# reference twin: backends sum in fp32 (in another order than the twin); 16-bit dots may round
+# their products on some backends.
 FISHER_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 # (B, T, in, out): tiny (below tl.dot's 16), primes, 2^k +- 1, several tiles per axis, a long
 # input axis, wav2vec2-base's largest Linear over 8 utterances of 4 s.
@@ -305,10 +351,38 @@ def mixed_lengths(batch: int, frames: int) -> tuple[int, ...]:
     return tuple(choices[n % len(choices)] for n in range(batch))
 
 
+def linear_fisher_oracle(x: torch.Tensor, dy: torch.Tensor, fisher_w: torch.Tensor, fisher_b: torch.Tensor | None,
+                         lengths: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fisher_w`` and ``fisher_b`` plus the squared per-sample gradients, from dense autograd.
+
+    Each sample's valid frames (``t < lengths[n]``, clamped to the frames there are) go through
+    an ordinary ``F.linear`` in fp64 on their own, and ``backward(dy_n)`` gives that sample's
+    weight and bias gradients, which are squared and summed: one backward per sample, the
+    definition of the per-sample Fisher, sharing nothing with the ops. Returns fp64 tensors.
+    """
+    batch, frames = x.shape[0], x.shape[1]
+    weight = torch.zeros(fisher_w.shape, dtype=torch.float64, device=x.device, requires_grad=True)
+    bias = torch.zeros(fisher_w.shape[0], dtype=torch.float64, device=x.device, requires_grad=True)
+    want_w = fisher_w.double().clone()
+    want_b = fisher_b.double().clone() if fisher_b is not None else None
+    for n in range(batch):
+        valid = frames if lengths is None else max(0, min(int(lengths[n]), frames))
+        if valid == 0:
+            continue  # no frame counts: the sample's gradient is zero
+        weight.grad = bias.grad = None
+        y = F.linear(x[n, :valid].double(), weight, bias)
+        y.backward(dy[n, :valid].double())
+        want_w += weight.grad.square()
+        if want_b is not None:
+            want_b += bias.grad.square()
+    return want_w, want_b
+
+
 def check_linear_fisher(backend, device, *, shape, dtype, bias, lengths, seed, length_dtype=torch.int64,
                         dy_dtype=None, x_layout="contiguous", dy_sliced=False) -> CaseResult:
-    """Per-sample Fisher accumulated onto a non-zero start (the ops accumulate), against the
-    reference's materialised per-sample gradients squared.
+    """Per-sample Fisher accumulated onto a non-zero start (the ops accumulate), against dense
+    autograd's per-sample gradients in fp64 squared (:func:`linear_fisher_oracle`) and, for
+    backends other than the reference, against the reference twin.
 
     ``lengths``: None or one int per sample (padding frames hold garbage that must not count).
     ``x_layout``: ``"time-major"`` stores x as [T, B, in], ``"feature-major"`` as [B, in, T]
@@ -332,13 +406,18 @@ def check_linear_fisher(backend, device, *, shape, dtype, bias, lengths, seed, l
     fisher_w = torch.rand(out_f, in_f, generator=gen).to(device)
     fisher_b = torch.rand(out_f, generator=gen).to(device) if bias else None
     lengths_t = torch.tensor(lengths, dtype=length_dtype, device=device) if lengths is not None else None
+    want_w, want_b = linear_fisher_oracle(x, dy, fisher_w, fisher_b, lengths)
     ref_w = fisher_w.clone()
     ref_b = fisher_b.clone() if bias else None
     backend.linear_fisher_(x, dy, fisher_w, fisher_b, lengths_t)
-    reference.linear_fisher_ref_(x, dy, ref_w, ref_b, lengths_t)
-    result.close("fisher_w vs reference", fisher_w, ref_w, FISHER_TOL[dtype])
+    result.close("fisher_w vs fp64 per-sample autograd", fisher_w, want_w, FISHER_TOL[dtype])
     if bias:
-        result.close("fisher_b vs reference", fisher_b, ref_b, FISHER_TOL[dtype])
+        result.close("fisher_b vs fp64 per-sample autograd", fisher_b, want_b, FISHER_TOL[dtype])
+    if not is_reference(backend):
+        reference.linear_fisher_ref_(x, dy, ref_w, ref_b, lengths_t)
+        result.close("fisher_w vs reference", fisher_w, ref_w, FISHER_TOL[dtype])
+        if bias:
+            result.close("fisher_b vs reference", fisher_b, ref_b, FISHER_TOL[dtype])
     return result
 
 
@@ -399,7 +478,8 @@ def _dense_autograd_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def check_sddmm(backend, device, *, rows, out_f, in_f, dtype, index_dtype, k, seed, strided=False) -> CaseResult:
     """The child entries of ``dy^T @ x`` against the fp64 product, dense autograd's gathered
-    weight gradient and the reference twin; then into ``out`` (returned) and accumulated onto it."""
+    weight gradient and (backends other than the reference) the reference twin; then into
+    ``out`` (returned) and accumulated onto it."""
     result = CaseResult()
     gen = torch.Generator().manual_seed(seed)
     dy = torch.randn(rows, out_f, generator=gen).to(dtype).to(device)
@@ -415,7 +495,8 @@ def check_sddmm(backend, device, *, rows, out_f, in_f, dtype, index_dtype, k, se
     result.holds("fp32 result", got.dtype == torch.float32)
     result.close("vs fp64", got, exact, SDDMM_EXACT_TOL, bound)
     result.close("vs dense autograd", got, dense, SDDMM_DENSE_TOL[dtype], bound)
-    result.close("vs reference", got, reference.sddmm_ref(dy, x, idx), SDDMM_REFERENCE_TOL, bound)
+    if not is_reference(backend):
+        result.close("vs reference", got, reference.sddmm_ref(dy, x, idx), SDDMM_REFERENCE_TOL, bound)
     out = torch.full((k,), 5.0, device=device)
     result.holds("out is returned", backend.sddmm(dy, x, idx, out=out) is out)
     result.close("into out vs fp64", out, exact, SDDMM_EXACT_TOL, bound)

@@ -242,11 +242,13 @@ def test_fluent_empty_split_and_empty_file(copy):
 
 @pytest.mark.parametrize("content,message", [(b"\xff\xfe,path\n", r"line 1: not UTF-8 text"),
                                               (b',path,action,object,location\n0,"a\x00b,c,d,e\n', r"line 2: NUL byte"),
-                                              (b',path,action,object,location\n0,"unterminated,c,d,e\n', r"malformed CSV|fields")])
+                                              (b',path,action,object,location\n0,"unterminated,c,d,e\n',
+                                               r"line 2: 2 fields, but the header has 5")])
 def test_fluent_binary_or_malformed_csv(copy, content, message):
     root = copy("ic")
     (root / "data" / "test_data.csv").write_bytes(content)
-    with pytest.raises(CorpusError, match=r"test_data\.csv " + message):
+    # The file name and the whole message, in that order (no alternation may drop the name).
+    with pytest.raises(CorpusError, match=r"test_data\.csv (?:" + message + ")"):
         build_dataset("ic", root, "test")
 
 
