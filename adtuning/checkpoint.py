@@ -70,14 +70,41 @@ class DeltaError(ValueError):
     """A delta cannot be read, does not fit the model, or may not be written; the message names the file."""
 
 
+# At most this many bytes of one tensor are copied at a time while fingerprinting (device or
+# non-contiguous tensors); contiguous CPU tensors are hashed in place, without a copy.
+_FINGERPRINT_CHUNK_BYTES = 1 << 26
+
+
+def _hash_tensor_bytes(digest: Any, tensor: torch.Tensor) -> None:
+    """Feed the row-major bytes of ``tensor`` to ``digest``, holding at most one chunk's copy."""
+    if tensor.numel() == 0:
+        return
+    if tensor.device.type == "cpu" and tensor.is_contiguous():
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # a view: no copy
+        return
+    if tensor.dim() == 0:
+        tensor = tensor.reshape(1)
+    row_bytes = max(1, tensor[0].numel() * tensor.element_size())
+    rows = max(1, _FINGERPRINT_CHUNK_BYTES // row_bytes)
+    # Blocks of whole leading-dimension rows, in order: their bytes concatenate to the tensor's.
+    for start in range(0, tensor.shape[0], rows):
+        block = tensor[start:start + rows].contiguous().reshape(-1).cpu()
+        digest.update(block.view(torch.uint8).numpy().data)
+
+
 def weights_fingerprint(named_params: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over names, shapes, dtypes and bytes of the tensors (in sorted name order)."""
+    """SHA-256 over names, shapes, dtypes and bytes of the tensors (in sorted name order).
+
+    Streaming: each tensor is hashed in place (contiguous CPU tensors) or in row blocks of at
+    most 64 MiB (device or non-contiguous tensors); nothing the size of the weights is copied.
+    The value is the same as that of the earlier whole-tensor implementation, so deltas written
+    before still match their base.
+    """
     digest = hashlib.sha256()
     for name in sorted(named_params):
         tensor = named_params[name].detach()
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        flat = tensor.contiguous().reshape(-1).cpu()
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        _hash_tensor_bytes(digest, tensor)
     return "sha256:" + digest.hexdigest()
 
 

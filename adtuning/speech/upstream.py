@@ -237,8 +237,23 @@ def prepare_waveforms(wav: torch.Tensor, wav_lengths: torch.Tensor, *, normalize
     return wav, mask
 
 
+def _load_dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The ``from_pretrained`` argument that loads the weights directly in ``dtype``, tensor by
+    tensor (``dtype=`` since transformers 4.56, ``torch_dtype=`` before): a bf16 upstream read
+    from an fp32 checkpoint never allocates an fp32 copy of the model. (transformers 5 memory-maps
+    a safetensors file while it reads it: until loading ends its touched pages count in the RSS,
+    as clean page cache the kernel can reclaim; a checkpoint saved in the final dtype avoids that.)"""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
 def _finish(model: nn.Module, *, dtype: torch.dtype, gradient_checkpointing: bool, name: str,
             normalize_waveform: bool | None) -> Upstream:
+    # A no-op for models loaded in ``dtype`` (Module.to keeps tensors already in it); converts the
+    # tiny random models, built in fp32 so that their values stay those every saved delta of them
+    # was fingerprinted with (they are well under a megabyte: the transient copy is negligible).
     model = model.to(dtype)
     if gradient_checkpointing:
         # Non-reentrant checkpointing keeps the hooked layer inputs connected to the graph.
@@ -273,7 +288,8 @@ def build_upstream(
             initialised from ``seed``), or anything ``from_pretrained`` accepts: a local
             directory holding ``config.json`` and weights, or a hub id already in the local
             cache. Checkpoints of ``*ForCTC`` / ``*ForPreTraining`` models load their base model.
-        dtype: weight dtype (``torch.bfloat16`` for bf16 weights).
+        dtype: weight dtype (``torch.bfloat16`` for bf16 weights). Checkpoints are read directly
+            in it, tensor by tensor: loading never allocates a second, full-precision copy.
         gradient_checkpointing: recompute transformer layers in backward.
         normalize_waveform: see :class:`Upstream`.
         seed: initialisation seed of the tiny models.
@@ -293,7 +309,8 @@ def build_upstream(
         return _finish(model, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                        name=name_or_path, normalize_waveform=normalize_waveform)
     if name_or_path in EMBEDDED_UPSTREAMS:
-        model = AutoModel.from_pretrained(str(embedded_upstream_dir(name_or_path)), local_files_only=True)
+        model = AutoModel.from_pretrained(str(embedded_upstream_dir(name_or_path)), local_files_only=True,
+                                          **_load_dtype_kwargs(dtype))
         return _finish(model, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                        name=name_or_path, normalize_waveform=normalize_waveform)
     if name_or_path.startswith("tiny-"):
@@ -314,7 +331,8 @@ def build_upstream(
         )
     _disable_training_noise(config)
     try:
-        model = AutoModel.from_pretrained(source, config=config, local_files_only=local_files_only)
+        model = AutoModel.from_pretrained(source, config=config, local_files_only=local_files_only,
+                                          **_load_dtype_kwargs(dtype))
     except Exception as exc:
         raise UpstreamLoadError(f"cannot load the weights of upstream {name_or_path!r}: {exc}.{offline}") from exc
     return _finish(model, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
