@@ -41,219 +41,35 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from adtuning.child import INT32_LIMIT, ChildNetwork
+from adtuning.child import ChildNetwork
 from adtuning.distributed import DataParallel, GradientReducer
 from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup
+from adtuning.search_candidate import CULLED, Candidate, baseline_child, checkpoint_prefix, clone_state_dict, gather_to, rank_seed
 from adtuning.search_checkpoint import (
     NonFiniteError,
-    candidate_prefix,
     candidate_record,
     read_checkpoint,
     restore_candidate,
     rng_key,
     write_checkpoint,
 )
-from adtuning.sparse_grad import WEIGHT_GRAD_MODES, SparseWeightGrad, install_sparse_weight_grad
+from adtuning.search_config import BASELINES, NONFINITE_POLICIES, SearchConfig, TrainingProblem, successive_halving
+from adtuning.search_report import baseline_report, order_key, regret_report
+from adtuning.sparse_grad import SparseWeightGrad, install_sparse_weight_grad
+
+__all__ = [
+    "BASELINES", "NONFINITE_POLICIES", "AdaptiveSearch", "Candidate", "NonFiniteError", "SearchConfig", "TrainingProblem",
+    "successive_halving",
+]
 
 log = logging.getLogger("adtuning")
-
-#: What a non-finite loss or gradient does (``SearchConfig.on_nonfinite``).
-NONFINITE_POLICIES = ("stop", "skip")
-
-#: Baselines :meth:`AdaptiveSearch.run_baselines` can train, with the P they amount to.
-BASELINES = {"head-only": 0.0, "full": 1.0}
-
-# Statuses of a candidate the search culled: "stopped" where the search left it, "regret" once
-# :meth:`AdaptiveSearch.measure_regret` has begun training it on to T.
-_CULLED = ("stopped", "regret")
-
-
-class TrainingProblem(Protocol):
-    """What the search needs from a task (a :class:`adtuning.speech.SpeechModel` adapter fits).
-
-    Attributes/methods:
-        model: the one model (upstream + head), already on its device.
-        upstream_params: ``{name: parameter}`` of the upstream; child names refer to these.
-        head_params: ``{name: parameter}`` trained densely (head + layer-weighted sum).
-        train_batches(epoch, skip): deterministic iterator over the training batches of
-            ``epoch`` (its shuffle depends only on the seed and the epoch), starting after
-            ``skip`` batches. Data parallel: this rank's parts of the global batches, one item
-            per global batch on every rank (``None`` for an empty part); ``skip`` counts
-            global batches.
-        loss(batch): the scalar training loss of a batch. Data parallel: this rank's share of
-            the global batch's loss (the global loss is the sum over ranks), or ``None`` when
-            the rank holds no sample of it.
-        evaluate(split): ``{metric: value}`` on ``"dev"`` or ``"test"`` (data parallel: of the
-            whole split, the same on every rank).
-        has_split(split): whether that split exists.
-        primary_metric, higher_is_better: how candidates are ranked.
-    """
-
-    model: nn.Module
-    upstream_params: Mapping[str, nn.Parameter]
-    head_params: Mapping[str, nn.Parameter]
-    primary_metric: str
-    higher_is_better: bool
-
-    def train_batches(self, epoch: int, skip: int) -> Iterator[Any]: ...
-
-    def loss(self, batch: Any) -> torch.Tensor: ...
-
-    def evaluate(self, split: str) -> dict[str, float]: ...
-
-    def has_split(self, split: str) -> bool: ...
-
-
-@dataclass
-class SearchConfig:
-    """Hyper-parameters of the search and of each candidate's training.
-
-    Attributes:
-        total_steps: T, optimizer steps of a full run.
-        rungs: fractions of T at which candidates are evaluated and culled (paper: ``(r,)``).
-        keep: survivors after each rung (paper: ``(c,)``).
-        lr, head_lr: learning rates of the child entries and of the dense head.
-        warmup_steps: linear warm-up steps of the T-step schedule.
-        weight_decay, betas, eps: AdamW hyper-parameters (weight decay on the child only,
-            like the paper's code; heads use ``head_weight_decay``).
-        grad_accum: micro-batches per optimizer step.
-        max_grad_norm: global-norm clip over child + head gradients (``None``: off).
-        eval_interval: also evaluate dev every this many steps, for the curves (0: only at rungs).
-        backend: optimizer backend (``reference`` / ``native`` / ``triton`` / ``fused``).
-        weight_grad: how the active candidate's Linear weight gradients are computed:
-            ``"auto"`` (per tensor, SDDMM of the child entries straight into the compact
-            buffers when the child density is below the backend's threshold, else dense GEMM +
-            gather), ``"dense"`` or ``"sparse"`` (see :mod:`adtuning.sparse_grad`).
-        seed: seeds each candidate's RNG identically, as independent runs would be.
-        checkpoint_interval: write a resumable checkpoint every this many steps (0: only at
-            segment ends).
-        on_nonfinite: a step whose loss or gradient holds NaN/inf is never applied;
-            ``"stop"`` raises :class:`NonFiniteError` naming the candidate, step and batch,
-            ``"skip"`` drops the step (its batch is consumed, the optimizer and schedule do not
-            move), logs it and counts it in the candidate's ``skipped_steps``.
-        max_nonfinite_skips: with ``"skip"``, this many non-finite steps in a row stop the run.
-    """
-
-    total_steps: int
-    rungs: tuple[float, ...] = (0.2,)
-    keep: tuple[int, ...] = (1,)
-    lr: float = 1e-4
-    head_lr: float = 1e-3
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    head_weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_accum: int = 1
-    max_grad_norm: float | None = None
-    eval_interval: int = 0
-    backend: str = "reference"
-    weight_grad: str = "auto"
-    seed: int = 0
-    checkpoint_interval: int = 0
-    on_nonfinite: str = "stop"
-    max_nonfinite_skips: int = 10
-
-    def __post_init__(self):
-        if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
-        self.rungs = tuple(float(r) for r in self.rungs)
-        self.keep = tuple(int(c) for c in self.keep)
-        if len(self.rungs) != len(self.keep):
-            raise ValueError(f"rungs {self.rungs} and keep {self.keep} must have the same length")
-        if any(not 0 < r < 1 for r in self.rungs) or list(self.rungs) != sorted(set(self.rungs)):
-            raise ValueError(f"rungs must be increasing fractions in (0, 1), got {self.rungs}")
-        if any(c < 1 for c in self.keep) or list(self.keep) != sorted(self.keep, reverse=True):
-            raise ValueError(f"keep must be non-increasing counts >= 1, got {self.keep}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"warmup_steps must be in [0, {self.total_steps}], got {self.warmup_steps}")
-        if self.weight_grad not in WEIGHT_GRAD_MODES:
-            raise ValueError(f"weight_grad must be one of {', '.join(WEIGHT_GRAD_MODES)}, got {self.weight_grad!r}")
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}")
-        if self.max_nonfinite_skips < 1:
-            raise ValueError(f"max_nonfinite_skips must be >= 1, got {self.max_nonfinite_skips}")
-
-    def rung_steps(self) -> list[int]:
-        """Step counts of the rungs followed by T."""
-        steps = [max(1, int(round(r * self.total_steps))) for r in self.rungs]
-        return steps + [self.total_steps]
-
-
-def successive_halving(n: int, eta: float, first_fraction: float, min_keep: int = 1) -> tuple[tuple[float, ...], tuple[int, ...]]:
-    """Rungs and survivor counts for successive halving of ``n`` candidates.
-
-    Rung i (from 0) is at ``first_fraction * eta**i`` of T and keeps
-    ``max(min_keep, floor(n / eta**(i+1)))`` candidates; rungs stop once one survivor count
-    reaches ``min_keep`` or the fraction reaches 1. ``eta=n`` gives the paper's single rung.
-    """
-    if n < 1 or eta <= 1 or not 0 < first_fraction < 1:
-        raise ValueError(f"successive_halving needs n >= 1, eta > 1, 0 < first_fraction < 1 (got {n}, {eta}, {first_fraction})")
-    rungs, keep = [], []
-    fraction, alive = first_fraction, n
-    while fraction < 1 and alive > min_keep:
-        alive = max(min_keep, int(math.floor(n / eta ** (len(rungs) + 1))))
-        rungs.append(round(fraction, 10))
-        keep.append(alive)
-        fraction *= eta
-    return tuple(rungs), tuple(keep)
-
-
-@dataclass
-class Candidate:
-    """One child size under search; while paused it is a sparse delta plus training state.
-
-    ``status`` is ``training`` (in the search), ``stopped`` (culled at step ``stopped_at``),
-    ``regret`` (culled, then trained on to T by :meth:`AdaptiveSearch.measure_regret`) or
-    ``finished`` (trained to T). ``final`` holds ``{"dev": metrics, "test": metrics}`` at T once
-    measured. A baseline (``baseline`` = ``"head-only"`` or ``"full"``) is a candidate too.
-    """
-
-    index: int
-    child: ChildNetwork
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    base_values: dict[str, torch.Tensor] = field(default_factory=dict)
-    values: dict[str, torch.Tensor] = field(default_factory=dict)
-    head: dict[str, torch.Tensor] = field(default_factory=dict)
-    optimizer_state: dict | None = None
-    scheduler_state: dict | None = None
-    rng_state: torch.Tensor | None = None
-    curve: list[dict] = field(default_factory=list)
-    train_losses: list[tuple[int, float]] = field(default_factory=list)
-    rung_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
-    status: str = "training"  # training | stopped | regret | finished
-    stopped_at: int | None = None
-    final: dict[str, dict[str, float]] = field(default_factory=dict)
-    baseline: str | None = None
-    skipped_steps: int = 0  # non-finite steps dropped (on_nonfinite="skip")
-    nonfinite_streak: int = 0  # of them, how many in a row up to now
-
-    @property
-    def p(self) -> float:
-        return self.child.p
-
-    @property
-    def name(self) -> str:
-        """``P=<p>`` for a searched candidate, the baseline's kind for a baseline."""
-        return self.baseline or f"P={self.p:g}"
-
-    @property
-    def search_steps(self) -> int:
-        """Steps this candidate trained within the search (not counting regret training)."""
-        return self.step if self.stopped_at is None else self.stopped_at
-
 
 class AdaptiveSearch:
     """Runs the AD-TUNING plan over ``children`` on the one model of ``problem``.
@@ -284,10 +100,7 @@ class AdaptiveSearch:
         baselines: Sequence[str] = (),
         data_parallel: DataParallel | None = None,
     ) -> None:
-        if not children:
-            raise ValueError("AdaptiveSearch needs at least one candidate child network")
-        if max(config.keep, default=1) > len(children):
-            raise ValueError(f"keep {config.keep} exceeds the number of candidates ({len(children)})")
+        config.check_candidates(len(children))
         unknown = [b for b in baselines if b not in BASELINES]
         if unknown or len(set(baselines)) != len(baselines):
             raise ValueError(f"baselines must be distinct kinds from {', '.join(BASELINES)}, got {list(baselines)}")
@@ -301,7 +114,7 @@ class AdaptiveSearch:
         for child in children:
             child.check_against(upstream, where="the upstream")
         self.initial_head = {n: p.detach().clone() for n, p in problem.head_params.items()}
-        initial_rng = torch.Generator().manual_seed(_rank_seed(config.seed, self.rank)).get_state()
+        initial_rng = torch.Generator().manual_seed(rank_seed(config.seed, self.rank)).get_state()
         self.candidates = []
         for i, child in enumerate(children):
             self.candidates.append(Candidate(index=i, child=child, base_values=child.gather(upstream), rng_state=initial_rng.clone()))
@@ -312,7 +125,7 @@ class AdaptiveSearch:
         for child in children:
             shapes.update(child.shapes)
         self.baselines = [
-            Candidate(index=len(children) + i, child=_baseline_child(kind, shapes), rng_state=initial_rng.clone(), baseline=kind)
+            Candidate(index=len(children) + i, child=baseline_child(kind, shapes), rng_state=initial_rng.clone(), baseline=kind)
             for i, kind in enumerate(baselines)
         ]
         self.chosen: Candidate | None = None
@@ -320,7 +133,7 @@ class AdaptiveSearch:
         self._optimizer: SparseAdamW | None = None
         self._sparse_grad: SparseWeightGrad | None = None
         self._reducer: GradientReducer | None = None
-        self._scheduler = None
+        self._scheduler: LambdaLR | None = None
         self.swap_seconds = 0.0
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
@@ -358,7 +171,7 @@ class AdaptiveSearch:
         upstream, head = self.problem.upstream_params, self.problem.head_params
         if cand.baseline is not None and not cand.base_values:
             # Nothing is active, so the upstream holds the base values right now.
-            cand.base_values = _gather(cand.child, upstream, device="cpu")
+            cand.base_values = gather_to(cand.child, upstream, device="cpu")
         cand.child.scatter_(upstream, cand.values or cand.base_values)
         for name, param in head.items():
             param.data.copy_(cand.head.get(name, self.initial_head[name]))
@@ -400,10 +213,10 @@ class AdaptiveSearch:
         """
         upstream, head = self.problem.upstream_params, self.problem.head_params
         device = "cpu" if offload else None
-        cand.values = _gather(cand.child, upstream, device=device)
+        cand.values = gather_to(cand.child, upstream, device=device)
         cand.head = {n: p.detach().clone() for n, p in head.items()}
         state = self._optimizer.state_dict()
-        cand.optimizer_state = _clone_state_dict(state, device=device, copy=keep_live) if keep_live or offload else state
+        cand.optimizer_state = clone_state_dict(state, device=device, copy=keep_live) if keep_live or offload else state
         cand.scheduler_state = dict(self._scheduler.state_dict())
         cand.rng_state = torch.get_rng_state()
 
@@ -551,20 +364,14 @@ class AdaptiveSearch:
         self.on_event("dev", {"candidate": cand.index, "p": cand.p, "step": cand.step, **metrics})
         return metrics
 
-    def _rank_key(self, metrics: dict[str, float]) -> float:
-        value = metrics[self.problem.primary_metric]
-        return -value if self.problem.higher_is_better else value
-
-    def _order(self, cand: Candidate, metrics: dict[str, float]) -> tuple:
-        # Ties of a count-based metric (accuracy on a few hundred clips) are broken by the dev
-        # NLL every task reports, then by the candidate's order: no tie is decided by position
-        # while the models differ.
-        return (self._rank_key(metrics), metrics.get("nll", 0.0), cand.index)
+    def _order(self, cand: Candidate, metrics: dict[str, float]) -> tuple[float, float, int]:
+        # The dev metric, then dev NLL, then position (search_report.order_key).
+        return order_key(cand, metrics, self.problem.primary_metric, self.problem.higher_is_better)
 
     def run(self) -> Candidate:
         """Execute (or continue) the plan; return the chosen candidate, swapped in."""
         cfg = self.config
-        alive = [c for c in self.candidates if c.status not in _CULLED]
+        alive = [c for c in self.candidates if c.status not in CULLED]
         for rung, until in enumerate(cfg.rung_steps()):
             for cand in alive:
                 if rung in cand.rung_metrics:
@@ -628,53 +435,16 @@ class AdaptiveSearch:
         return self.regret_report()
 
     def regret_report(self) -> dict[str, Any]:
-        """The regret of the search's pick, from the candidates' metrics at T.
+        """The regret of the search's pick, from the candidates' metrics at T (the definitions
+        and keys: :func:`adtuning.search_report.regret_report`).
 
-        Definitions (``m`` is the primary metric; "best" means highest when higher is better,
-        lowest otherwise, ties going to the earlier candidate as in the search):
-
-        - ``regret`` (the primary definition): ``|best final dev m over all candidates -
-          final dev m of the chosen|``, i.e. ``best - chosen`` for higher-is-better metrics and
-          ``chosen - best`` for lower-is-better ones (WER). 0: the early pick is the best
-          candidate at T; positive: how much worse it is.
-        - ``regret_test`` (only with a test split): the same on test, against the best test
-          metric any candidate reaches at T (an oracle that picks by test, not by dev).
-          ``None`` without a test split.
-
-        Returns a dict with ``metric``, ``higher_is_better``, ``regret``, ``chosen_p``,
-        ``chosen_dev``, ``best_p``, ``best_dev``, ``regret_test``, ``chosen_test``,
-        ``best_test_p``, ``best_test``, ``steps_spent_search``, ``steps_spent_regret`` and
-        ``candidates`` (per candidate: ``p``, ``status``, ``search_steps``, ``steps``,
-        ``final_dev``, ``final_test``).
+        Raises:
+            RuntimeError: before :meth:`measure_regret` has measured every candidate at T.
         """
         if self.chosen is None or any(not c.final for c in self.candidates):
             raise RuntimeError("regret_report() needs every candidate's metrics at T: call measure_regret() first")
-        metric = self.problem.primary_metric
-
-        def best_by(split: str) -> Candidate:
-            return min(self.candidates, key=lambda c: self._order(c, c.final[split]))
-
-        def regret(split: str, best: Candidate) -> float:
-            return self._rank_key(self.chosen.final[split]) - self._rank_key(best.final[split])
-
-        best = best_by("dev")
-        report: dict[str, Any] = {
-            "metric": metric, "higher_is_better": self.problem.higher_is_better,
-            "regret": regret("dev", best), "chosen_p": self.chosen.p, "chosen_dev": self.chosen.final["dev"][metric],
-            "best_p": best.p, "best_dev": best.final["dev"][metric],
-            "regret_test": None, "chosen_test": None, "best_test_p": None, "best_test": None,
-            "steps_spent_search": self.steps_spent(), "steps_spent_regret": self.steps_regret(),
-            "candidates": [
-                {"p": c.p, "status": c.status, "search_steps": c.search_steps, "steps": c.step,
-                 "final_dev": c.final["dev"], "final_test": c.final.get("test")}
-                for c in self.candidates
-            ],
-        }
-        if all("test" in c.final for c in self.candidates):
-            best_test = best_by("test")
-            report.update(regret_test=regret("test", best_test), chosen_test=self.chosen.final["test"][metric],
-                          best_test_p=best_test.p, best_test=best_test.final["test"][metric])
-        return report
+        return regret_report(self.candidates, self.chosen, self.problem.primary_metric, self.problem.higher_is_better,
+                             steps_spent_search=self.steps_spent(), steps_spent_regret=self.steps_regret())
 
     def run_baselines(self) -> dict[str, dict[str, Any]]:
         """Train each baseline given to the constructor for T steps and evaluate it at T.
@@ -705,15 +475,9 @@ class AdaptiveSearch:
         return self.baseline_report()
 
     def baseline_report(self) -> dict[str, dict[str, Any]]:
-        """Per baseline kind: ``p``, trainable counts (``trainable_upstream``, ``trainable_head``,
-        ``trainable_params``), ``steps``, ``final_dev``, ``final_test`` (``None`` without a test
-        split or before it ran) and the dev ``curve``."""
-        head = sum(p.numel() for p in self.problem.head_params.values())
-        return {
-            c.baseline: {"p": c.p, "trainable_upstream": c.child.k, "trainable_head": head, "trainable_params": c.child.k + head,
-                         "steps": c.step, "final_dev": c.final.get("dev"), "final_test": c.final.get("test"), "curve": c.curve}
-            for c in self.baselines
-        }
+        """Per baseline kind: ``p``, trainable counts, ``steps``, ``final_dev``, ``final_test``
+        and the dev ``curve`` (:func:`adtuning.search_report.baseline_report`)."""
+        return baseline_report(self.baselines, sum(p.numel() for p in self.problem.head_params.values()))
 
     # ---- accounting ---------------------------------------------------------------------
 
@@ -752,11 +516,11 @@ class AdaptiveSearch:
             self._capture(self.active, offload=True)
         tensors: dict[str, torch.Tensor] = {}
         everyone = self.candidates + self.baselines
-        records = {id(cand): candidate_record(cand, _prefix(cand), tensors) for cand in everyone}
+        records = {id(cand): candidate_record(cand, checkpoint_prefix(cand), tensors) for cand in everyone}
         for rank, states in enumerate(rank_rngs or []):
             if rank > 0:
                 for cand, state in zip(everyone, states):
-                    tensors[rng_key(_prefix(cand), rank)] = state.contiguous()
+                    tensors[rng_key(checkpoint_prefix(cand), rank)] = state.contiguous()
         meta = {
             "active": None if self.active is None else self.active.index,
             "candidates": [records[id(cand)] for cand in self.candidates],
@@ -826,57 +590,5 @@ class AdaptiveSearch:
         # A baseline's paused values stay in host memory until it is swapped in.
         value_devices = {n: ("cpu" if cand.baseline else p.device) for n, p in self.problem.upstream_params.items()}
         head_devices = {n: p.device for n, p in self.problem.head_params.items()}
-        restore_candidate(rec, cand, _prefix(cand), tensors, rank=self.rank, value_devices=value_devices,
+        restore_candidate(rec, cand, checkpoint_prefix(cand), tensors, rank=self.rank, value_devices=value_devices,
                           head_devices=head_devices, where=meta_path)
-
-
-def _prefix(cand: Candidate) -> str:
-    """Where a candidate's tensors live in the checkpoint."""
-    return candidate_prefix(cand.index, cand.baseline)
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    """The RNG seed of ``rank``: ``seed`` itself on rank 0 (a one-process run is unchanged),
-    distinct streams elsewhere, so that ranks draw independent dropout masks."""
-    return seed if rank == 0 else seed + 1_000_003 * rank
-
-
-def _baseline_child(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> ChildNetwork:
-    """The child a baseline trains: no entry (``head-only``) or every entry of ``shapes`` (``full``)."""
-    if kind == "head-only":
-        indices = {}
-    else:
-        indices = {}
-        for name, shape in shapes.items():
-            numel = math.prod(shape)
-            indices[name] = torch.arange(numel, dtype=torch.int64 if numel >= INT32_LIMIT else torch.int32)
-    k = sum(i.numel() for i in indices.values())
-    return ChildNetwork(indices=indices, shapes=dict(shapes), p=BASELINES[kind], k=k, method=kind)
-
-
-def _gather(child: ChildNetwork, named_params: Mapping[str, torch.Tensor], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-    """:meth:`ChildNetwork.gather`, moving each tensor to ``device`` before the next is taken
-    (so a large child never has two copies on the accelerator)."""
-    if device is None:
-        return child.gather(named_params)
-    out = {}
-    for name, idx in child.indices.items():
-        flat = named_params[name].detach().reshape(-1)
-        out[name] = flat.index_select(0, idx.to(flat.device).long()).to(device)
-    return out
-
-
-def _clone_state_dict(state_dict: dict, device: str | torch.device | None = None, copy: bool = True) -> dict:
-    """A copy of an optimizer state dict (on ``device`` if given; with ``copy=False`` tensors
-    already there are taken over instead of copied)."""
-    def move(v):
-        if not isinstance(v, torch.Tensor):
-            return v
-        if device is None:
-            return v.detach().clone()
-        return v.detach().to(device, copy=copy)
-
-    return {
-        "state": {k: {n: move(v) for n, v in s.items()} for k, s in state_dict["state"].items()},
-        "param_groups": [dict(g) for g in state_dict["param_groups"]],
-    }
