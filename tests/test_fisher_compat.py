@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from adtuning.train import Recipe, UsageError, _apply_run_defaults, _check_args, build_parser, main
+from adtuning.train import Recipe, UsageError, build_parser, main, parse_config
 
 sys.path.insert(0, str(Path(__file__).parent / "speech"))
 from speech_fixtures import write_librimix, write_librispeech, write_speech_commands  # noqa: E402
@@ -41,14 +41,12 @@ def corpora(tmp_path_factory):
 
 
 def recipe_for(task, data_dir, out, *extra):
-    args = build_parser().parse_args([
+    config = parse_config([
         "--task", task, "--data-dir", str(data_dir), "--upstream", "tiny-wav2vec2", "--output-dir", str(out),
         "--candidates", ",".join(str(p) for p in PS), "--batch-size", "2", "--grad-accum", "2", "--fisher-samples", "5",
         "--steps", "2", "--no-progress", "--no-plots", *TASKS[task][1], *extra,
     ])
-    _apply_run_defaults(args)
-    _check_args(args)
-    recipe = Recipe(args)
+    recipe = Recipe(config)
     recipe.setup()
     # The tiny upstreams have no dropout; real ones do (0.1): switch it on, so that train mode
     # (and the random state it draws from) matters for every task, not only ASR's SpecAugment.
@@ -154,9 +152,8 @@ def test_scored_and_count_flags_are_checked(corpora, tmp_path, capsys):
     recipe = recipe_for("ks", corpora["ks"], tmp_path / "a", "--scored", "no_such_tensor")
     with pytest.raises(UsageError, match="--scored: 'no_such_tensor' matches no parameter"):
         recipe.fisher()
-    recipe = recipe_for("ks", corpora["ks"], tmp_path / "b", "--child-count", "percentile")
     with pytest.raises(UsageError, match="--child-count"):
-        recipe.fisher()
+        recipe_for("ks", corpora["ks"], tmp_path / "b", "--child-count", "percentile")
 
 
 def test_scored_regex_reaches_the_children(corpora, tmp_path):

@@ -61,7 +61,7 @@ def compared_run(tmp_path_factory, corpus_cache):
 def test_regret_and_baselines_are_measured_without_changing_the_pick(finished_run, compared_run, capsys):
     out = compared_run
     summary = json.loads((out / "summary.json").read_text())
-    train._print_summary(summary)
+    train.print_summary(summary)
     printed = capsys.readouterr().out
     plain = json.loads((finished_run / "summary.json").read_text())
     metric = summary["primary_metric"]
@@ -214,7 +214,7 @@ def test_export_evaluates_with_the_run_data(finished_run, capsys):
         (["--data-dir", "/nonexistent/corpus"], "/nonexistent/corpus"),
         (["--rungs", "0.2"], "--rungs/--keep"),
         (["--fused", "--backend", "native"], "--fused"),
-        (["--baselines", "foo"], "--baselines: unknown baseline 'foo' (choose from head-only, full)"),
+        (["--baselines", "foo"], "--baselines: unknown baseline 'foo' (choose from full, frozen, weighted-sum, lora"),
         (["--baselines", "full,head-only,full"], "--baselines: duplicate"),
         (["--max-nonfinite-skips", "0"], "--max-nonfinite-skips: must be >= 1, got 0"),
     ],
@@ -242,19 +242,18 @@ def test_unparseable_flag_values_exit_with_usage(capsys):
 
 
 def test_the_default_backend_is_the_fused_one_when_it_loads(monkeypatch):
-    from types import SimpleNamespace
-
     from adtuning.backend_contract import BackendUnavailableError
+    from adtuning.recipe import run
 
-    recipe = SimpleNamespace(args=SimpleNamespace(fused=False, backend=None), device=torch.device("cpu"))
-    name, why = train.Recipe._choose_backend(recipe)
+    cpu = torch.device("cpu")
+    name, why = run.choose_backend(None, cpu)
     assert name == "native" and "default" in why
-    recipe.args.backend = "reference"
-    assert train.Recipe._choose_backend(recipe) == ("reference", "asked for with --backend")
+    assert run.choose_backend("reference", cpu) == ("reference", "asked for with --backend")
 
     def unavailable(name, device=None):
         raise BackendUnavailableError("no compiler")
 
-    monkeypatch.setattr(train, "get_backend", unavailable)
-    recipe.args.backend = None
-    assert train.Recipe._choose_backend(recipe) == ("reference", "the fused backend is not available")
+    monkeypatch.setattr(run, "get_backend", unavailable)
+    assert run.choose_backend(None, cpu) == ("reference", "the fused backend is not available")
+    with pytest.raises(train.UsageError, match="--fused: backend 'native' is not available: no compiler"):
+        run.choose_backend("fused", cpu)

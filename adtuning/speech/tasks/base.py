@@ -69,6 +69,15 @@ class Task(nn.Module):
         """The recipe's scalar batch loss."""
         raise NotImplementedError
 
+    #: Whether :meth:`loss` is a mean over the batch's samples; a task whose loss is a mean over
+    #: something else (SD: label frames) sets it False and counts that in :meth:`loss_normalizer`.
+    loss_is_sample_mean: ClassVar[bool] = True
+
+    def loss_normalizer(self, batch: dict[str, Any]) -> float:
+        """How many things :meth:`loss` is a mean over in ``batch`` (data parallel weighs each
+        rank's part of a global batch by its share of this count)."""
+        return float(len(batch["ids"]))
+
     def new_eval_state(self) -> dict[str, Any]:
         """Fresh accumulator for :meth:`eval_update`."""
         return {"nll_sum": 0.0, "count": 0}

@@ -82,6 +82,12 @@ class DiarizationTask(Task):
         nll = self.per_sample_nll(outputs, batch)
         return nll.sum() / self.num_speakers / batch["label_lengths"].sum().to(nll.dtype)
 
+    loss_is_sample_mean = False
+
+    def loss_normalizer(self, batch):
+        """The loss is a mean over label frames (and speakers): this batch's label frames."""
+        return float(batch["label_lengths"].sum())
+
     def new_eval_state(self):
         return {**super().new_eval_state(), "counts": M.DiarizationCounts()}
 
