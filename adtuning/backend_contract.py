@@ -22,30 +22,189 @@ Module graph (``A -> B``: A imports B)::
     triton_backend -> backend_contract (kernels/ on first use) registers "triton"
     backends     -> backend_contract, reference, native, triton_backend   (the front door)
 
+Each operation's signature and docstring live here once, as a :class:`typing.Protocol` with
+only ``__call__`` (:class:`GatherOp`, :class:`SparseAdamWOp`, :class:`LinearFisherOp`,
+:class:`SDDMMOp`); the :class:`Backend` fields have those types, so mypy checks every backend's
+functions against them where the backend builds its :class:`Backend`, and
+``tests/test_backend_contract.py`` compares each loadable backend's ``inspect.signature``
+with the Protocol's (names, kinds, defaults and annotations). Implementations say which
+Protocol they implement and document only what is specific to them.
+
 Adding a backend: a module that calls :func:`register_backend` with a loader returning a
 :class:`Backend`, and one import line in :mod:`adtuning.backends`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
+
+__all__ = [
+    "Backend",
+    "BackendProvider",
+    "BackendUnavailableError",
+    "GatherOp",
+    "LinearFisherOp",
+    "OPERATIONS",
+    "SDDMMOp",
+    "SparseAdamWOp",
+    "fused_provider",
+    "providers",
+    "register_backend",
+]
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says what is missing."""
 
 
+class GatherOp(Protocol):
+    """Gather of a dense gradient at a compressed index set (``Backend.gather``)."""
+
+    def __call__(
+        self,
+        grad: torch.Tensor,
+        indices: torch.Tensor,
+        out: torch.Tensor | None = None,
+        accumulate: bool = False,
+    ) -> torch.Tensor:
+        """Return ``float32(grad.flatten()[indices])``, written into / added onto ``out`` when given.
+
+        Runs in the per-parameter gradient hook, right after autograd accumulates the dense
+        gradient, so that the dense gradient can be freed.
+
+        Args:
+            grad: dense gradient of any shape (fp32, bf16 or fp16).
+            indices: 1-D sorted unique int32/int64 flat indices into ``grad``.
+            out: optional contiguous fp32 buffer of length ``len(indices)`` to write into.
+            accumulate: add into ``out`` instead of overwriting it (gradient accumulation over
+                micro-batches).
+
+        Returns:
+            ``out`` when given, else a new fp32 tensor of length ``len(indices)``.
+        """
+        ...
+
+
+class SparseAdamWOp(Protocol):
+    """AdamW over a compressed index set (``Backend.sparse_adamw_``)."""
+
+    def __call__(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        indices: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        master: torch.Tensor | None,
+        *,
+        step: float,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+    ) -> None:
+        """One AdamW step on the child entries of ``param`` only, in place.
+
+        The child entries ``w = param.flatten()[indices]`` (or the fp32 ``master`` copy of
+        them, when given) evolve exactly as ``torch.optim.AdamW`` (single-tensor path) would
+        evolve the vector ``w`` alone with gradient ``grad``: decoupled weight decay, the
+        moment updates, the bias-corrected step; the result is rounded into ``param``'s dtype.
+        Every other entry of ``param`` is left untouched.
+
+        Args:
+            param: the dense parameter (fp32, bf16 or fp16), contiguous; updated in place.
+            grad: fp32 compact gradient, length k.
+            indices: 1-D sorted unique int32/int64 flat indices, length k.
+            exp_avg, exp_avg_sq: fp32 compact moments, length k; updated in place.
+            master: fp32 compact master weights (length k) for low-precision ``param``, else None.
+            step: step number after incrementing (1 on the first step); the bias corrections
+                ``1 - beta**step`` are computed in Python float, like ``torch.optim.AdamW``.
+            lr, beta1, beta2, eps, weight_decay: the AdamW hyper-parameters (decoupled decay).
+        """
+        ...
+
+
+class LinearFisherOp(Protocol):
+    """Per-sample Fisher of a Linear layer's weight and bias (``Backend.linear_fisher_``)."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        dy: torch.Tensor,
+        fisher_w: torch.Tensor,
+        fisher_b: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> None:
+        """Accumulate ``fisher_w += sum_n (dy_n^T x_n)^2`` and ``fisher_b += sum_n (sum_t dy_n,t)^2``.
+
+        For the input ``x`` and the output gradient ``dy`` of one backward pass over a sum of
+        per-sample losses, sample n's weight gradient is ``dy_n^T x_n`` and its bias gradient
+        is ``sum_t dy_n,t``; the accumulators receive their squares. Fast implementations never
+        materialise a per-sample gradient.
+
+        Args:
+            x: [B, T, in] layer input (fp32, bf16 or fp16; math in fp32).
+            dy: [B, T, out] gradient of the summed per-sample losses w.r.t. the layer output.
+            fisher_w: contiguous fp32 [out, in] accumulator, updated in place.
+            fisher_b: contiguous fp32 [out] accumulator, or None.
+            lengths: optional int [B]; only frames ``t < lengths[n]`` of sample n count.
+        """
+        ...
+
+
+class SDDMMOp(Protocol):
+    """Child entries of a Linear weight gradient, a sampled dense-dense product (``Backend.sddmm``)."""
+
+    def __call__(
+        self,
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        indices: torch.Tensor,
+        out: torch.Tensor | None = None,
+        accumulate: bool = False,
+    ) -> torch.Tensor:
+        """Return ``float32((dy^T @ x).flatten()[indices])``, computed in fp32 without forming ``dy^T @ x``.
+
+        For a Linear ``y = x W^T + b`` the weight gradient is ``dW = dy^T x`` ([out, in]); the
+        flat index ``e = i * in + j`` is ``sum_n dy[n, i] * x[n, j]``. Nothing of the size of
+        ``dW`` is formed.
+
+        Args:
+            dy: [N, out] gradient of the loss w.r.t. the Linear output, rows = all frames of
+                the batch (fp32, bf16 or fp16).
+            x: [N, in] the Linear input (fp32, bf16 or fp16).
+            indices: 1-D sorted unique int32/int64 flat indices into the [out, in] weight.
+            out: optional contiguous fp32 buffer of length ``len(indices)`` to write into.
+            accumulate: add into ``out`` instead of overwriting it (gradient accumulation over
+                micro-batches, or a layer called more than once).
+
+        Returns:
+            ``out`` when given, else a new fp32 tensor of length ``len(indices)``.
+        """
+        ...
+
+
+OPERATIONS: dict[str, type] = {
+    "gather": GatherOp,
+    "sparse_adamw_": SparseAdamWOp,
+    "linear_fisher_": LinearFisherOp,
+    "sddmm": SDDMMOp,
+}
+"""The :class:`Backend` operation fields and the Protocol each one implements."""
+
+
 @dataclass(frozen=True)
 class Backend:
-    """The hot operations of one backend (see :mod:`adtuning.backends` for the contracts)."""
+    """The hot operations of one backend, each typed by the Protocol holding its contract."""
 
     name: str
-    gather: Callable[..., torch.Tensor]
-    sparse_adamw_: Callable[..., None]
-    linear_fisher_: Callable[..., None]
-    sddmm: Callable[..., torch.Tensor]
+    gather: GatherOp
+    sparse_adamw_: SparseAdamWOp
+    linear_fisher_: LinearFisherOp
+    sddmm: SDDMMOp
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,17 @@ CPU). Asking for a backend that
 cannot run raises :class:`BackendUnavailableError` naming what is missing; there is never a
 silent fallback to the reference path.
 
-Every backend object exposes the same four operations:
+Every backend object exposes the same four operations, each typed by a Protocol of
+:mod:`adtuning.backend_contract` that holds its signature and docstring:
 
-``gather(grad, indices, out=None, accumulate=False) -> Tensor``
-    ``float32(grad.flatten()[indices])``, written into / added onto ``out`` when given.
-``sparse_adamw_(param, grad, indices, exp_avg, exp_avg_sq, master, *, step, lr, beta1, beta2, eps, weight_decay)``
-    one AdamW step on the child entries of ``param`` (see :func:`adtuning.reference.sparse_adamw_ref_`).
-``linear_fisher_(x, dy, fisher_w, fisher_b=None, lengths=None)``
-    per-sample Fisher accumulation of a Linear layer (see :func:`adtuning.reference.linear_fisher_ref_`).
-``sddmm(dy, x, indices, out=None, accumulate=False) -> Tensor``
-    the child entries of a Linear weight gradient, ``float32((dy^T @ x).flatten()[indices])``,
-    without the dense ``dy^T @ x`` (see :func:`adtuning.reference.sddmm_ref`).
+==================  =============================================  ==========================
+field               what it does                                   Protocol
+==================  =============================================  ==========================
+``gather``          ``float32(grad.flatten()[indices])``           :class:`GatherOp`
+``sparse_adamw_``   one AdamW step on the child entries            :class:`SparseAdamWOp`
+``linear_fisher_``  per-sample Fisher of a Linear layer            :class:`LinearFisherOp`
+``sddmm``           child entries of a Linear weight gradient      :class:`SDDMMOp`
+==================  =============================================  ==========================
 
 The contract types and the registry live in the leaf module :mod:`adtuning.backend_contract`
 (its docstring has the design note and the module graph); each backend module registers

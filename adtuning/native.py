@@ -165,28 +165,36 @@ def build_library(sources: list[Path], build_dir: Path, name: str = LIBRARY_NAME
 def _register_fakes() -> None:
     """Fake (meta) implementations: shapes only, so the ops trace under torch.compile/export."""
 
-    @torch.library.register_fake("adtuning::sparse_adamw_")
-    def _sparse_adamw_fake(param, grad, indices, exp_avg, exp_avg_sq, master, lr, beta1,
-                           beta2, eps, weight_decay, bias_correction1, bias_correction2):
+    def _sparse_adamw_fake(
+        param: torch.Tensor, grad: torch.Tensor, indices: torch.Tensor, exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor, master: torch.Tensor | None, lr: float, beta1: float, beta2: float,
+        eps: float, weight_decay: float, bias_correction1: float, bias_correction2: float,
+    ) -> None:
         k = indices.numel()
         for t in (grad, exp_avg, exp_avg_sq) + ((master,) if master is not None else ()):
             torch._check(t.numel() == k, lambda: "compact tensors must match indices")
 
-    @torch.library.register_fake("adtuning::gather")
-    def _gather_fake(grad, indices, out, accumulate):
+    def _gather_fake(grad: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
         torch._check(out.numel() == indices.numel(), lambda: "out must match indices")
 
-    @torch.library.register_fake("adtuning::linear_fisher_")
-    def _linear_fisher_fake(x, dy, fisher_w, fisher_b, lengths):
+    def _linear_fisher_fake(
+        x: torch.Tensor, dy: torch.Tensor, fisher_w: torch.Tensor, fisher_b: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+    ) -> None:
         torch._check(x.dim() == 3 and dy.dim() == 3, lambda: "x and dy must be [B, T, F]")
         torch._check(
             fisher_w.shape == (dy.shape[2], x.shape[2]), lambda: "fisher_w must be [out, in]"
         )
 
-    @torch.library.register_fake("adtuning::sddmm")
-    def _sddmm_fake(dy, x, indices, out, accumulate):
+    def _sddmm_fake(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
         torch._check(dy.dim() == 2 and x.dim() == 2, lambda: "dy and x must be [N, features]")
         torch._check(out.numel() == indices.numel(), lambda: "out must match indices")
+
+    # Passed to register_fake, not decorated by it: as a decorator it is untyped for mypy.
+    torch.library.register_fake("adtuning::sparse_adamw_", _sparse_adamw_fake)
+    torch.library.register_fake("adtuning::gather", _gather_fake)
+    torch.library.register_fake("adtuning::linear_fisher_", _linear_fisher_fake)
+    torch.library.register_fake("adtuning::sddmm", _sddmm_fake)
 
 
 def _ops_registered() -> bool:
@@ -249,13 +257,9 @@ def gather(
     out: torch.Tensor | None = None,
     accumulate: bool = False,
 ) -> torch.Tensor:
-    """Native twin of :func:`adtuning.reference.gather_ref`: ``float32(grad.flatten()[indices])``.
+    """Native :class:`~adtuning.backend_contract.GatherOp` (``torch.ops.adtuning.gather``; CPU tensors).
 
-    Args:
-        grad: dense CPU gradient of any shape (fp32, bf16 or fp16).
-        indices: 1-D sorted unique int32/int64 flat indices into ``grad``.
-        out: optional contiguous fp32 buffer of length ``len(indices)`` to write into.
-        accumulate: add into ``out`` instead of overwriting it (ignored without ``out``).
+    ``accumulate`` is ignored without ``out``.
     """
     if out is None:
         out = torch.empty(indices.numel(), dtype=torch.float32, device=grad.device)
@@ -279,21 +283,10 @@ def sparse_adamw_(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """Native twin of :func:`adtuning.reference.sparse_adamw_ref_`: one fused AdamW step.
+    """Native :class:`~adtuning.backend_contract.SparseAdamWOp`: one fused pass (``torch.ops.adtuning.sparse_adamw_``).
 
-    Gathers the child entries of ``param`` (or reads ``master``), updates the compact
-    moments, applies decoupled weight decay and the Adam step, and scatters the result back,
-    rounding to ``param``'s dtype; all other entries of ``param`` are untouched.
-
-    Args:
-        param: dense contiguous CPU parameter (fp32; bf16/fp16 need ``master``).
-        grad: fp32 compact gradient, length k.
-        indices: 1-D sorted unique int32/int64 flat indices, length k.
-        exp_avg, exp_avg_sq: fp32 compact moments, length k; updated in place.
-        master: fp32 compact master weights (length k) for low-precision ``param``, else None.
-        step: step number after incrementing (1 on the first step); the bias corrections
-            ``1 - beta**step`` are computed here in Python float, like ``torch.optim.AdamW``.
-        lr, beta1, beta2, eps, weight_decay: the AdamW hyper-parameters (decoupled decay).
+    CPU tensors; a bf16/fp16 ``param`` needs ``master``. The bias corrections are computed
+    here in Python float and passed to the C++ op.
     """
     bias_correction1 = 1 - beta1 ** float(step)
     bias_correction2 = 1 - beta2 ** float(step)
@@ -311,17 +304,9 @@ def linear_fisher_(
     fisher_b: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
 ) -> None:
-    """Native twin of :func:`adtuning.reference.linear_fisher_ref_`.
+    """Native :class:`~adtuning.backend_contract.LinearFisherOp`, tile by tile (``torch.ops.adtuning.linear_fisher_``).
 
-    Accumulates ``fisher_w += sum_n (dy_n^T x_n)^2`` and ``fisher_b += sum_n (sum_t dy_n,t)^2``
-    tile by tile, without materialising any per-sample gradient.
-
-    Args:
-        x: [B, T, in] CPU layer input (fp32, bf16 or fp16; math in fp32).
-        dy: [B, T, out] gradient of the summed per-sample losses w.r.t. the layer output.
-        fisher_w: contiguous fp32 [out, in] accumulator, updated in place.
-        fisher_b: contiguous fp32 [out] accumulator or None.
-        lengths: optional int [B] (tensor or sequence); only frames ``t < lengths[n]`` count.
+    CPU tensors; ``lengths`` may also be a sequence of ints (made a tensor here).
     """
     if lengths is not None and not isinstance(lengths, torch.Tensor):
         lengths = torch.as_tensor(lengths, dtype=torch.long)
@@ -335,15 +320,9 @@ def sddmm(
     out: torch.Tensor | None = None,
     accumulate: bool = False,
 ) -> torch.Tensor:
-    """Native twin of :func:`adtuning.reference.sddmm_ref`: the child entries of a Linear
-    weight gradient, ``float32((dy^T @ x).flatten()[indices])``, without the dense product.
+    """Native :class:`~adtuning.backend_contract.SDDMMOp` (``torch.ops.adtuning.sddmm``; CPU tensors).
 
-    Args:
-        dy: [N, out] CPU gradient w.r.t. the Linear output (fp32, bf16 or fp16; math in fp32).
-        x: [N, in] CPU Linear input (fp32, bf16 or fp16).
-        indices: 1-D sorted unique int32/int64 flat indices into the [out, in] weight.
-        out: optional contiguous fp32 buffer of length ``len(indices)`` to write into.
-        accumulate: add into ``out`` instead of overwriting it (ignored without ``out``).
+    ``accumulate`` is ignored without ``out``.
     """
     if out is None:
         out = torch.empty(indices.numel(), dtype=torch.float32, device=dy.device)

@@ -1,14 +1,17 @@
 """The ``triton`` backend: the Triton kernels of ``adtuning.kernels`` behind the backend contract.
 
-:func:`backend` returns a :class:`adtuning.backend_contract.Backend` whose operations have exactly the
-signatures of the reference twins (:mod:`adtuning.reference`). Triton kernels run on CUDA
+:func:`backend` returns a :class:`adtuning.backend_contract.Backend` whose operations implement the
+contract's Protocols with exactly their signatures (the launchers' tuning keywords are not
+exposed; mypy checks the launchers in ``kernels/__init__.py``). Triton kernels run on CUDA
 tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, which must be
 set before ``adtuning.kernels`` is first imported; the tests do this). Anything else is a
 :class:`~adtuning.backend_contract.BackendUnavailableError`, never a fallback to another backend.
 """
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 import torch
 
@@ -19,7 +22,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _load_kernels():
+def _load_kernels() -> ModuleType:
     """Import ``adtuning.kernels`` or raise :class:`BackendUnavailableError` saying why not."""
     try:
         import triton  # noqa: F401
@@ -36,7 +39,9 @@ def _load_kernels():
             "or choose backend='native' (CPU) / 'reference'"
         )
     try:
-        from adtuning import kernels
+        # import_module, not an import statement: mypy cannot follow setup.py's kernels/ ->
+        # adtuning.kernels mapping (it checks kernels/ as the package ``kernels``).
+        kernels = importlib.import_module("adtuning.kernels")
     except Exception as exc:
         raise BackendUnavailableError(
             f"backend 'triton': the kernels in adtuning.kernels failed to import "
@@ -51,9 +56,9 @@ def _load_kernels():
     return kernels
 
 
-def _make_ops(kernels) -> Backend:
-    # gather and sparse_adamw launchers already have the reference signatures; linear_fisher and
-    # sddmm also take tuning keywords, which the backend contract does not expose.
+def _make_ops(kernels: ModuleType) -> Backend:
+    # The gather and sparse_adamw launchers have exactly the contract's signatures; linear_fisher
+    # and sddmm also take tuning keywords, which the backend contract does not expose.
     def linear_fisher_(
         x: torch.Tensor,
         dy: torch.Tensor,
@@ -61,7 +66,7 @@ def _make_ops(kernels) -> Backend:
         fisher_b: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
     ) -> None:
-        """Triton twin of :func:`adtuning.reference.linear_fisher_ref_` (one tiled launch)."""
+        """Triton :class:`~adtuning.backend_contract.LinearFisherOp` (:func:`adtuning.kernels.linear_fisher`, default tiling)."""
         kernels.linear_fisher(x, dy, fisher_w, fisher_b, lengths)
 
     def sddmm(
@@ -71,8 +76,9 @@ def _make_ops(kernels) -> Backend:
         out: torch.Tensor | None = None,
         accumulate: bool = False,
     ) -> torch.Tensor:
-        """Triton twin of :func:`adtuning.reference.sddmm_ref` (one launch)."""
-        return kernels.sddmm(dy, x, indices, out, accumulate)
+        """Triton :class:`~adtuning.backend_contract.SDDMMOp` (:func:`adtuning.kernels.sddmm`, default layout)."""
+        values: torch.Tensor = kernels.sddmm(dy, x, indices, out, accumulate)
+        return values
 
     return Backend(
         name="triton", gather=kernels.gather, sparse_adamw_=kernels.sparse_adamw,
@@ -95,5 +101,6 @@ def backend() -> Backend:
     if _BACKEND is None:
         _BACKEND = _make_ops(kernels)
     return _BACKEND
+
 
 register_backend(BackendProvider("triton", backend, fused_on=("cuda",), description="kernels/ Triton kernels; CUDA or TRITON_INTERPRET=1"))

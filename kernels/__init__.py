@@ -9,22 +9,35 @@ launcher               op
 :func:`sddmm`          child entries of a Linear weight gradient, no dense ``dW``
 =====================  ==============================================================
 
-Each launcher checks its inputs and has the contract of its twin in :mod:`adtuning.reference`.
-Kernels compile for CUDA, or run on CPU tensors in Triton's interpreter when
-``TRITON_INTERPRET=1`` is set *before* this package is first imported (Triton decides at
-decoration time). Use them through ``adtuning.backends.get_backend("triton")``.
+Each launcher checks its inputs and implements the Protocol of its op in
+:mod:`adtuning.backend_contract` (``linear_fisher`` and ``sddmm`` add keyword-only tuning
+options, which the ``triton`` backend does not expose). Kernels compile for CUDA, or run on CPU
+tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` is set *before* this package is
+first imported (Triton decides at decoration time). Use them through
+``adtuning.backends.get_backend("triton")``.
+
+The imports inside this package are relative: setup.py installs ``kernels/`` as
+``adtuning.kernels``, a mapping mypy cannot follow, so mypy checks this folder as the package
+``kernels`` (pyproject.toml ``[tool.mypy] files``), including the contract check below.
 """
-from adtuning.kernels.gather import gather
-from adtuning.kernels.linear_fisher import linear_fisher
-from adtuning.kernels.sddmm import sddmm
-from adtuning.kernels.sparse_adamw import sparse_adamw
+from typing import TYPE_CHECKING
+
+from .gather import gather
+from .linear_fisher import linear_fisher
+from .sddmm import sddmm
+from .sparse_adamw import sparse_adamw
+
+if TYPE_CHECKING:  # mypy checks each launcher against its op's Protocol
+    from adtuning.backend_contract import GatherOp, LinearFisherOp, SDDMMOp, SparseAdamWOp
+
+    _IMPLEMENTS: tuple[GatherOp, SparseAdamWOp, LinearFisherOp, SDDMMOp] = (gather, sparse_adamw, linear_fisher, sddmm)
 
 
 def compiled_for_interpreter() -> bool:
     """True when the kernels were decorated under ``TRITON_INTERPRET=1`` (they run on CPU)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from adtuning.kernels.gather import _gather_kernel
+    from .gather import _gather_kernel
 
     return isinstance(_gather_kernel, InterpretedFunction)
 

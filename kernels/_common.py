@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -90,11 +91,11 @@ def _patch_old_interpreter_scalar_index() -> None:
     if original is None or getattr(original, "_adtuning_squeezes", False):
         return
 
-    def patch_lang_tensor(tensor, scope):
+    def patch_lang_tensor(tensor: Any, scope: Any) -> None:
         original(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
-    patch_lang_tensor._adtuning_squeezes = True
+    setattr(patch_lang_tensor, "_adtuning_squeezes", True)  # a mark on the function: patched once
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 

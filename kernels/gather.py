@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adtuning.kernels._common import check_device, check_indices, elementwise_block
+from ._common import check_device, check_indices, elementwise_block
 
 # Up to 1024 indices per program (fewer for small k, see elementwise_block): a gather is
 # latency-bound, so each program keeps many loads in flight.
@@ -19,7 +19,7 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _gather_kernel(
+def _gather_kernel(  # type: ignore[no-untyped-def]  # Triton reads kernel annotations: only tl.constexpr
     grad_ptr,
     idx_ptr,
     out_ptr,
@@ -44,17 +44,7 @@ def gather(
     out: torch.Tensor | None = None,
     accumulate: bool = False,
 ) -> torch.Tensor:
-    """Return ``float32(grad.flatten()[indices])``, written into / added onto ``out`` when given.
-
-    Args:
-        grad: dense gradient of any shape (fp32, bf16 or fp16).
-        indices: 1-D sorted unique int32/int64 flat indices into ``grad``.
-        out: optional contiguous fp32 buffer of length ``len(indices)``.
-        accumulate: add into ``out`` instead of overwriting it (needs ``out``).
-
-    Returns:
-        ``out`` when given, else a new fp32 tensor of length ``len(indices)``.
-    """
+    """Triton :class:`~adtuning.backend_contract.GatherOp` (one launch); ``accumulate=True`` needs ``out``."""
     if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"gather: grad must be fp32/bf16/fp16, got {grad.dtype}")
     check_indices("gather", indices, grad.numel())

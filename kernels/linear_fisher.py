@@ -13,11 +13,13 @@ weight-gradient GEMM, padded frames are never loaded, and the result is determin
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from adtuning.kernels._common import check_device, interpreting
+from ._common import check_device, interpreting
 
 # tl.dot needs every tile dimension >= 16; smaller layers are handled by masking.
 MIN_BLOCK = 16
@@ -53,7 +55,7 @@ TUNING_CANDIDATES = (
 
 
 @triton.jit
-def _linear_fisher_kernel(
+def _linear_fisher_kernel(  # type: ignore[no-untyped-def]  # Triton reads kernel annotations: only tl.constexpr
     x_ptr,
     dy_ptr,
     fisher_w_ptr,
@@ -142,7 +144,7 @@ def _linear_fisher_kernel(
 
 def _block(size: int, cap: int) -> int:
     """Smallest power of two >= ``size``, clamped to [MIN_BLOCK, cap]."""
-    return max(MIN_BLOCK, min(cap, triton.next_power_of_2(max(1, size))))
+    return max(MIN_BLOCK, min(cap, int(triton.next_power_of_2(max(1, size)))))
 
 
 def linear_fisher(
@@ -159,14 +161,11 @@ def linear_fisher(
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> None:
-    """Accumulate ``fisher_w += sum_n (dy_n^T x_n)^2`` and ``fisher_b += sum_n (sum_t dy_n,t)^2``.
+    """Triton :class:`~adtuning.backend_contract.LinearFisherOp` (one tiled launch), plus tuning keywords.
+
+    ``x`` and ``dy`` may have any strides.
 
     Args:
-        x: [B, T, in] layer input (fp32, bf16 or fp16; any strides).
-        dy: [B, T, out] gradient of the summed per-sample losses w.r.t. the layer output.
-        fisher_w: contiguous fp32 [out, in] accumulator, updated in place.
-        fisher_b: contiguous fp32 [out] accumulator, or None.
-        lengths: optional int [B]; only frames ``t < lengths[n]`` of sample n count.
         block_m, block_n, block_k, input_precision, num_warps, num_stages: tiling overrides
             for benchmarks (block sizes are powers of two >= 16). The defaults are chosen
             to compile without register spills; they have not been timed on a GPU yet.
@@ -249,7 +248,7 @@ def kernel_config(
     input_precision: str | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The compile-time constants and launch options :func:`linear_fisher` uses for a layer.
 
     ``HAS_BIAS`` and ``HAS_LENGTHS`` are left out (they follow the arguments).

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adtuning.kernels._common import check_compact, check_device, check_indices
+from ._common import check_compact, check_device, check_indices
 
 # 128 entries per program x 16 frames per step, 4 warps. Compiled offline for sm_90 and sm_80
 # (Triton 3.8, tools.triton_compile.compile_one, wav2vec2-base's 768x3072 layer over 8 x 4 s,
@@ -35,7 +35,7 @@ TRANSPOSE_OPERANDS = False
 
 
 @triton.jit
-def _sddmm_kernel(
+def _sddmm_kernel(  # type: ignore[no-untyped-def]  # Triton reads kernel annotations: only tl.constexpr
     dy_ptr,
     x_ptr,
     idx_ptr,
@@ -82,19 +82,13 @@ def sddmm(
     *,
     transpose_operands: bool | None = None,
 ) -> torch.Tensor:
-    """Return ``float32((dy^T @ x).flatten()[indices])``, written into / added onto ``out`` when given.
+    """Triton :class:`~adtuning.backend_contract.SDDMMOp` (one launch), plus a layout keyword.
+
+    ``dy`` and ``x`` may have any strides; ``accumulate=True`` needs ``out``.
 
     Args:
-        dy: [N, out] gradient w.r.t. the Linear output (fp32, bf16 or fp16; any strides).
-        x: [N, in] the Linear input (fp32, bf16 or fp16; any strides).
-        indices: 1-D sorted unique int32/int64 flat indices into the [out, in] weight.
-        out: optional contiguous fp32 buffer of length ``len(indices)``.
-        accumulate: add into ``out`` instead of overwriting it (needs ``out``).
         transpose_operands: copy ``dy`` and ``x`` to frame-contiguous layouts first (see the
             module docstring; default :data:`TRANSPOSE_OPERANDS`). For benchmarks.
-
-    Returns:
-        ``out`` when given, else a new fp32 tensor of length ``len(indices)``.
     """
     if dy.dim() != 2 or x.dim() != 2 or dy.shape[0] != x.shape[0]:
         raise ValueError(

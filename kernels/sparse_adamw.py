@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adtuning.kernels._common import check_compact, check_device, check_indices, elementwise_block
+from ._common import check_compact, check_device, check_indices, elementwise_block
 
 # Up to 1024 entries per program (fewer for small k, see elementwise_block): the update is
 # bandwidth-bound and big blocks keep many loads in flight.
@@ -25,7 +25,7 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _round_to_bf16(x):
+def _round_to_bf16(x):  # type: ignore[no-untyped-def]  # Triton reads kernel annotations: only tl.constexpr
     # fp32 -> bf16, round to nearest even, by integer arithmetic: the same bits as the
     # hardware conversion and torch's .bfloat16(), and also right in the interpreter, whose
     # cast truncates. NaN stays a quiet NaN.
@@ -36,7 +36,7 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _sparse_adamw_kernel(
+def _sparse_adamw_kernel(  # type: ignore[no-untyped-def]  # Triton reads kernel annotations: only tl.constexpr
     param_ptr,
     grad_ptr,
     idx_ptr,
@@ -106,17 +106,10 @@ def sparse_adamw(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One AdamW step on the child entries of ``param`` only (in place).
+    """Triton :class:`~adtuning.backend_contract.SparseAdamWOp` (one launch).
 
-    Args:
-        param: dense parameter (fp32, bf16 or fp16), contiguous; child entries updated in place.
-        grad: fp32 compact gradient, length k.
-        indices: 1-D sorted unique int32/int64 flat indices, length k.
-        exp_avg, exp_avg_sq: fp32 compact moments, length k; updated in place.
-        master: fp32 compact master weights (length k), required for bf16/fp16 ``param``
-            (the update is applied to it and rounded into ``param``); None for fp32.
-        step: step number after incrementing (1 on the first step).
-        lr, beta1, beta2, eps, weight_decay: AdamW hyper-parameters (decoupled decay).
+    ``master`` is required for a bf16/fp16 ``param`` (the kernel keeps each entry in fp32
+    registers, so it refuses rather than round after every operation); ``step`` must be >= 1.
     """
     if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"sparse_adamw: param must be fp32/bf16/fp16, got {param.dtype}")

@@ -1,5 +1,5 @@
 """What is specific to the Triton backend: the availability contract (missing triton, no CUDA,
-kernels imported before the interpreter was enabled), the launchers' signatures and argument
+kernels imported before the interpreter was enabled), the launchers' argument
 checks, bf16 round-to-nearest-even, forced small tiles, and a short training run on it.
 
 Every kernel's values against its reference twin and oracles are cases of tests/test_ops.py
@@ -9,7 +9,6 @@ they run compiled.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 
@@ -70,16 +69,7 @@ def test_kernels_imported_before_the_interpreter_was_enabled_is_a_clear_error(mo
         get_backend("triton")
 
 
-@needs_triton
-def test_signatures_match_the_reference_twins(tb):
-    assert tb.name == "triton"
-    pairs = [
-        (tb.gather, reference.gather_ref),
-        (tb.sparse_adamw_, reference.sparse_adamw_ref_),
-        (tb.linear_fisher_, reference.linear_fisher_ref_),
-    ]
-    for ours, ref in pairs:
-        assert inspect.signature(ours) == inspect.signature(ref), ref.__name__
+# The launchers' signatures against the contract's Protocols: tests/test_backend_contract.py.
 
 
 # ---- gather -----------------------------------------------------------------------------

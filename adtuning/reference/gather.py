@@ -10,15 +10,7 @@ def gather_ref(
     out: torch.Tensor | None = None,
     accumulate: bool = False,
 ) -> torch.Tensor:
-    """Return ``float32(grad.flatten()[indices])``.
-
-    Args:
-        grad: dense gradient of any shape (fp32, bf16 or fp16), contiguous.
-        indices: 1-D sorted unique int32/int64 flat indices into ``grad``.
-        out: optional fp32 buffer of length ``len(indices)`` to write into.
-        accumulate: add into ``out`` instead of overwriting it (gradient accumulation
-            over micro-batches).
-    """
+    """Reference :class:`~adtuning.backend_contract.GatherOp` (``index_select``; no input checks)."""
     values = grad.reshape(-1).index_select(0, indices.long()).float()
     if out is None:
         return values

@@ -18,14 +18,9 @@ def linear_fisher_ref_(
     fisher_b: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
 ) -> None:
-    """Accumulate ``fisher_w += sum_n (dy_n^T x_n)^2`` and ``fisher_b += sum_n (sum_t dy_n,t)^2``.
+    """Reference :class:`~adtuning.backend_contract.LinearFisherOp`: one per-sample gradient at a time.
 
-    Args:
-        x: [B, T, in] layer input (any float dtype; math in fp32).
-        dy: [B, T, out] gradient of the summed per-sample losses w.r.t. the layer output.
-        fisher_w: fp32 [out, in] accumulator, updated in place.
-        fisher_b: fp32 [out] accumulator or None.
-        lengths: optional int [B]; only frames ``t < lengths[n]`` of sample n count.
+    Any float dtype is accepted for ``x`` and ``dy``, and the accumulators need not be contiguous.
     """
     batch, frames = x.shape[0], x.shape[1]
     for n in range(batch):

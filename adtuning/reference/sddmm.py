@@ -22,17 +22,7 @@ def sddmm_ref(
     out: torch.Tensor | None = None,
     accumulate: bool = False,
 ) -> torch.Tensor:
-    """Return ``float32((dy^T @ x).flatten()[indices])``, computed in fp32 without forming ``dy^T @ x``.
-
-    Args:
-        dy: [N, out] gradient of the loss w.r.t. the Linear output, rows = all frames of the
-            batch (fp32, bf16 or fp16).
-        x: [N, in] the Linear input (fp32, bf16 or fp16).
-        indices: 1-D sorted unique int32/int64 flat indices into the [out, in] weight.
-        out: optional fp32 buffer of length ``len(indices)`` to write into.
-        accumulate: add into ``out`` instead of overwriting it (gradient accumulation over
-            micro-batches, or a layer called more than once).
-    """
+    """Reference :class:`~adtuning.backend_contract.SDDMMOp`: :data:`CHUNK_ELEMENTS`-bounded chunks of entries."""
     in_features = x.shape[1]
     idx = indices.long()
     rows, cols = idx // max(in_features, 1), idx % max(in_features, 1)

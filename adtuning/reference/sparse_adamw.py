@@ -21,19 +21,10 @@ def sparse_adamw_ref_(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One AdamW step on the child entries of ``param`` only.
+    """Reference :class:`~adtuning.backend_contract.SparseAdamWOp`: gather, :func:`adamw_update_`, scatter.
 
-    The child entries ``w = param.flatten()[indices]`` (or the fp32 ``master`` copy of them,
-    when given) evolve exactly as ``torch.optim.AdamW`` would evolve the vector ``w`` alone
-    with gradient ``grad``; every other entry of ``param`` is left untouched.
-
-    Args:
-        param: the dense parameter (fp32, bf16 or fp16), contiguous; updated in place.
-        grad: fp32 compact gradient, length k.
-        indices: 1-D sorted unique int32/int64 flat indices, length k.
-        exp_avg, exp_avg_sq: fp32 compact moments, length k; updated in place.
-        master: fp32 compact master weights (length k) for low-precision ``param``, else None.
-        step: step number after incrementing (1 on the first step).
+    Without ``master`` the child entries of a bf16/fp16 ``param`` are updated in that dtype
+    (each AdamW operation rounds), where the Triton kernel refuses.
     """
     flat = param.view(-1)
     idx = indices.long()
