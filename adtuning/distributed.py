@@ -52,13 +52,34 @@ DEFAULT_TIMEOUT_S = 1800.0
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def launched_world_size() -> int:
-    """``WORLD_SIZE`` from the environment (1 when not started by torchrun)."""
-    value = os.environ.get("WORLD_SIZE", "1")
+def _env_int(name: str, default: str | None = None, minimum: int = 0) -> int:
+    """The integer environment variable ``name`` (``default`` when unset).
+
+    Raises:
+        ValueError: naming the variable and its value, when it is not an integer >= ``minimum``.
+    """
+    value = os.environ.get(name, default)
+    if value is None:
+        raise ValueError(f"environment variable {name} is not set: start the job with torchrun")
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise ValueError(f"environment variable WORLD_SIZE={value!r} is not an integer") from None
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+    if number < minimum:
+        raise ValueError(f"environment variable {name}={value!r} must be >= {minimum}")
+    return number
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started: ``WORLD_SIZE`` from the environment, 1
+    when it is unset (not started by torchrun). The one parser of ``WORLD_SIZE``: the CLI and
+    :meth:`DataParallel.from_env` both call it.
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` is set but not an integer >= 1 (the message names the
+            variable and its value).
+    """
+    return _env_int("WORLD_SIZE", "1", minimum=1)
 
 
 def resolve_device(requested: str | None, local_rank: int, local_world_size: int) -> torch.device:
@@ -128,8 +149,8 @@ class DataParallel:
         missing = [name for name in LAUNCHER_ENV if name not in os.environ]
         if missing:
             raise ValueError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: start the job with torchrun")
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
+        local_world = _env_int("LOCAL_WORLD_SIZE", str(world_size), minimum=1)
         return cls.initialize(rank=rank, world_size=world_size, local_rank=local_rank,
                               device=resolve_device(device, local_rank, local_world), timeout_s=timeout_s)
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adtuning import ChildNetwork, train
-from adtuning.distributed import DataParallel, resolve_device
+from adtuning.distributed import DataParallel, launched_world_size, resolve_device
 from adtuning.fisher import estimate_fisher
 from adtuning.optim import SparseAdamW
 from adtuning.search import AdaptiveSearch, SearchConfig
@@ -170,6 +170,42 @@ def test_bind_compact_grad_storage_checks_the_buffer():
         opt.grad_store.bind(torch.zeros(child.k + 1))
     with pytest.raises(ValueError, match="float32"):
         opt.grad_store.bind(torch.zeros(child.k, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher's environment: WORLD_SIZE is parsed in one place
+
+@pytest.mark.parametrize("value, expected", [(None, 1), ("1", 1), ("4", 4), (" 3 ", 3)])
+def test_launched_world_size_reads_world_size(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", value)
+    assert launched_world_size() == expected
+
+
+@pytest.mark.parametrize("value", ["two", "", "1.5", "0", "-2"])
+def test_a_bad_world_size_is_one_error_naming_the_variable_and_value(monkeypatch, value):
+    monkeypatch.setenv("WORLD_SIZE", value)
+    with pytest.raises(ValueError, match=f"WORLD_SIZE={value!r}"):
+        launched_world_size()
+    with pytest.raises(ValueError, match=f"WORLD_SIZE={value!r}"):
+        DataParallel.from_env()
+
+
+def test_from_env_without_a_launcher_is_single_process_and_names_missing_variables(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert DataParallel.from_env() is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert DataParallel.from_env() is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set"):
+        DataParallel.from_env()
+    for name, value in (("RANK", "first"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="RANK='first' is not an integer"):
+        DataParallel.from_env()
 
 
 # ---------------------------------------------------------------------------------------------
