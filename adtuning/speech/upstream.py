@@ -10,6 +10,8 @@ hooks give the same list on every version.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -241,12 +243,63 @@ def _load_dtype_kwargs(dtype: torch.dtype) -> dict:
     """The ``from_pretrained`` argument that loads the weights directly in ``dtype``, tensor by
     tensor (``dtype=`` since transformers 4.56, ``torch_dtype=`` before): a bf16 upstream read
     from an fp32 checkpoint never allocates an fp32 copy of the model. (transformers 5 memory-maps
-    a safetensors file while it reads it: until loading ends its touched pages count in the RSS,
-    as clean page cache the kernel can reclaim; a checkpoint saved in the final dtype avoids that.)"""
+    a safetensors file while it reads it, and until loading ends its touched pages count in the
+    RSS: :func:`_from_pretrained_by_reads` reads local files without the map.)"""
     import transformers
     from packaging.version import Version
 
     return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
+def _local_safetensors(source: str) -> list[Path] | None:
+    """The safetensors files of a local checkpoint folder (one file or the shards its index
+    names), or None when ``source`` is not such a folder."""
+    folder = Path(source)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamLoadError(f"cannot read the shard index {index}: {exc}") from exc
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def _from_pretrained_by_reads(model_class, files: list[Path], config, dtype: torch.dtype) -> nn.Module | None:
+    """``model_class.from_pretrained`` on the tensors of ``files`` read with ``pread`` instead of a
+    memory map, each converted to ``dtype`` as it is read: the peak is the weights in ``dtype``
+    plus the few tensors in flight. (A memory-mapped fp32 file keeps every page it has read
+    mapped until loading ends: 2x the bf16 weights on top of them.) Transformers still does the
+    key renaming, prefixes and missing-key initialisation as for a folder.
+
+    Returns None where safetensors has no ``pread`` backend (older versions)."""
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        tensors = {}
+        for file in files:
+            try:
+                handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu", backend="pread"))
+            except TypeError:  # safetensors without the backend argument
+                return None
+            for key in handle.keys():
+                tensors[key] = handle.get_slice(key)  # read when transformers materialises it
+        return model_class.from_pretrained(None, config=config, state_dict=tensors, **_load_dtype_kwargs(dtype))
+
+
+def _load_pretrained(source: str, config, dtype: torch.dtype, local_files_only: bool) -> nn.Module:
+    """The base model of ``source`` in ``dtype``: read tensor by tensor from a local safetensors
+    folder, else through ``AutoModel.from_pretrained`` (hub cache, ``.bin``)."""
+    from transformers import MODEL_MAPPING, AutoModel
+
+    files = _local_safetensors(source)
+    model_class = MODEL_MAPPING.get(type(config), None) if files else None
+    if model_class is not None:
+        model = _from_pretrained_by_reads(model_class, files, config, dtype)
+        if model is not None:
+            return model
+    return AutoModel.from_pretrained(source, config=config, local_files_only=local_files_only, **_load_dtype_kwargs(dtype))
 
 
 def _finish(model: nn.Module, *, dtype: torch.dtype, gradient_checkpointing: bool, name: str,
@@ -309,8 +362,8 @@ def build_upstream(
         return _finish(model, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                        name=name_or_path, normalize_waveform=normalize_waveform)
     if name_or_path in EMBEDDED_UPSTREAMS:
-        model = AutoModel.from_pretrained(str(embedded_upstream_dir(name_or_path)), local_files_only=True,
-                                          **_load_dtype_kwargs(dtype))
+        folder = str(embedded_upstream_dir(name_or_path))
+        model = _load_pretrained(folder, AutoConfig.from_pretrained(folder, local_files_only=True), dtype, True)
         return _finish(model, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                        name=name_or_path, normalize_waveform=normalize_waveform)
     if name_or_path.startswith("tiny-"):
@@ -331,8 +384,7 @@ def build_upstream(
         )
     _disable_training_noise(config)
     try:
-        model = AutoModel.from_pretrained(source, config=config, local_files_only=local_files_only,
-                                          **_load_dtype_kwargs(dtype))
+        model = _load_pretrained(source, config, dtype, local_files_only)
     except Exception as exc:
         raise UpstreamLoadError(f"cannot load the weights of upstream {name_or_path!r}: {exc}.{offline}") from exc
     return _finish(model, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
