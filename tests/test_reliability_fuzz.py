@@ -22,19 +22,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+
+# hypothesis is a test dependency (pyproject.toml's dev extra): imported, never skipped.
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from adtuning.atomic import sha256_hex  # noqa: E402
-from adtuning.checkpoint import CONFIG_FILE, TENSORS_FILE, DeltaError, apply_delta  # noqa: E402
-from adtuning.child import ChildError, ChildNetwork  # noqa: E402
-from adtuning.speech import CorpusError, build_dataset, read_audio  # noqa: E402
-from tests.speech.speech_fixtures import write_fluent, write_speech_commands, write_voxceleb  # noqa: E402
-from tests.test_reliability_artifacts import small_model, write_delta  # noqa: E402
+from adtuning.atomic import sha256_hex
+from adtuning.checkpoint import CONFIG_FILE, TENSORS_FILE, DeltaError, apply_delta
+from adtuning.child import ChildError, ChildNetwork
+from adtuning.speech import CorpusError, build_dataset, read_audio
+from tests.speech.speech_fixtures import write_fluent, write_speech_commands, write_voxceleb
+from tests.test_reliability_artifacts import small_model, write_delta
 
 SCALE = max(1, int(os.environ.get("ADTUNING_FUZZ_SCALE", "1")))
 
