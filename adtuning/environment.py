@@ -44,25 +44,48 @@ def source_commit(root: str | os.PathLike | None = None) -> dict[str, Any]:
     return {"sha": sha.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: Any = None) -> dict[str, Any]:
-    """Machine, versions, commit and date (UTC) of a measurement. ``device``: a torch device whose
-    name to record (a CUDA device's name; ``cpu`` otherwise)."""
+    """Machine, versions, commit and date (UTC) of a measurement.
+
+    Keys: ``python``, ``platform``, ``machine``, ``cpu``, ``cpu_count``, ``cpu_capability``,
+    ``threads``, the package versions (``torch``, ``triton``, ``transformers``, ``torchaudio``,
+    ``peft``, ``numpy``; ``None`` when absent), ``cuda`` (torch's CUDA version), ``device``
+    (``cpu``/``cuda``), ``gpu`` with ``gpu_sm_count``, ``gpu_memory_bytes``, ``gpu_capability`` and
+    ``tf32_matmul`` on CUDA (else ``None``), ``commit`` (:func:`source_commit`) and ``date``.
+    ``device``: the torch device measured (default: ``cuda`` when available, else ``cpu``)."""
     info: dict[str, Any] = {
         "python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(),
     }
     for name in _PACKAGES:
         info[name] = _version(name)
-    info["cuda"] = None
-    info["device_name"] = "cpu"
+    info.update(cuda=None, device="cpu", gpu=None, gpu_sm_count=None, gpu_memory_bytes=None, gpu_capability=None,
+                tf32_matmul=None, cpu_capability=None, threads=None)
     try:
         import torch
 
         info["cuda"] = torch.version.cuda
-        dev = torch.device(device) if device is not None else None
-        if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
-            info["device_name"] = torch.cuda.get_device_name(dev)
-    except Exception:  # torch absent: a record without it is still a record
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["threads"] = torch.get_num_threads()
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        info["device"] = dev.type
+        if dev.type == "cuda" and torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(dev)
+            info.update(gpu=props.name, gpu_sm_count=props.multi_processor_count, gpu_memory_bytes=props.total_memory,
+                        gpu_capability=f"{props.major}.{props.minor}", tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    except Exception:  # torch absent or broken: a record without it is still a record
         pass
     info["commit"] = source_commit()
     info["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -290,20 +290,9 @@ def run_comparison(s: dict, device_type: str = "cpu", backend: str = "fused") ->
 
 
 def _environment(device_type: str) -> dict:
-    try:
-        from conftest import environment  # bench/conftest.py
+    from adtuning.environment import environment
 
-        env = dict(environment())
-    except Exception:  # a bare machine without pytest
-        import datetime
-        import platform
-
-        env = {"torch": torch.__version__, "python": platform.python_version(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    env["device"] = device_type
-    if device_type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
+    return environment(device_type)
 
 
 def summary_lines(result: dict) -> list[str]:

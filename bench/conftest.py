@@ -17,11 +17,8 @@ benchmarks run only on CUDA and skip elsewhere.
 """
 from __future__ import annotations
 
-import datetime
 import fnmatch
 import functools
-import importlib.metadata
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,40 +43,13 @@ def pytest_collect_file(file_path, parent):
 # -------------------------------------------------------------------------- environment
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 @functools.lru_cache(maxsize=1)
 def environment() -> dict:
-    """Device, CPU/GPU name, library versions, thread count and date of this run."""
-    cuda = torch.cuda.is_available()
-    return {
-        "device": "cuda" if cuda else "cpu",
-        "gpu": torch.cuda.get_device_name() if cuda else None,
-        "cpu": _cpu_name(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    """Device, CPU/GPU name, library versions, thread count, commit and date of this run
+    (:func:`adtuning.environment.environment`, the recorder of the CLI, bench/ and tools/)."""
+    from adtuning.environment import environment as record
+
+    return record()
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -56,7 +56,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -601,23 +600,11 @@ def bench_ddp_nccl() -> dict:
 # ---- driver -------------------------------------------------------------------------------
 
 def environment() -> dict:
-    """Device, versions and date recorded with every result."""
-    info = {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "platform": platform.platform(),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-    }
-    for pkg in ("triton", "transformers"):
-        try:
-            info[pkg] = importlib.import_module(pkg).__version__
-        except Exception as exc:
-            info[pkg] = f"unavailable: {exc}"
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, sm_count=props.multi_processor_count,
-                    memory_bytes=props.total_memory, capability=f"{props.major}.{props.minor}")
-    return info
+    """Device, versions, commit and date recorded with every result
+    (:func:`adtuning.environment.environment`, the recorder of the CLI, bench/ and tools/)."""
+    from adtuning.environment import environment as record
+
+    return record("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _section(results: dict, name: str, fn: Callable[[], object], started: float) -> None:
@@ -740,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tb = get_backend("triton", device)
     results: dict = {"environment": environment(), "dry_run": DRY_RUN}
-    print(f"[gpu_check] {results['environment'].get('device')} torch {torch.__version__} "
+    print(f"[gpu_check] {results['environment'].get('gpu') or results['environment'].get('device')} torch {torch.__version__} "
           f"triton {results['environment']['triton']}", flush=True)
     _section(results, "kernel_correctness", lambda: check_kernels(tb, device), started)
     _section(results, "fisher_pass_correctness", lambda: check_fisher_pass(adtuning, device), started)
@@ -750,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         pass_kwargs = {"batch": 2, "seconds": 0.25, "config": _tiny_wav2vec2_config()} if DRY_RUN else {}
         _section(results, "fisher_pass", lambda: bench_fisher_pass(device, **pass_kwargs), started)
         torch.cuda.empty_cache()
-        name = results["environment"].get("device", "")
+        name = results["environment"].get("gpu") or ""
         peak = next((bw for key, bw in NOMINAL_HBM.items() if key in name), None)
         _section(results, "bandwidth", lambda: {"nominal_hbm_Bps": peak,
                                                 "measured_copy_Bps": copy_bandwidth(device)}, started)
@@ -774,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    slug = "".join(c if c.isalnum() else "-" for c in results["environment"].get("device", "cuda"))
+    slug = "".join(c if c.isalnum() else "-" for c in (results["environment"].get("gpu") or "cuda"))
     if DRY_RUN:
         slug = "dry-run-cpu"
     path = args.results_dir / f"gpu_check_{stamp}_{slug}.json"

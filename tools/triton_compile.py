@@ -404,8 +404,9 @@ def _versions() -> dict:
         ptxas = get_ptxas(90).version
     except Exception as exc:  # the version only decorates the report
         ptxas = f"unknown ({exc})"
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "triton": triton.__version__, "ptxas": ptxas}
+    from adtuning.environment import environment
+
+    return {**environment(), "triton": triton.__version__, "ptxas": ptxas}
 
 
 def main(argv: list[str] | None = None) -> int:
