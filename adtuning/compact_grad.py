@@ -81,7 +81,7 @@ class CompactGradStore:
         self._hooks: list[RemovableHandle] = []
         if hooks:
             for param in self._indices:
-                self._hooks.append(param.register_post_accumulate_grad_hook(self._gather_hook))
+                self._hooks.append(param.register_post_accumulate_grad_hook(self._gather_hook))  # type: ignore[no-untyped-call]
 
     # ---- what it holds ------------------------------------------------------------------
 

@@ -169,9 +169,8 @@ class DataParallel:
             # Object collectives and NCCL communicators use the current device.
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            kwargs = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                    timeout=timeout, **kwargs)
+                                    timeout=timeout, device_id=device if device.type == "cuda" else None)
             owns = True
         else:
             owns = False
@@ -240,15 +239,18 @@ class DataParallel:
         kind, value = self.broadcast_object(outcome)
         if kind == "error":
             raise value
-        return value
+        result: T = value
+        return result
 
     def staged(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on every rank, first on rank 0, then on the first rank of every other node,
         then on the rest, so that a cache ``fn`` fills (a generated corpus) is written once per
         file system while the others wait. An exception on any rank is raised on all of them."""
         result: Any = None
-        for stage in (lambda: self.rank == 0, lambda: self.rank != 0 and self.local_rank == 0, lambda: self.local_rank != 0):
-            error = None
+        stages: tuple[Callable[[], bool], ...] = (lambda: self.rank == 0, lambda: self.rank != 0 and self.local_rank == 0,
+                                                  lambda: self.local_rank != 0)
+        for stage in stages:
+            error: Exception | None = None
             if stage():
                 try:
                     result = fn()
@@ -257,7 +259,8 @@ class DataParallel:
             errors = [e for e in self.all_gather_object(error) if e is not None]
             if errors:
                 raise errors[0]
-        return result
+        out: T = result
+        return out
 
     # ---- what the engine exchanges ------------------------------------------------------
 
@@ -266,6 +269,8 @@ class DataParallel:
         be ``None``): every rank then trains exactly rank 0's index sets."""
         payload = None
         if self.is_main:
+            if children is None:
+                raise ValueError("broadcast_children: rank 0 must pass the children")
             payload = [
                 {"indices": {n: i.cpu() for n, i in c.indices.items()}, "shapes": c.shapes, "p": c.p, "k": c.k,
                  "threshold": c.threshold, "method": c.method, "seed": c.seed, "extra": c.extra}
@@ -294,7 +299,8 @@ class DataParallel:
                 except TypeError:
                     raise TypeError(f"merge_eval_states: cannot add the {type(value).__name__} of {key!r} across ranks") from None
                 merged[key] = acc
-        return merged
+        out: dict[str, Any] = merged
+        return out
 
     def check_replicas(self, tensors: Mapping[str, torch.Tensor], what: str) -> None:
         """Raise unless every rank holds the same ``tensors`` (compared by float64 sums and sums

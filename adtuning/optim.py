@@ -119,7 +119,8 @@ class SparseAdamW(torch.optim.Optimizer):
         if not grads:
             return torch.tensor(0.0)
         norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
-        return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+        total: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+        return total
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, total_norm: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,7 +190,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # ---- persistence --------------------------------------------------------------------
 
-    def load_state_dict(self, state_dict: dict[str, Any], *, adopt: bool = False) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any], *, adopt: bool = False) -> None:
         """Load a :meth:`state_dict`, keeping compact fp32 state in fp32 (unlike the base class,
         which would cast it to the parameter dtype) and checking it fits this optimizer.
 
@@ -203,19 +204,19 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(
                 f"SparseAdamW.load_state_dict: {len(saved_groups)} parameter groups saved, optimizer has {len(self.param_groups)}"
             )
-        id_map = {}
+        id_map: dict[int, torch.Tensor] = {}
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]) or saved.get("sparse", False) != group["sparse"]:
                 raise ValueError(f"SparseAdamW.load_state_dict: group {i} does not match (size or sparse/dense kind)")
             if group["sparse"] and list(saved.get("child_names", [])) != list(group["child_names"]):
                 raise ValueError(f"SparseAdamW.load_state_dict: group {i} was saved for other child tensors")
             id_map.update(zip(saved["params"], group["params"]))
-        new_state: dict = defaultdict(dict)
+        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
         for key, values in state_dict["state"].items():
             if key not in id_map:
                 raise ValueError(f"SparseAdamW.load_state_dict: state for unknown parameter id {key}")
             p = id_map[key]
-            restored = {}
+            restored: dict[str, Any] = {}
             for name, value in values.items():
                 if name == "step":
                     restored[name] = value.detach().clone().to(torch.float32).cpu()
@@ -295,21 +296,21 @@ def _prepare_group(group: dict[str, Any], child_indices: list[tuple[torch.Tensor
     return out
 
 
-def _as_groups(params: Iterable[Any]) -> list[dict]:
-    params = list(params)
-    if not params:
+def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
+    given = list(params)
+    if not given:
         raise ValueError("SparseAdamW: no parameters given")
-    if all(isinstance(p, torch.Tensor) for p in params):
-        return [{"params": params}]
+    if all(isinstance(p, torch.Tensor) for p in given):
+        return [{"params": given}]
     groups = []
-    for g in params:
+    for g in given:
         if not isinstance(g, Mapping):
             raise TypeError("SparseAdamW: mix of tensors and groups; pass a list of group dicts")
         groups.append(dict(g))
     return groups
 
 
-def linear_warmup_decay(warmup_steps: int, total_steps: int):
+def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """The paper's schedule as an LR multiplier: linear warm-up from 0 to 1 over
     ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
     if total_steps <= 0:

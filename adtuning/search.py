@@ -66,7 +66,7 @@ from adtuning.sparse_grad import SparseWeightGrad, install_sparse_weight_grad
 
 __all__ = [
     "BASELINES", "NONFINITE_POLICIES", "AdaptiveSearch", "Candidate", "NonFiniteError", "SearchConfig", "TrainingProblem",
-    "successive_halving",
+    "baseline_child", "successive_halving",
 ]
 
 log = logging.getLogger("adtuning")
@@ -94,9 +94,9 @@ class AdaptiveSearch:
         children: Sequence[ChildNetwork],
         config: SearchConfig,
         *,
-        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
         progress: bool = True,
-        on_event: Callable[[str, dict], None] | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
         baselines: Sequence[str] = (),
         data_parallel: DataParallel | None = None,
     ) -> None:
@@ -107,7 +107,7 @@ class AdaptiveSearch:
         self.problem = problem
         self.config = config
         self.progress = progress
-        self.on_event = on_event or (lambda kind, info: None)
+        self.on_event: Callable[[str, dict[str, Any]], None] = on_event or (lambda kind, info: None)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.dp = data_parallel
         upstream = dict(problem.upstream_params)
@@ -190,8 +190,10 @@ class AdaptiveSearch:
         self._scheduler = get_linear_schedule_with_warmup(self._optimizer, cfg.warmup_steps, cfg.total_steps)
         if cand.optimizer_state is not None:
             # The paused state becomes the live state: no second copy of the moments.
+            assert cand.scheduler_state is not None, "a paused candidate holds both states"
             self._optimizer.load_state_dict(cand.optimizer_state, adopt=True)
             self._scheduler.load_state_dict(cand.scheduler_state)
+        assert cand.rng_state is not None, "every candidate starts with its seed's RNG state"
         torch.set_rng_state(cand.rng_state)
         self._drop_snapshot(cand)
         self.active = cand
@@ -215,9 +217,10 @@ class AdaptiveSearch:
         device = "cpu" if offload else None
         cand.values = gather_to(cand.child, upstream, device=device)
         cand.head = {n: p.detach().clone() for n, p in head.items()}
-        state = self._optimizer.state_dict()
+        opt, sched = self._live()
+        state = opt.state_dict()
         cand.optimizer_state = clone_state_dict(state, device=device, copy=keep_live) if keep_live or offload else state
-        cand.scheduler_state = dict(self._scheduler.state_dict())
+        cand.scheduler_state = dict(sched.state_dict())
         cand.rng_state = torch.get_rng_state()
 
     @torch.no_grad()
@@ -240,8 +243,14 @@ class AdaptiveSearch:
         if self._reducer is not None:
             self._reducer.release()
             self._reducer = None
-        self._optimizer.remove_hooks()
+        self._live()[0].remove_hooks()
         self._optimizer = self._scheduler = None
+
+    def _live(self) -> tuple[SparseAdamW, LambdaLR]:
+        """The optimizer and schedule of the active candidate."""
+        if self._optimizer is None or self._scheduler is None:
+            raise RuntimeError("AdaptiveSearch: no candidate is active")
+        return self._optimizer, self._scheduler
 
     @torch.no_grad()
     def _retire(self, cand: Candidate) -> None:
@@ -274,7 +283,8 @@ class AdaptiveSearch:
         if cand.step >= until:
             return
         self._activate(cand)
-        cfg, model, opt, sched = self.config, self.problem.model, self._optimizer, self._scheduler
+        cfg, model = self.config, self.problem.model
+        opt, sched = self._live()
         model.train()
         batches = self._batches(cand)
         bar = tqdm(total=until, initial=cand.step, desc=f"train {cand.name}", unit="step", disable=not self.progress, leave=False)
@@ -284,7 +294,7 @@ class AdaptiveSearch:
                 total = 0.0
                 if self._reducer is not None:
                     self._reducer.prepare()
-                seen = []  # (epoch, batch, utterance ids) of this step's micro-batches, for messages
+                seen: list[tuple[int, int, Any]] = []  # (epoch, batch, utterance ids) of this step's micro-batches, for messages
                 for _ in range(cfg.grad_accum):
                     batch = next(batches)
                     seen.append((cand.epoch, cand.batch_in_epoch - 1, batch.get("ids") if isinstance(batch, dict) else None))
@@ -292,7 +302,7 @@ class AdaptiveSearch:
                     if loss is None:  # data parallel: this rank holds no sample of the global batch
                         continue
                     loss = loss / cfg.grad_accum
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
                     total += float(loss.detach())
                 if self._reducer is not None:
                     # One all-reduce per step, after the last micro-batch; clipping sees its result.
@@ -327,7 +337,7 @@ class AdaptiveSearch:
             bar.close()
             self.train_seconds += time.perf_counter() - start
 
-    def _nonfinite_step(self, cand: Candidate, loss: float, grad_norm: float, seen: list[tuple]) -> None:
+    def _nonfinite_step(self, cand: Candidate, loss: float, grad_norm: float, seen: list[tuple[int, int, Any]]) -> None:
         """Apply the ``on_nonfinite`` policy to a step whose loss or gradient is NaN/inf (it is
         never applied): raise, or count it and go on until too many come in a row."""
         cfg = self.config
@@ -545,7 +555,8 @@ class AdaptiveSearch:
         upstream = self.problem.upstream_params
         tensors = {f"upstream {n}": upstream[n] for n in self.active.child.indices}
         tensors.update({f"head {n}": p for n, p in self.problem.head_params.items()})
-        self.dp.check_replicas(tensors, f"the trained parameters of {self.active.name}")
+        if self.dp is not None:
+            self.dp.check_replicas(tensors, f"the trained parameters of {self.active.name}")
 
     def load_checkpoint(self) -> bool:
         """Restore the state written by :meth:`save_checkpoint`; False if there is none.
@@ -583,10 +594,12 @@ class AdaptiveSearch:
         log.info("resumed the search from %s (steps so far: %d)", meta_path, self.steps_spent())
         return True
 
-    def _read_checkpoint(self) -> tuple[Path, dict, dict[str, torch.Tensor]] | None:
+    def _read_checkpoint(self) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
+        if self.checkpoint_dir is None:
+            return None
         return read_checkpoint(self.checkpoint_dir, self.world_size)
 
-    def _restore(self, rec: dict, cand: Candidate, tensors: dict[str, torch.Tensor], meta_path: Path) -> None:
+    def _restore(self, rec: dict[str, Any], cand: Candidate, tensors: dict[str, torch.Tensor], meta_path: Path) -> None:
         # A baseline's paused values stay in host memory until it is swapped in.
         value_devices = {n: ("cpu" if cand.baseline else p.device) for n, p in self.problem.upstream_params.items()}
         head_devices = {n: p.device for n, p in self.problem.head_params.items()}

@@ -87,7 +87,7 @@ def rng_key(prefix: str, rank: int) -> str:
     return tensor_key(prefix, RNG) if rank == 0 else tensor_key(prefix, RNG, f"rank{rank}")
 
 
-def candidate_record(cand: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+def candidate_record(cand: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The JSON record of a candidate; its tensors go into ``tensors`` under ``prefix``.
 
     ``cand`` is a :class:`adtuning.search.Candidate` (paused: its values, head, optimizer state
@@ -114,7 +114,7 @@ def candidate_record(cand: Any, prefix: str, tensors: dict[str, torch.Tensor]) -
     }
 
 
-def restore_candidate(rec: dict, cand: Any, prefix: str, tensors: Mapping[str, torch.Tensor], *, rank: int,
+def restore_candidate(rec: dict[str, Any], cand: Any, prefix: str, tensors: Mapping[str, torch.Tensor], *, rank: int,
                       value_devices: Mapping[str, torch.device | str], head_devices: Mapping[str, torch.device | str],
                       where: Path) -> None:
     """Put a record (and its tensors) back into ``cand``.
@@ -152,7 +152,7 @@ def restore_candidate(rec: dict, cand: Any, prefix: str, tensors: Mapping[str, t
     cand.skipped_steps, cand.nonfinite_streak = rec.get("skipped_steps", 0), rec.get("nonfinite_streak", 0)
 
 
-def write_checkpoint(directory: Path, meta: dict, tensors: Mapping[str, torch.Tensor]) -> Path:
+def write_checkpoint(directory: Path, meta: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
     """Write one checkpoint generation: the tensors, then the JSON (``meta`` plus the version,
     the tensor file's name and its SHA-256); the newest JSON before it becomes the previous
     generation, and tensor files neither generation names are removed. Returns the JSON's path.
@@ -193,7 +193,7 @@ def write_checkpoint(directory: Path, meta: dict, tensors: Mapping[str, torch.Te
     return path
 
 
-def read_checkpoint(directory: Path, world_size: int) -> tuple[Path, dict, dict[str, torch.Tensor]] | None:
+def read_checkpoint(directory: Path, world_size: int) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
     """``(path of the JSON, its JSON, its tensors)`` of the newest usable checkpoint in
     ``directory``, or ``None`` when there is none.
 
@@ -225,7 +225,7 @@ def read_checkpoint(directory: Path, world_size: int) -> tuple[Path, dict, dict[
     return None
 
 
-def _read_generation(meta_path: Path, world_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read_generation(meta_path: Path, world_size: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """One generation's JSON and tensors, checked; :class:`_DamagedCheckpoint` (naming
     ``meta_path``) if torn or corrupt."""
     meta = read_json_object(meta_path, _DamagedCheckpoint)
@@ -254,7 +254,7 @@ def _read_generation(meta_path: Path, world_size: int) -> tuple[dict, dict[str, 
     return meta, tensors
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
     """``"sha256:<hex>"`` of a file, read in chunks (checkpoints can be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -113,14 +113,13 @@ class _SparseGradLinear(torch.autograd.Function):
     written into the optimizer's compact buffer (the weight's autograd gradient stays None)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
-                route: _Route) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, route: _Route) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.route = route
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
         x, weight = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -236,7 +235,7 @@ def install_sparse_weight_grad(
             handle.remove()
             raise RuntimeError(f"install_sparse_weight_grad: {name!r} already has a patched forward")
         route = _Route(store=store, weight=weight, indices=indices, sddmm=optimizer.backend.sddmm)
-        module.forward = _sparse_forward(module, route)  # type: ignore[method-assign]
+        module.forward = _sparse_forward(module, route)  # type: ignore[method-assign,assignment]
         handle._patched.append(module)
         handle.sparse[name] = density
     log.info("%s", handle.summary())
