@@ -25,7 +25,8 @@ Module graph (``A -> B``: A imports B)::
 Each operation's signature and docstring live here once, as a :class:`typing.Protocol` with
 only ``__call__`` (:class:`GatherOp`, :class:`SparseAdamWOp`, :class:`LinearFisherOp`,
 :class:`SDDMMOp`); the :class:`Backend` fields have those types, so mypy checks every backend's
-functions against them where the backend builds its :class:`Backend`, and
+functions against them where the backend builds its :class:`Backend` (the Triton launchers,
+which ``triton_backend`` imports at run time, are checked in ``kernels/__init__.py``), and
 ``tests/test_backend_contract.py`` compares each loadable backend's ``inspect.signature``
 with the Protocol's (names, kinds, defaults and annotations). Implementations say which
 Protocol they implement and document only what is specific to them.
