@@ -257,3 +257,36 @@ def test_the_default_backend_is_the_fused_one_when_it_loads(monkeypatch):
     assert run.choose_backend(None, cpu) == ("reference", "the fused backend is not available")
     with pytest.raises(train.UsageError, match="--fused: backend 'native' is not available: no compiler"):
         run.choose_backend("fused", cpu)
+
+
+def test_config_json_reruns_the_run_bit_for_bit(finished_run, tmp_path):
+    out = tmp_path / "rerun"
+    assert train.main(["--config", str(finished_run / "config.json"), "--output-dir", str(out)]) == 0
+    expected = load_file(str(finished_run / "delta" / "delta.safetensors"))
+    got = load_file(str(out / "delta" / "delta.safetensors"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    rerun = json.loads((out / "config.json").read_text())["args"]
+    original = json.loads((finished_run / "config.json").read_text())["args"]
+    assert {k: v for k, v in rerun.items() if k != "output_dir"} == {k: v for k, v in original.items() if k != "output_dir"}
+
+
+def test_resume_where_nothing_was_saved_starts_the_run_and_says_so(tmp_path, corpus_cache, finished_run, caplog):
+    import logging
+
+    expected = load_file(str(finished_run / "delta" / "delta.safetensors"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (empty, tmp_path / "absent"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="adtuning"):
+            assert run_cli(out, corpus_cache, "--resume", "--log-level", "INFO") == 0
+        assert [r for r in caplog.records if "nothing was saved" in r.getMessage() and "from the beginning" in r.getMessage()]
+        got = load_file(str(out / "delta" / "delta.safetensors"))
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_summary_records_the_commit_of_every_segment(finished_run):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert set(summary["commit"]) == {"sha", "dirty"}
+    assert [s["resumed"] for s in summary["commits"]] == [False]
+    assert summary["commits"][0]["sha"] == summary["commit"]["sha"]

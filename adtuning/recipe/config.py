@@ -164,6 +164,12 @@ class MethodConfig:
                 raise _bad("--baselines", f"unknown baseline {kind!r} (choose from {', '.join(BASELINE_NAMES)})")
         if len(set(self.baselines)) != len(self.baselines):
             raise _bad("--baselines", f"duplicate values in {','.join(self.baselines)}")
+        from adtuning.recipe.methods import METHODS
+
+        added = [b for b in self.baselines if METHODS[canonical_method(b) or b].kind == "module"]
+        if added and METHODS[method].kind == "module":
+            raise _bad("--baselines", f"{', '.join(added)} add modules to the upstream, which --method {method} already has; "
+                                      "train them as baselines of a method that adds none (e.g. ad-tuning), or as runs of their own")
 
     @property
     def searches(self) -> bool:
@@ -332,42 +338,37 @@ class OutputConfig:
         _at_least("--checkpoint-interval", self.checkpoint_interval, 0)
 
 
-@dataclass(frozen=True)
-class MethodOptions:
-    """Options of the module-adding methods (unset: the method's default, see :mod:`adtuning.methods`).
-    Each applies to the methods :data:`METHOD_OPTION_METHODS` names; giving one to a run that
-    trains none of them is an error."""
+def _method_options_type() -> type:
+    """The options of the module-adding methods as one configuration group, generated from each
+    method's own options dataclass (:func:`adtuning.methods.method_option_fields`): a field
+    ``<method>_<option>`` (flag ``--<method>-<option>``, e.g. ``--lora-rank``) per option, unset by
+    default (the method's default applies)."""
+    from adtuning.methods import method_option_fields
 
-    _argument_group_name = "options of the Table 2 methods"
+    fields: list[tuple[str, Any, Any]] = []
+    applies: dict[str, tuple[str, str]] = {}
+    for method, options in method_option_fields().items():
+        for opt in options:
+            name = opt.flag[2:].replace("-", "_")
+            kind = Names if opt.type is tuple else opt.type
+            default = ",".join(opt.default) if isinstance(opt.default, tuple) else opt.default
+            fields.append((name, kind | None, flag(None, f"{opt.help} (--method {method}; unset: {default})",
+                                                   **({"metavar": "NAME[,NAME]"} if opt.type is tuple else {}))))
+            applies[name] = (method, opt.name)
 
-    lora_rank: int | None = flag(None, "LoRA rank r (--method lora; unset: 8, i.e. 0.29M trainable at wav2vec2-base size)")
-    lora_alpha: float | None = flag(None, "LoRA scaling alpha (--method lora; unset: the rank)")
-    lora_dropout: float | None = flag(None, "dropout on LoRA's input (--method lora; unset: 0)")
-    lora_targets: Names | None = flag(None, "module names LoRA adapts, comma-separated (--method lora; unset: q_proj,v_proj)",
-                                      metavar="NAME[,NAME]")
-    adapter_bottleneck: int | None = flag(None, "bottleneck size of the Houlsby adapters (--method houlsby, chapter; unset: 32)")
-    prefix_length: int | None = flag(None, "learnt key/value prefix vectors per self-attention layer (--method prefix; unset: "
-                                           "the method's default)")
-
-    def __post_init__(self) -> None:
-        for name in ("lora_rank", "adapter_bottleneck", "prefix_length"):
-            _at_least("--" + name.replace("_", "-"), getattr(self, name), 1)
-        _at_least("--lora-alpha", self.lora_alpha, 0)
-        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
-            raise _bad("--lora-dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        if self.lora_targets is not None and not self.lora_targets:
-            raise _bad("--lora-targets", "name at least one module")
-
-    def given(self) -> dict[str, Any]:
+    def given(self: Any) -> dict[str, Any]:
         """The options set (not ``None``), by field name."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
+    cls = dataclasses.make_dataclass("MethodOptions", fields, frozen=True, namespace={
+        "given": given, "_argument_group_name": "options of the Table 2 methods",
+        "__doc__": _method_options_type.__doc__, "__module__": __name__})
+    return cls, applies
 
-#: The methods each :class:`MethodOptions` field applies to.
-METHOD_OPTION_METHODS: dict[str, tuple[str, ...]] = {
-    "lora_rank": ("lora",), "lora_alpha": ("lora",), "lora_dropout": ("lora",), "lora_targets": ("lora",),
-    "adapter_bottleneck": ("houlsby", "chapter"), "prefix_length": ("prefix",),
-}
+
+MethodOptions, METHOD_OPTION_FIELDS = _method_options_type()
+"""``MethodOptions``: the group of method options; ``METHOD_OPTION_FIELDS``: field name ->
+(method, the option's name in that method's options)."""
 
 GROUPS: tuple[type, ...] = (DataConfig, UpstreamConfig, MethodConfig, MethodOptions, FisherConfig, OptimConfig, EngineConfig,
                             OutputConfig)
@@ -388,7 +389,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    options: MethodOptions = field(default_factory=MethodOptions)
+    options: MethodOptions = field(default_factory=MethodOptions)  # type: ignore[valid-type]
     fisher: FisherConfig = field(default_factory=FisherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -408,9 +409,16 @@ class RunConfig:
             object.__setattr__(self, "optim", dataclasses.replace(optim, **filled))
         used = self.methods_used()
         for name in self.options.given():
-            if not set(METHOD_OPTION_METHODS[name]) & used:
-                raise _bad("--" + name.replace("_", "-"), f"applies to --method {' / '.join(METHOD_OPTION_METHODS[name])}, and this run "
-                                                          f"trains {', '.join(sorted(used))}")
+            method = METHOD_OPTION_FIELDS[name][0]
+            if method not in used:
+                raise _bad("--" + name.replace("_", "-"), f"applies to --method {method}, and this run trains {', '.join(sorted(used))}")
+        for method in used & set(m for m, _ in METHOD_OPTION_FIELDS.values()):
+            from adtuning.methods import method_spec
+
+            try:
+                method_spec(method).parse_options(self.method_options(method))
+            except ValueError as err:
+                raise UsageError(str(err)) from None
         fisher = self.fisher.settings()
         if fisher.count_rule == "percentile" and fisher.mode == "per-sample" and self.method.child_method == "fisher":
             raise _bad("--child-count", "percentile is the published rule for --fisher-mode batch/published; per-sample scores keep "
@@ -424,8 +432,8 @@ class RunConfig:
         return {n for n in names if n is not None}
 
     def method_options(self, method: str) -> dict[str, Any]:
-        """The options given for ``method`` (field names, values as JSON)."""
-        return {k: jsonable(v) for k, v in self.options.given().items() if method in METHOD_OPTION_METHODS[k]}
+        """The options given for ``method``, by the method's option names (``{"rank": 4}``), as JSON values."""
+        return {METHOD_OPTION_FIELDS[k][1]: jsonable(v) for k, v in self.options.given().items() if METHOD_OPTION_FIELDS[k][0] == method}
 
     def fisher_settings(self) -> FisherSettings:
         return self.fisher.settings()

@@ -36,7 +36,8 @@ class SpeechProblem:
     """
 
     def __init__(self, model, train_set, dev_set, test_set, loaders: LoaderSettings, dp: DataParallel | None = None,
-                 extra_trainable: dict[str, torch.nn.Parameter] | None = None):
+                 extra_trainable: dict[str, torch.nn.Parameter] | None = None,
+                 upstream_params: dict[str, torch.nn.Parameter] | None = None):
         from adtuning.speech import make_loader
 
         self.model = model
@@ -44,7 +45,13 @@ class SpeechProblem:
         self.world_size = 1 if dp is None else dp.world_size
         self._shard = None if dp is None else (dp.rank, dp.world_size)
         self.train_set, self.dev_set, self.test_set = train_set, dev_set, test_set
-        self.upstream_params = dict(model.upstream.named_parameters())
+        # The upstream's own weights by their base names (a method's added modules are not among
+        # them: ``upstream_params`` gives the base names when a method such as peft's LoRA renamed
+        # the weights it wraps).
+        if upstream_params is None:
+            added = {id(p) for p in (extra_trainable or {}).values()}
+            upstream_params = {n: p for n, p in model.upstream.named_parameters() if id(p) not in added}
+        self.upstream_params = dict(upstream_params)
         # Dense trainable parameters: the task head, and the modules a method added (LoRA,
         # adapters, ...), which train like the head.
         self.head_params = {**dict(model.task.named_parameters()), **(extra_trainable or {})}

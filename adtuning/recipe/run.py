@@ -181,17 +181,18 @@ class Recipe:
         return task
 
     def _attach(self, method: str) -> dict[str, torch.nn.Parameter]:
-        """Attach a module-adding method's modules to the upstream; returns their parameters (they
-        train with the head). Other methods add nothing."""
+        """Attach a module-adding method's modules to the upstream (``self.attached``); returns
+        their parameters, named ``method.<name>`` (they train with the head). Other methods add
+        nothing."""
         if METHODS[method].kind != "module":
             return {}
-        from adtuning.methods import attach
+        from adtuning.methods import MethodAttachError, attach
 
-        self.attached = attach(method, self.upstream, self.config.method_options(method))
-        params = self.attached.parameters()
-        for p in params.values():
-            p.data = p.data.to(self.device)
-        return {f"method.{n}": p for n, p in params.items()}
+        try:
+            self.attached = attach(method, self.upstream, self.config.method_options(method))
+        except MethodAttachError as err:
+            raise UsageError(f"--method {method}: {err}") from None
+        return {f"method.{n}": p for n, p in self.attached.parameters().items()}
 
     def _problem(self, model, extra: dict[str, torch.nn.Parameter] | None = None) -> SpeechProblem:
         cfg = self.config
@@ -200,7 +201,9 @@ class Recipe:
             fisher_samples=cfg.fisher.fisher_samples, seed=cfg.engine.seed, max_train_hours=cfg.data.max_train_hours,
             num_workers=cfg.data.num_workers, progress=not cfg.output.no_progress,
         )
-        return SpeechProblem(model, self.train_set, self.dev_set, self.test_set, loaders, self.dp, extra_trainable=extra)
+        base = self.attached.base_named_parameters() if self.attached is not None else None
+        return SpeechProblem(model, self.train_set, self.dev_set, self.test_set, loaders, self.dp, extra_trainable=extra,
+                             upstream_params=base)
 
     def _prepare_output_dir(self) -> bool:
         """Check the run folder against the flags; returns whether a run is resumed (``--resume``
