@@ -406,3 +406,18 @@ def test_featurizer_last_mode():
     assert [n for n, _ in default.named_parameters()] == ["weights"]
     with pytest.raises(ValueError, match="featurizer mode"):
         Featurizer(3, mode="first")
+
+
+def test_frozen_uses_last_layer_with_a_task_head():
+    from adtuning.methods.frozen import use_last_layer
+    from adtuning.speech import build_task
+
+    task = build_task("ks", upstream_dim=32, num_layers=3, normalize_features=True)
+    before = {n for n, _ in task.named_parameters()}
+    assert use_last_layer(task) is task
+    assert task.featurizer.mode == "last" and task.featurizer.normalize and task.featurizer.num_layers == 3
+    assert {n for n, _ in task.named_parameters()} == before - {"featurizer.weights"}
+    hidden = [torch.randn(2, 5, 32) for _ in range(3)]
+    torch.testing.assert_close(task.featurizer(hidden), torch.nn.functional.layer_norm(hidden[-1], (32,)))
+    with pytest.raises(TypeError, match="Featurizer"):
+        use_last_layer(nn.Linear(2, 2))
