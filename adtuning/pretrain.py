@@ -659,7 +659,8 @@ def _export(args, argv, model: MaskedPredictor, progress: dict, corpus_dir: Path
                     "2": ({"features": f"layer {args.iteration2_layer or max(1, round(2 * args.layers / 3))} of the iteration-1 model, "
                                        "standardised", "clusters": args.iteration2_clusters} if args.iteration2_steps else None)},
         "kmeans_iterations": args.kmeans_iterations, "augment": args.augment,
-        "final_held_out_masked_accuracy": final, "curves": curves,
+        "final_held_out_masked_accuracy": final,
+        "uniform_accuracy": 1.0 / (args.iteration2_clusters if progress["iteration"] == 2 else args.clusters), "curves": curves,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }

@@ -1,17 +1,17 @@
 """The generated Speech Commands corpus: layout, audio format, speaker splits,
-determinism, caching and errors. Needs espeakng-loader (skipped without it)."""
+determinism, caching and errors. espeakng-loader and soundfile are dependencies of adtuning,
+imported, never skipped. (The generation time is measured by bench/synth_speed.py.)"""
 import re
-import time
 from pathlib import Path
 
+import espeakng_loader  # noqa: F401  (a hard dependency: fail, never skip, without it)
 import numpy as np
 import pytest
+import soundfile as sf
 
-pytest.importorskip("espeakng_loader")
-sf = pytest.importorskip("soundfile")
-
-from adtuning.speech import synth  # noqa: E402
-from adtuning.speech.synth import (  # noqa: E402
+from adtuning.speech import espeak, synth
+from adtuning.speech.speakers import assign_speakers
+from adtuning.speech.synth import (
     DEFAULT_UNKNOWN_WORDS,
     MANIFEST_NAME,
     SPEECH_COMMANDS_WORDS,
@@ -44,13 +44,11 @@ def _all_files(folder: Path) -> dict[str, bytes]:
 def corpus(tmp_path_factory):
     """The default corpus, generated once."""
     root = tmp_path_factory.mktemp("sc") / "speech_commands_v0.01"
-    t0 = time.perf_counter()
-    out = generate_speech_commands(root, progress=False)
-    return out, time.perf_counter() - t0
+    return generate_speech_commands(root, progress=False)
 
 
 def test_layout(corpus):
-    root, _ = corpus
+    root = corpus
     test = root.parent / TEST_SET_DIRNAME
     assert root.is_dir() and test.is_dir()
     words = SPEECH_COMMANDS_WORDS + DEFAULT_UNKNOWN_WORDS
@@ -80,7 +78,7 @@ def test_layout(corpus):
 
 
 def test_audio_format(corpus):
-    root, _ = corpus
+    root = corpus
     test = root.parent / TEST_SET_DIRNAME
     sample = _word_files(root)[::7] + [p.relative_to(root).as_posix() for p in (root / "yes").glob("*.wav")]
     for rel in sample:
@@ -100,7 +98,7 @@ def test_audio_format(corpus):
 
 
 def test_splits_are_by_speaker(corpus):
-    root, _ = corpus
+    root = corpus
     files = _word_files(root)
     val = set((root / "validation_list.txt").read_text().splitlines())
     tst = set((root / "testing_list.txt").read_text().splitlines())
@@ -116,17 +114,10 @@ def test_splits_are_by_speaker(corpus):
         assert rel in expected, rel
 
 
-def test_default_generation_is_fast(corpus):
-    _, seconds = corpus
-    assert seconds < 60, f"default corpus took {seconds:.1f} s"
-
-
 def test_cache_hit_does_not_rewrite(corpus):
-    root, _ = corpus
+    root = corpus
     before = {p: p.stat().st_mtime_ns for p in root.parent.rglob("*") if p.is_file()}
-    t0 = time.perf_counter()
     assert generate_speech_commands(root, progress=False) == root
-    assert time.perf_counter() - t0 < 1.0
     after = {p: p.stat().st_mtime_ns for p in root.parent.rglob("*") if p.is_file()}
     assert after == before
 
@@ -176,8 +167,8 @@ def test_unknown_voice_is_named(tmp_path, voice):
 
 def test_breath_voices_are_flagged():
     data = synth.EspeakSynthesizer().data
-    assert synth._has_breath(data, "en+f3") and not synth._has_breath(data, "en+f1")
-    assert not any(synth._has_breath(data, v) for v, _, _ in synth.default_speakers(30))
+    assert espeak.has_breath(data, "en+f3") and not espeak.has_breath(data, "en+f1")
+    assert not any(espeak.has_breath(data, v) for v, _, _ in synth.default_speakers(30))
 
 
 def test_refuses_foreign_folder_and_bad_counts(tmp_path):
@@ -210,7 +201,7 @@ def test_held_out_speakers_use_variants_heard_in_training():
     from collections import Counter
 
     for n, held_out in ((20, 0.1), (48, 1 / 6), (64, 0.2)):
-        speakers = synth._assign_speakers(synth.default_speakers(n), 0, held_out)
+        speakers = assign_speakers(synth.default_speakers(n), 0, held_out)
         variants = Counter(s.voice.partition("+")[2] for s in speakers)
         trained = Counter(s.voice.partition("+")[2] for s in speakers if s.split == "training")
         assert all(2 * trained[v] >= count for v, count in variants.items())  # at least half of each in training

@@ -1,6 +1,6 @@
 """A generated LibriSpeech-layout corpus for ASR and PR, with an exact phoneme lexicon.
 
-Synthesised with espeak-ng through :mod:`adtuning.speech.synth` (one fresh espeak-ng process per
+Synthesised with espeak-ng through :mod:`adtuning.speech.synthesis` (one fresh espeak-ng process per
 speaker, so equal arguments give byte-identical files) and read unchanged by
 :class:`~adtuning.speech.corpora.LibriSpeechDataset` (``task="asr"``, or ``task="pr"`` with
 ``lexicon=<root>/librispeech-lexicon.txt``). :func:`generate_librispeech` writes::
@@ -15,7 +15,7 @@ speaker, so equal arguments give byte-identical files) and read unchanged by
 
 Sentences are 3-7 words drawn uniformly from the shipped vocabulary
 (``assets/librispeech_words.txt``, :func:`librispeech_vocabulary`), upper-cased as LibriSpeech
-transcripts. Speakers are :func:`~adtuning.speech.synth.default_speakers` with American voices
+transcripts. Speakers are :func:`~adtuning.speech.speakers.default_speakers` with American voices
 only (even base pitches: disjoint from the embedded upstream's pre-training speakers), split
 into train / dev / test speakers (disjoint, every voice variant keeping training speakers).
 
@@ -33,7 +33,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from adtuning.speech import synth
+from adtuning.speech import espeak, synthesis
+from adtuning.speech.speakers import assign_speakers, default_speakers, variant
 
 __all__ = ["LIBRISPEECH_CORPUS_VERSION", "LEXICON_NAME", "SUBSETS", "ESPEAK_TO_CMU", "librispeech_vocabulary",
            "librispeech_speakers", "espeak_to_cmu", "phonemise_words", "generate_librispeech"]
@@ -114,7 +115,7 @@ def espeak_to_cmu(phonemes: list[str], where: str = "") -> list[str]:
 
 def phonemise_words(words: list[str]) -> dict[str, list[str]]:
     """Lexicon entry (CMU phones) of each word: espeak-ng's en-us phonemisation of the word alone."""
-    engine = synth._synthesizer(None, None)
+    engine = espeak.synthesizer(None, None)
     lexicon = {}
     for w in words:
         flat = [p for group in engine.phonemes(w, LANGUAGE) for p in group]
@@ -123,9 +124,9 @@ def phonemise_words(words: list[str]) -> dict[str, list[str]]:
 
 
 def librispeech_speakers(n: int, seed: int) -> list[tuple[str, int, int]]:
-    """The first ``n`` American-English (``en-us``) :func:`~adtuning.speech.synth.default_speakers`
+    """The first ``n`` American-English (``en-us``) :func:`~adtuning.speech.speakers.default_speakers`
     of ``seed``: one phonemiser for all, so the lexicon holds for every voice."""
-    pool = synth.default_speakers(2 * n + 28, seed)
+    pool = default_speakers(2 * n + 28, seed)
     out = [t for t in pool if t[0].partition("+")[0] == LANGUAGE][:n]
     if len(out) < n:  # pragma: no cover - default_speakers alternates languages
         raise ValueError(f"default_speakers({2 * n + 28}, {seed}) holds fewer than {n} {LANGUAGE} speakers")
@@ -137,7 +138,7 @@ def _sentence(seed: int, speaker: int, index: int, vocabulary: list[str], lexico
     """A sentence whose whole-sentence phonemisation equals its words' lexicon entries."""
     expected = None
     for attempt in range(100):
-        r = synth._rng("asr-sentence", seed, speaker, index, attempt)
+        r = synthesis.rng("asr-sentence", seed, speaker, index, attempt)
         chosen = [vocabulary[int(i)] for i in r.integers(0, len(vocabulary), int(r.integers(words[0], words[1] + 1)))]
         text = " ".join(chosen)
         expected = [p for w in chosen for p in lexicon[w]]
@@ -200,34 +201,34 @@ def generate_librispeech(
     if vocabulary_size is not None:
         if not 1 <= vocabulary_size <= len(vocabulary):
             raise ValueError(f"vocabulary_size must be in [1, {len(vocabulary)}], got {vocabulary_size}")
-        keep = synth._rng("asr-vocabulary", seed).choice(len(vocabulary), vocabulary_size, replace=False)
+        keep = synthesis.rng("asr-vocabulary", seed).choice(len(vocabulary), vocabulary_size, replace=False)
         vocabulary = [vocabulary[int(i)] for i in sorted(keep)]
-    spk = synth._assign_speakers(librispeech_speakers(speakers, seed), seed, held_out_speakers)
-    ids = sorted(int(i) for i in synth._rng("asr-speaker-ids", seed).choice(np.arange(100, 10000), speakers, replace=False))
-    id_order = [int(k) for k in synth._rng("asr-id-order", seed).permutation(speakers)]
+    spk = assign_speakers(librispeech_speakers(speakers, seed), seed, held_out_speakers)
+    ids = sorted(int(i) for i in synthesis.rng("asr-speaker-ids", seed).choice(np.arange(100, 10000), speakers, replace=False))
+    id_order = [int(k) for k in synthesis.rng("asr-id-order", seed).permutation(speakers)]
     params = {"speakers": [[s.voice, s.rate, s.pitch, s.split] for s in spk], "held_out_speakers": float(held_out_speakers),
               "chapters_per_speaker": int(chapters_per_speaker), "utterances_per_chapter": int(utterances_per_chapter),
               "words": [int(words[0]), int(words[1])], "seed": int(seed), "vocabulary": vocabulary,
-              "espeak_to_cmu": {k: list(v) for k, v in ESPEAK_TO_CMU.items()}, "sample_rate": synth.SAMPLE_RATE}
+              "espeak_to_cmu": {k: list(v) for k, v in ESPEAK_TO_CMU.items()}, "sample_rate": synthesis.SAMPLE_RATE}
     key = {"generator": "adtuning.speech.synth_asr.generate_librispeech", "version": LIBRISPEECH_CORPUS_VERSION,
            "params": params}
-    manifest = synth._read_manifest(root)
+    manifest = synthesis.read_manifest(root)
     if manifest is not None and {k: manifest.get(k) for k in key} == key:
         return root  # cached: skip the phonemisation below
 
     lexicon = phonemise_words(vocabulary)
-    engine = synth._synthesizer(None, None)
+    engine = espeak.synthesizer(None, None)
     plans, meta = [], []  # meta[j][i] = (subset, speaker id, chapter id, utterance id, transcript)
     for j, s in enumerate(spk):
         sid = ids[id_order[j]]
-        chapters = sorted(int(c) for c in synth._rng("asr-chapters", seed, j).choice(
+        chapters = sorted(int(c) for c in synthesis.rng("asr-chapters", seed, j).choice(
             np.arange(1000, 200000), chapters_per_speaker, replace=False))
         plan, info = [], []
         for c, chapter in enumerate(chapters):
             for u in range(utterances_per_chapter):
                 i = c * utterances_per_chapter + u
                 text = _sentence(seed, j, i, vocabulary, lexicon, engine, tuple(words))
-                plan.append((s.voice, *synth.jitter(("asr", seed, j, i), s.rate, s.pitch, 1.0, 0.06, 2), text))
+                plan.append((s.voice, *synthesis.jitter(("asr", seed, j, i), s.rate, s.pitch, 1.0, 0.06, 2), text))
                 info.append((SUBSETS[s.split], sid, chapter, f"{sid}-{chapter}-{u:04d}", text.upper()))
         plans.append(plan)
         meta.append(info)
@@ -235,7 +236,7 @@ def generate_librispeech(
     def write(tmp: Path, j: int, i: int, pcm: bytes) -> None:
         subset, sid, chapter, utt, _ = meta[j][i]
         # A low silence threshold: a weak final consonant stays in the audio of its label.
-        y = synth.render_utterance(pcm, synth._rng("asr-gain", seed, j, i), None, (32.0, 45.0), threshold=0.002)
+        y = synthesis.render_utterance(pcm, synthesis.rng("asr-gain", seed, j, i), None, (32.0, 45.0), threshold=0.002)
         path = tmp / subset / str(sid) / str(chapter) / f"{utt}.flac"
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_flac(path, y)
@@ -251,23 +252,23 @@ def generate_librispeech(
         for j, s in enumerate(spk):
             sid, subset = meta[j][0][1], meta[j][0][0]
             minutes = sum(_flac_seconds(tmp / subset / str(sid) / str(ch) / f"{utt}.flac") for _, _, ch, utt, _ in meta[j]) / 60
-            sex = "F" if synth._variant(s.voice) in _FEMALE_VARIANTS else "M"
+            sex = "F" if variant(s.voice) in _FEMALE_VARIANTS else "M"
             rows.append(f"{sid:<5}| {sex}  | {subset:<17}| {minutes:5.2f} | {s.voice} rate {s.rate} pitch {s.pitch}\n")
         (tmp / "SPEAKERS.TXT").write_text("".join(rows[:1] + sorted(rows[1:])))
         (tmp / LEXICON_NAME).write_text("".join(f"{w.upper()} {' '.join(lexicon[w])}\n" for w in sorted(vocabulary)))
         return sum(map(len, meta))
 
-    return synth.synthesise_corpus(root, key, plans, write, finish, desc="synthesising ASR/PR corpus (LibriSpeech layout)",
+    return synthesis.synthesise_corpus(root, key, plans, write, finish, desc="synthesising ASR/PR corpus (LibriSpeech layout)",
                                    progress=progress, jobs=jobs)
 
 
 def _write_flac(path: Path, samples) -> None:
     import soundfile as sf
 
-    sf.write(str(path), samples, synth.SAMPLE_RATE, subtype="PCM_16", format="FLAC")
+    sf.write(str(path), samples, synthesis.SAMPLE_RATE, subtype="PCM_16", format="FLAC")
 
 
 def _flac_seconds(path: Path) -> float:
     import soundfile as sf
 
-    return sf.info(str(path)).frames / synth.SAMPLE_RATE
+    return sf.info(str(path)).frames / synthesis.SAMPLE_RATE

@@ -1,6 +1,6 @@
 """A generated two-speaker diarization corpus (SD) in the LibriMix / Kaldi layout of s3prl's recipe.
 
-Synthesised with espeak-ng through :mod:`adtuning.speech.synth` (one fresh espeak-ng process per
+Synthesised with espeak-ng through :mod:`adtuning.speech.synthesis` (one fresh espeak-ng process per
 speaker, so equal arguments give byte-identical files) and read unchanged by
 :class:`~adtuning.speech.corpora.LibriMixDiarizationDataset`. :func:`generate_librimix` writes::
 
@@ -20,7 +20,7 @@ ends on the 10 ms label grid (turns are padded with silence to a whole number of
 frames), so the segment times are exactly where each speaker's audio is. Levels differ by up to
 +-3 dB between the speakers and a low background noise covers the whole recording.
 
-Speakers are :func:`~adtuning.speech.synth.default_speakers` (even base pitches: disjoint from the
+Speakers are :func:`~adtuning.speech.speakers.default_speakers` (even base pitches: disjoint from the
 embedded upstream's pre-training speakers), split into train / dev / test speakers (disjoint,
 every voice variant keeping training speakers). They get LibriSpeech-like integer ids.
 """
@@ -29,7 +29,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from adtuning.speech import synth
+from adtuning.speech import synthesis
+from adtuning.speech.speakers import assign_speakers, default_speakers
 from adtuning.speech.synth_asr import librispeech_vocabulary
 
 __all__ = ["LIBRIMIX_CORPUS_VERSION", "FRAME", "AUDIO_SUBSETS", "generate_librimix"]
@@ -84,7 +85,7 @@ def generate_librimix(
     Args:
         root: the folder to create (what the SD reader takes as ``root``; replaced only if this
             module made it, or it is empty).
-        speakers: number of :func:`~adtuning.speech.synth.default_speakers` of ``seed``.
+        speakers: number of :func:`~adtuning.speech.speakers.default_speakers` of ``seed``.
         held_out_speakers: fraction of the speakers in dev, as many in test (at least two each:
             a recording needs two speakers of its split).
         train_mixtures, dev_mixtures, test_mixtures: recordings per split.
@@ -114,13 +115,13 @@ def generate_librimix(
         raise ValueError(f"need 0 <= overlap[0] <= overlap[1] <= 0.9 and 0 <= overlap_probability <= 1, got "
                          f"overlap={overlap}, overlap_probability={overlap_probability}")
     vocabulary = librispeech_vocabulary()
-    spk = synth._assign_speakers(synth.default_speakers(speakers, seed), seed, held_out_speakers)
-    ids = sorted(int(i) for i in synth._rng("sd-speaker-ids", seed).choice(np.arange(100, 10000), speakers, replace=False))
-    spk_id = [ids[int(k)] for k in synth._rng("sd-id-order", seed).permutation(speakers)]
+    spk = assign_speakers(default_speakers(speakers, seed), seed, held_out_speakers)
+    ids = sorted(int(i) for i in synthesis.rng("sd-speaker-ids", seed).choice(np.arange(100, 10000), speakers, replace=False))
+    spk_id = [ids[int(k)] for k in synthesis.rng("sd-id-order", seed).permutation(speakers)]
     params = {"speakers": [[s.voice, s.rate, s.pitch, s.split] for s in spk], "held_out_speakers": float(held_out_speakers),
               "mixtures": {_SPLIT_OF[s]: int(n) for s, n in counts.items()}, "turns": [int(turns[0]), int(turns[1])],
               "overlap": [float(overlap[0]), float(overlap[1])], "overlap_probability": float(overlap_probability),
-              "seed": int(seed), "vocabulary_size": len(vocabulary), "sample_rate": synth.SAMPLE_RATE}
+              "seed": int(seed), "vocabulary_size": len(vocabulary), "sample_rate": synthesis.SAMPLE_RATE}
     key = {"generator": "adtuning.speech.synth_librimix.generate_librimix", "version": LIBRIMIX_CORPUS_VERSION,
            "params": params}
 
@@ -129,28 +130,28 @@ def generate_librimix(
     for split, n in counts.items():
         members = [j for j, s in enumerate(spk) if s.split == split]
         for k in range(n):
-            r = synth._rng("sd-recording", seed, split, k)
+            r = synthesis.rng("sd-recording", seed, split, k)
             a, b = (members[int(i)] for i in r.choice(len(members), 2, replace=False))
             turn_refs = []
             for t in range(int(r.integers(turns[0], turns[1] + 1))):
                 j = (a, b)[t % 2]
                 text = " ".join(vocabulary[int(i)] for i in r.integers(0, len(vocabulary), int(r.integers(2, 6))))
                 s = spk[j]
-                plans[j].append((s.voice, *synth.jitter(("sd", seed, split, k, t), s.rate, s.pitch, 1.0, 0.06, 2), text))
+                plans[j].append((s.voice, *synthesis.jitter(("sd", seed, split, k, t), s.rate, s.pitch, 1.0, 0.06, 2), text))
                 turn_refs.append((j, len(plans[j]) - 1))
             recordings.append((split, f"{spk_id[a]}-{spk_id[b]}-{_SPLIT_OF[split]}{k:04d}", turn_refs))
     audio: dict[tuple[int, int], np.ndarray] = {}
 
     def write(tmp: Path, j: int, i: int, pcm: bytes) -> None:
         # Kept in memory until the mixtures are built: float32, padded to whole label frames.
-        y = synth.trim_and_resample(pcm, None, threshold=0.002)
+        y = synthesis.trim_and_resample(pcm, None, threshold=0.002)
         y = y / max(float(np.abs(y).max(initial=0.0)), 1e-9)
         audio[(j, i)] = np.pad(y, (0, -len(y) % FRAME)).astype(np.float32)
 
     def finish(tmp: Path) -> int:
         tables: dict[str, dict[str, list[str]]] = {}
         for split, rec, turn_refs in recordings:
-            r = synth._rng("sd-mix", seed, rec)
+            r = synthesis.rng("sd-mix", seed, rec)
             lengths = [len(audio[ref]) for ref in turn_refs]
             starts = _place_turns(lengths, r, overlap, overlap_probability)
             total = max(s + n for s, n in zip(starts, lengths)) + FRAME * int(r.integers(20, 61))
@@ -159,13 +160,13 @@ def generate_librimix(
             for (j, i), st in zip(turn_refs, starts):
                 mix[st:st + len(audio[(j, i)])] += gains[j] * audio[(j, i)]
             mix *= r.uniform(0.3, 0.7) / float(np.abs(mix).max())
-            kind = str(r.choice(synth._NOISE_KINDS))
-            mix += synth._noise(kind, total, r) * float(np.abs(mix).max()) * 10 ** (-r.uniform(30.0, 42.0) / 20)
+            kind = str(r.choice(synthesis.NOISE_KINDS))
+            mix += synthesis.noise(kind, total, r) * float(np.abs(mix).max()) * 10 ** (-r.uniform(30.0, 42.0) / 20)
             name = _SPLIT_OF[split]
-            synth._write_wav(tmp / "wav16k" / "max" / AUDIO_SUBSETS[name] / "mix_both" / f"{rec}.wav", synth._quantise(mix))
+            synthesis.write_wav(tmp / "wav16k" / "max" / AUDIO_SUBSETS[name] / "mix_both" / f"{rec}.wav", synthesis.quantise(mix))
             t = tables.setdefault(name, {"wav.scp": [], "segments": [], "utt2spk": [], "reco2dur": [], "rttm": []})
             t["wav.scp"].append(f"{rec} ../wav16k/max/{AUDIO_SUBSETS[name]}/mix_both/{rec}.wav\n")
-            t["reco2dur"].append(f"{rec} {total / synth.SAMPLE_RATE:.2f}\n")  # exact: total is whole 10 ms frames
+            t["reco2dur"].append(f"{rec} {total / synthesis.SAMPLE_RATE:.2f}\n")  # exact: total is whole 10 ms frames
             for n_turn, ((j, i), st) in enumerate(zip(turn_refs, starts)):
                 utt = f"{spk_id[j]}-{rec}-{n_turn}"
                 start, end = st // FRAME, (st + len(audio[(j, i)])) // FRAME  # in 10 ms frames, exact
@@ -184,5 +185,5 @@ def generate_librimix(
             (folder / "spk2utt").write_text("".join(f"{s} {' '.join(u)}\n" for s, u in sorted(spk2utt.items())))
         return len(recordings)
 
-    return synth.synthesise_corpus(root, key, plans, write, finish, desc="synthesising SD corpus (LibriMix / Kaldi layout)",
+    return synthesis.synthesise_corpus(root, key, plans, write, finish, desc="synthesising SD corpus (LibriMix / Kaldi layout)",
                                    progress=progress, jobs=jobs)

@@ -1,6 +1,6 @@
 """A generated Audio-SNIPS-layout corpus for slot filling (SF).
 
-Synthesised with espeak-ng through :mod:`adtuning.speech.synth` (one fresh espeak-ng process per
+Synthesised with espeak-ng through :mod:`adtuning.speech.synthesis` (one fresh espeak-ng process per
 speaker, so equal arguments give byte-identical files) and read unchanged by
 :class:`~adtuning.speech.corpora.SnipsDataset`. :func:`generate_snips` writes::
 
@@ -15,7 +15,7 @@ speaker, so equal arguments give byte-identical files) and read unchanged by
 The sixteen speakers carry the names of the s3prl recipe's Amazon Polly voices (train: Ivy,
 Joanna, Joey, Justin, Kendra, Kimberly, Matthew, Salli; valid: Aditi, Amy, Geraint, Nicole; test:
 Brian, Emma, Raveena, Russell: :data:`adtuning.speech.corpora.snips.SPEAKERS`), each a
-:func:`~adtuning.speech.synth.default_speakers` voice (even base pitches, so disjoint from the
+:func:`~adtuning.speech.speakers.default_speakers` voice (even base pitches, so disjoint from the
 embedded upstream's pre-training speakers). The held-out speakers use the same voice variants as
 the training speakers, in the other English accent: ``default_speakers(22, seed)`` numbers 0-7
 train, 14-17 valid, 18-21 test.
@@ -31,7 +31,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from adtuning.speech import synth
+from adtuning.speech import synthesis
+from adtuning.speech.speakers import default_speakers
 
 __all__ = ["SNIPS_CORPUS_VERSION", "SNIPS_TEMPLATES", "SNIPS_SLOT_VALUES", "snips_speakers", "snips_sentence",
            "generate_snips"]
@@ -125,7 +126,7 @@ _INDICES = {"training": range(0, 8), "validation": range(14, 18), "testing": ran
 
 def snips_speakers(seed: int) -> dict[str, tuple[str, int, int]]:
     """Speaker name -> (voice, rate, pitch): the recipe's sixteen names, in split order."""
-    pool = synth.default_speakers(22, seed)
+    pool = default_speakers(22, seed)
     return {name: pool[j] for split in _NAMES for name, j in zip(_NAMES[split], _INDICES[split])}
 
 
@@ -192,7 +193,7 @@ def generate_snips(
     params = {"speakers": {k: list(v) for k, v in speakers.items()}, "sentences": {_FOLDER[s]: int(n) for s, n in counts.items()},
               "templates": {k: list(v) for k, v in SNIPS_TEMPLATES.items()},
               "slot_values": {k: list(v) for k, v in SNIPS_SLOT_VALUES.items()}, "seed": int(seed),
-              "sample_rate": synth.SAMPLE_RATE}
+              "sample_rate": synthesis.SAMPLE_RATE}
     key = {"generator": "adtuning.speech.synth_snips.generate_snips", "version": SNIPS_CORPUS_VERSION, "params": params}
 
     intents = sorted(SNIPS_TEMPLATES)
@@ -201,7 +202,7 @@ def generate_snips(
     meta: list[list] = [[] for _ in names]  # meta[j][i] = (wav path, iob line)
     for split, n in counts.items():
         for k in range(n):
-            r = synth._rng("sf-sentence", seed, split, k)
+            r = synthesis.rng("sf-sentence", seed, split, k)
             intent = intents[int(r.integers(len(intents)))]
             template = SNIPS_TEMPLATES[intent][int(r.integers(len(SNIPS_TEMPLATES[intent])))]
             slots = sorted({tok[1:-1] for tok in template.split() if tok.startswith("{")})
@@ -211,13 +212,13 @@ def generate_snips(
             j = names.index(name)
             voice, rate, pitch = speakers[name]
             uid = f"{name}-snips-{_FOLDER[split]}-{k}"
-            plans[j].append((voice, *synth.jitter(("sf", seed, split, k), rate, pitch, 1.0, 0.08, 3), " ".join(words).lower()))
+            plans[j].append((voice, *synthesis.jitter(("sf", seed, split, k), rate, pitch, 1.0, 0.08, 3), " ".join(words).lower()))
             meta[j].append((f"{_FOLDER[split]}/{uid}.wav",
                             f"{uid} BOS {' '.join(words)} EOS\tO {' '.join(tags)} {intent}\n"))
 
     def write(tmp: Path, j: int, i: int, pcm: bytes) -> None:
-        y = synth.render_utterance(pcm, synth._rng("sf-gain", seed, j, i), None, (28.0, 42.0), threshold=0.002)
-        synth._write_wav(tmp / meta[j][i][0], y)
+        y = synthesis.render_utterance(pcm, synthesis.rng("sf-gain", seed, j, i), None, (28.0, 42.0), threshold=0.002)
+        synthesis.write_wav(tmp / meta[j][i][0], y)
 
     def finish(tmp: Path) -> int:
         lines = sorted(line for info in meta for _, line in info)
@@ -225,5 +226,5 @@ def generate_snips(
         (tmp / "slots.txt").write_text("\n".join(["O", *sorted(SNIPS_SLOT_VALUES)]))
         return len(lines)
 
-    return synth.synthesise_corpus(root, key, plans, write, finish, desc="synthesising SF corpus (Audio SNIPS layout)",
+    return synthesis.synthesise_corpus(root, key, plans, write, finish, desc="synthesising SF corpus (Audio SNIPS layout)",
                                    progress=progress, jobs=jobs)

@@ -1,10 +1,10 @@
 """Generated corpora for the utterance-level SUPERB tasks SID and IC, in the real corpora's layouts.
 
-Both are synthesised with espeak-ng through the helpers of :mod:`adtuning.speech.synth` (one
+Both are synthesised with espeak-ng through the helpers of :mod:`adtuning.speech.synthesis` (one
 fresh espeak-ng process per speaker, so equal arguments give byte-identical files) and are read
 unchanged by the real readers (:class:`~adtuning.speech.corpora.VoxCeleb1Dataset`,
 :class:`~adtuning.speech.corpora.FluentCommandsDataset`). Speakers come from
-:func:`adtuning.speech.synth.default_speakers` (even base pitches), so they are disjoint from
+:func:`adtuning.speech.speakers.default_speakers` (even base pitches), so they are disjoint from
 the embedded upstream's pre-training speakers (odd base pitches); each task draws them with its
 own seed, so the two tasks' speakers differ too. The manifest (``adtuning_synth.json``,
 parameters + version) is written last: a folder without it (an interrupted generation) is
@@ -33,7 +33,7 @@ regenerated, and changed parameters invalidate the cache.
   The 31 intents (action, object, location) of Fluent Speech Commands, each said by every
   speaker once in a phrasing drawn from a few templates per intent (:data:`FSC_INTENTS`,
   :func:`fsc_phrasings`). Speakers are split train/valid/test (disjoint), every voice variant
-  keeping training speakers (:func:`adtuning.speech.synth._assign_speakers`).
+  keeping training speakers (:func:`adtuning.speech.speakers.assign_speakers`).
 """
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ import os
 import uuid
 from pathlib import Path
 
-from adtuning.speech import synth
+from adtuning.speech import synthesis
 from adtuning.speech.pretraining_corpus import pretraining_vocabulary
+from adtuning.speech.speakers import assign_speakers, default_speakers
 
 __all__ = ["SID_CORPUS_VERSION", "IC_CORPUS_VERSION", "FSC_INTENTS", "fsc_phrasings", "distinct_speakers",
            "generate_voxceleb1", "generate_fluent_commands"]
@@ -61,11 +62,11 @@ IC_CORPUS_VERSION = 1
 
 
 def distinct_speakers(n: int, seed: int, min_pitch_gap: int = 6, min_rate_gap: int = 20) -> list[tuple[str, int, int]]:
-    """The first ``n`` :func:`~adtuning.speech.synth.default_speakers` of ``seed`` that differ
+    """The first ``n`` :func:`~adtuning.speech.speakers.default_speakers` of ``seed`` that differ
     from every kept speaker of the same voice by at least ``min_pitch_gap`` in pitch or
     ``min_rate_gap`` wpm in rate: for identification, two speakers of one voice with nearly
     equal pitch and rate would be the same person under per-utterance jitter."""
-    pool = synth.default_speakers(50 * n + 50, seed)
+    pool = default_speakers(50 * n + 50, seed)
     kept: list[tuple[str, int, int]] = []
     for voice, rate, pitch in pool:
         if all(v != voice or abs(p - pitch) >= min_pitch_gap or abs(r - rate) >= min_rate_gap for v, r, p in kept):
@@ -132,38 +133,38 @@ def generate_voxceleb1(
     params = {"speakers": [list(t) for t in triples], "videos_per_speaker": int(videos_per_speaker),
               "utterances_per_video": int(utterances_per_video), "dev_videos": int(dev_videos),
               "test_videos": int(test_videos), "max_seconds": float(max_seconds), "seed": int(seed),
-              "words": [int(words[0]), int(words[1])], "vocabulary_size": len(vocabulary), "sample_rate": synth.SAMPLE_RATE}
+              "words": [int(words[0]), int(words[1])], "vocabulary_size": len(vocabulary), "sample_rate": synthesis.SAMPLE_RATE}
     key = {"generator": "adtuning.speech.synth_tasks.generate_voxceleb1", "version": SID_CORPUS_VERSION, "params": params}
 
     plans, meta = [], []  # meta[j][i] = (relative path, split id, channel)
     for j, (voice, rate, pitch) in enumerate(triples):
         plan, info = [], []
         for v in range(videos_per_speaker):
-            ch = synth._rng("sid-channel", seed, j, v)
+            ch = synthesis.rng("sid-channel", seed, j, v)
             # A session: its own rate offset, noise colour and level (the channel).
-            channel = (float(ch.uniform(0.96, 1.04)), str(ch.choice(synth._NOISE_KINDS)), float(ch.uniform(22.0, 40.0)))
+            channel = (float(ch.uniform(0.96, 1.04)), str(ch.choice(synthesis.NOISE_KINDS)), float(ch.uniform(22.0, 40.0)))
             which = "3" if v >= videos_per_speaker - test_videos else "2" if v >= videos_per_speaker - test_videos - dev_videos else "1"
             video = _video_id(seed, j, v)
             for k in range(utterances_per_video):
-                r = synth._rng("sid-phrase", seed, j, v, k)
+                r = synthesis.rng("sid-phrase", seed, j, v, k)
                 text = " ".join(vocabulary[int(i)] for i in r.integers(0, len(vocabulary), int(r.integers(words[0], words[1] + 1))))
-                plan.append((voice, *synth.jitter(("sid", seed, j, v, k), rate, pitch, channel[0], 0.04, 1), text))
+                plan.append((voice, *synthesis.jitter(("sid", seed, j, v, k), rate, pitch, channel[0], 0.04, 1), text))
                 info.append((f"id{10001 + j}/{video}/{k + 1:05d}.wav", which, channel))
         plans.append(plan)
         meta.append(info)
-    max_samples = int(max_seconds * synth.SAMPLE_RATE)
+    max_samples = int(max_seconds * synthesis.SAMPLE_RATE)
 
     def write(tmp: Path, j: int, i: int, pcm: bytes) -> None:
         rel, _, (_, kind, snr) = meta[j][i]
-        y = synth.render_utterance(pcm, synth._rng("sid-gain", seed, j, i), max_samples, (snr - 2.0, snr + 2.0), kind)
-        synth._write_wav(tmp / "wav" / rel, y)
+        y = synthesis.render_utterance(pcm, synthesis.rng("sid-gain", seed, j, i), max_samples, (snr - 2.0, snr + 2.0), kind)
+        synthesis.write_wav(tmp / "wav" / rel, y)
 
     def finish(tmp: Path) -> int:
         lines = [f"{which} {rel}\n" for info in meta for rel, which, _ in info]
         (tmp / "iden_split.txt").write_text("".join(lines))
         return len(lines)
 
-    return synth.synthesise_corpus(root, key, plans, write, finish, desc="synthesising SID corpus (VoxCeleb1 layout)",
+    return synthesis.synthesise_corpus(root, key, plans, write, finish, desc="synthesising SID corpus (VoxCeleb1 layout)",
                        progress=progress, jobs=jobs)
 
 
@@ -227,7 +228,7 @@ def generate_fluent_commands(
     Args:
         root: the folder to create (``fluent_speech_commands_dataset``; replaced only if this
             module made it, or it is empty).
-        speakers: number of :func:`~adtuning.speech.synth.default_speakers` of ``seed``; each
+        speakers: number of :func:`~adtuning.speech.speakers.default_speakers` of ``seed``; each
             says each of the 31 intents once.
         held_out_speakers: fraction of the speakers in valid, as many in test (at least one each).
         max_seconds: longer utterances are cut.
@@ -241,29 +242,29 @@ def generate_fluent_commands(
     root = Path(root).absolute()
     if speakers < 3 or not 0 < held_out_speakers < 0.5:
         raise ValueError(f"need >= 3 speakers and 0 < held_out_speakers < 0.5, got {speakers}, {held_out_speakers}")
-    spk = synth._assign_speakers(synth.default_speakers(speakers, seed), seed, held_out_speakers)
+    spk = assign_speakers(default_speakers(speakers, seed), seed, held_out_speakers)
     params = {"speakers": [[s.voice, s.rate, s.pitch, s.hash, s.split] for s in spk],
               "held_out_speakers": float(held_out_speakers), "max_seconds": float(max_seconds), "seed": int(seed),
-              "intents": [list(t) for t in FSC_INTENTS], "sample_rate": synth.SAMPLE_RATE}
+              "intents": [list(t) for t in FSC_INTENTS], "sample_rate": synthesis.SAMPLE_RATE}
     key = {"generator": "adtuning.speech.synth_tasks.generate_fluent_commands", "version": IC_CORPUS_VERSION, "params": params}
 
     plans, rows = [], []  # rows[j][i] = csv row without the index
     for j, s in enumerate(spk):
         plan, info = [], []
-        order = synth._rng("ic-order", seed, j).permutation(len(FSC_INTENTS))
+        order = synthesis.rng("ic-order", seed, j).permutation(len(FSC_INTENTS))
         for i, n in enumerate(order):
             action, obj, location = FSC_INTENTS[int(n)]
             options = fsc_phrasings(action, obj, location)
-            text = options[int(synth._rng("ic-phrase", seed, j, i).integers(0, len(options)))]
-            plan.append((s.voice, *synth.jitter(("ic", seed, j, i), s.rate, s.pitch, 1.0, 0.08, 3), text))
+            text = options[int(synthesis.rng("ic-phrase", seed, j, i).integers(0, len(options)))]
+            plan.append((s.voice, *synthesis.jitter(("ic", seed, j, i), s.rate, s.pitch, 1.0, 0.08, 3), text))
             name = uuid.UUID(bytes=hashlib.sha1(f"adtuning-ic|{seed}|{j}|{i}".encode()).digest()[:16], version=4)
             info.append([f"wavs/speakers/{s.hash}/{name}.wav", s.hash, text, action, obj, location])
         plans.append(plan)
         rows.append(info)
-    max_samples = int(max_seconds * synth.SAMPLE_RATE)
+    max_samples = int(max_seconds * synthesis.SAMPLE_RATE)
 
     def write(tmp: Path, j: int, i: int, pcm: bytes) -> None:
-        synth._write_wav(tmp / rows[j][i][0], synth.render_utterance(pcm, synth._rng("ic-gain", seed, j, i), max_samples, (28.0, 42.0)))
+        synthesis.write_wav(tmp / rows[j][i][0], synthesis.render_utterance(pcm, synthesis.rng("ic-gain", seed, j, i), max_samples, (28.0, 42.0)))
 
     def finish(tmp: Path) -> int:
         (tmp / "data").mkdir()
@@ -276,5 +277,5 @@ def generate_fluent_commands(
             (tmp / "data" / f"{name}_data.csv").write_text(buf.getvalue(), encoding="utf-8")
         return sum(map(len, rows))
 
-    return synth.synthesise_corpus(root, key, plans, write, finish, desc="synthesising IC corpus (Fluent Speech Commands layout)",
+    return synthesis.synthesise_corpus(root, key, plans, write, finish, desc="synthesising IC corpus (Fluent Speech Commands layout)",
                        progress=progress, jobs=jobs)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from adtuning.atomic import atomic_write_bytes
-from adtuning.speech.espeak import ESPEAK_RATE_HZ, Item, run_worker, synthesizer
+from adtuning.speech.espeak import ESPEAK_RATE_HZ, EspeakSynthesizer, Item, run_worker, synthesizer
 
 __all__ = ["SAMPLE_RATE", "MANIFEST_NAME", "NOISE_KINDS", "OWNER_MARKER", "seed_ints", "rng", "trim_and_resample",
            "render_utterance", "jitter", "quantise", "noise", "write_wav", "read_manifest", "write_manifest",
@@ -181,16 +181,17 @@ def move_into_place(src: Path, dst: Path) -> None:
 
 
 def run_plans(plans: Sequence[Sequence[Item]], consume: Callable[[int, int, bytes], None], *, desc: str, unit: str,
-              progress: bool, jobs: int | None) -> None:
+              progress: bool, jobs: int | None, engine: EspeakSynthesizer | None = None) -> None:
     """The generation loop: synthesise each plan (one speaker's items) in a fresh espeak-ng
     process, at most ``jobs`` at once (default: CPU count, at most 4 and at most one per plan;
     the output does not depend on it), and call ``consume(plan, item, pcm)`` for every
     utterance, in plan then item order, in this thread. torch runs single-threaded meanwhile,
-    so that resampling is bit-identical whatever the machine's thread count."""
+    so that resampling is bit-identical whatever the machine's thread count. ``engine`` names
+    the espeak-ng library and data (default: espeakng-loader's)."""
     import torch
     from tqdm import tqdm
 
-    engine = synthesizer(None, None)
+    engine = engine or synthesizer(None, None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     bar = tqdm(total=sum(map(len, plans)), desc=desc, unit=unit, disable=not progress)

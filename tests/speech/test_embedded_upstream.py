@@ -2,16 +2,15 @@
 separate spoken words that a random model of the same architecture does not separate."""
 import json
 
+import espeakng_loader  # noqa: F401  (a hard dependency: fail, never skip, without it)
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("espeakng_loader")
-
-from adtuning.speech import DEFAULT_UPSTREAM, build_upstream  # noqa: E402
-from adtuning.speech.featurizer import Featurizer  # noqa: E402
-from adtuning.speech.synth import SPEECH_COMMANDS_WORDS, generate_speech_commands  # noqa: E402
-from adtuning.speech.upstream import embedded_upstream_dir  # noqa: E402
+from adtuning.speech import DEFAULT_UPSTREAM, build_upstream
+from adtuning.speech.featurizer import Featurizer
+from adtuning.speech.synth import SPEECH_COMMANDS_WORDS, generate_speech_commands
+from adtuning.speech.upstream import embedded_upstream_dir
 
 
 def test_the_cli_default_is_the_shipped_upstream():

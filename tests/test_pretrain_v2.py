@@ -1,0 +1,187 @@
+"""Upstream v2's pre-training: corpus v2 speakers, the held-out voices, the on-the-fly
+augmentation, iteration-2 targets and resuming, at tiny sizes."""
+import json
+
+import espeakng_loader  # noqa: F401  (a hard dependency: fail, never skip, without it)
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from adtuning import pretrain
+from adtuning.speech import espeak
+from adtuning.speech.augment import PretrainingAugmenter, simulate_rooms, warp_targets
+from adtuning.speech.pretraining_corpus import generate_pretraining_corpus_v2, pretraining_vocabulary_v2, read_pretraining_corpus
+from adtuning.speech.speakers import (
+    DOWNSTREAM_LANGUAGES,
+    DOWNSTREAM_VARIANTS,
+    HELD_OUT_LANGUAGES,
+    HELD_OUT_VARIANTS,
+    default_speakers,
+    english_voices,
+    pretraining_speakers,
+    pretraining_speakers_v2,
+)
+from adtuning.speech.synth_asr import librispeech_speakers
+from adtuning.speech.synth_snips import snips_speakers
+from adtuning.speech.synth_tasks import distinct_speakers
+from adtuning.speech.synthesis import write_wav
+
+TINY = dict(speakers=4, sentences_per_speaker=3, held_out_speakers=1, max_seconds=2.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_v2(tmp_path_factory):
+    return generate_pretraining_corpus_v2(tmp_path_factory.mktemp("v2") / "corpus", **TINY)
+
+
+def _language_variant(voice: str) -> tuple[str, str]:
+    language, _, variant = voice.partition("+")
+    return language, variant
+
+
+def test_v2_vocabulary_is_large_and_unique():
+    words = pretraining_vocabulary_v2()
+    assert len(words) >= 5000 and len(set(words)) == len(words)
+    assert all(w.isalpha() and w.islower() for w in words)
+
+
+@pytest.mark.parametrize("n", [1, 50, 700])
+def test_v2_speakers_are_odd_pitched_and_disjoint_from_downstream(n):
+    pre = pretraining_speakers_v2(n)
+    assert len(pre) == n and all(p % 2 == 1 and 0 <= r <= 70 for _, _, p, r in pre)
+    triples = {(v, rate, p) for v, rate, p, _ in pre}
+    for seed in range(3):
+        assert not triples & set(default_speakers(n, seed))
+
+
+def test_v2_speakers_cover_every_usable_voice_and_variant():
+    languages, variants = english_voices()
+    assert len(languages) >= 5 and len(variants) >= 50
+    assert set(DOWNSTREAM_LANGUAGES) <= set(languages) and set(DOWNSTREAM_VARIANTS) <= set(variants)
+    pairs = {_language_variant(v) for v, *_ in pretraining_speakers_v2(len(languages) * len(variants))}
+    assert pairs == {(lang, var) for lang in languages for var in variants}
+
+
+def test_held_out_voices_exist_are_reproducible_and_no_training_corpus_uses_them():
+    engine = espeak.synthesizer(None, None)
+    names = {ident.rpartition("/")[2].lower() for ident, _ in engine.list_voices()}
+    known_variants = {ident.partition("/")[2] for ident, _ in engine.list_voices(variants=True)}
+    assert set(HELD_OUT_LANGUAGES) <= names and set(HELD_OUT_VARIANTS) <= known_variants
+    assert not any(espeak.has_breath(engine.data, "en+" + v) for v in HELD_OUT_VARIANTS)
+    training = [v for v, *_ in pretraining_speakers_v2(1200)] + [v for v, *_ in pretraining_speakers(300)]
+    for seed in range(3):
+        training += [v for v, *_ in default_speakers(300, seed)]
+        training += [v for v, *_ in librispeech_speakers(40, seed)] + [v for v, *_ in distinct_speakers(40, seed)]
+        training += [v for v, *_ in snips_speakers(seed).values()]
+    for voice in training:
+        language, variant = _language_variant(voice)
+        assert language not in HELD_OUT_LANGUAGES and variant not in HELD_OUT_VARIANTS, voice
+
+
+def test_v2_corpus_layout_and_determinism(tiny_v2, tmp_path):
+    items = read_pretraining_corpus(tiny_v2)
+    assert len(items["train"]) == 9 and len(items["held_out"]) == 3
+    vocab = set(pretraining_vocabulary_v2())
+    assert all(set(text.split()) <= vocab for _, text in items["train"] + items["held_out"])
+    again = generate_pretraining_corpus_v2(tmp_path / "again", **TINY)
+    files = sorted(p.relative_to(tiny_v2) for p in tiny_v2.rglob("*.wav"))
+    assert files and all((tiny_v2 / f).read_bytes() == (again / f).read_bytes() for f in files)
+
+
+@pytest.fixture(scope="module")
+def augmenter(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("aug")
+    babble = []
+    for k in range(2):
+        babble.append(folder / f"b{k}.wav")
+        write_wav(babble[-1], (np.random.default_rng(k).standard_normal(8000) * 3000).astype(np.int16))
+    return PretrainingAugmenter(babble, simulate_rooms(folder / "rooms", 1, seed=0), seed=0)
+
+
+def test_augmentation_is_deterministic_under_a_seed_and_changes_the_audio(augmenter):
+    x = (0.3 * np.sin(np.arange(16000) / 7.0)).astype(np.float32)
+    outs = [augmenter(x, 1, step) for step in range(12)]
+    assert all(np.array_equal(o, augmenter(x, 1, step)) for step, o in enumerate(outs))
+    changed = [len(o) != len(x) or not np.allclose(o, x, atol=1e-4) for o in outs]
+    assert sum(changed) >= 9
+    assert len({o.tobytes() for o in outs}) == len(outs)  # each key its own draw
+    assert any(len(o) != len(x) for o in outs)  # speed perturbation among them
+    assert np.array_equal(PretrainingAugmenter([], [], seed=0, p=0.0)(x, 1, 0), x)
+
+
+def test_warp_targets_follows_the_time_scaling():
+    t = torch.arange(10)
+    assert warp_targets(t, 10).tolist() == t.tolist()
+    assert warp_targets(t, 20).tolist() == [i // 2 for i in range(20)]
+    assert warp_targets(t, 5).tolist() == [0, 2, 4, 6, 8] or warp_targets(t, 5).tolist() == [1, 3, 5, 7, 9]
+
+
+def test_layer_features_are_the_chosen_layers_hidden_states():
+    torch.manual_seed(0)
+    hubert = pretrain.MaskedPredictor(pretrain.mini_hubert_config(32, 3, 2), 4).hubert.eval()
+    wav = torch.randn(8000)
+    from adtuning.speech.upstream import prepare_waveforms
+
+    x, mask = prepare_waveforms(wav[None], torch.tensor([8000]), normalize=True)
+    with torch.no_grad():
+        states = hubert(x, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+        for layer in (1, 2):
+            torch.testing.assert_close(pretrain.layer_features(hubert, wav, layer), states[layer][0])
+        assert not torch.allclose(pretrain.layer_features(hubert, wav, 1), pretrain.layer_features(hubert, wav, 2))
+
+
+def test_iteration2_targets_come_from_the_chosen_layer():
+    torch.manual_seed(0)
+    hubert = pretrain.MaskedPredictor(pretrain.mini_hubert_config(32, 3, 2), 4).hubert
+    wavs = [(torch.randn(n) * 3000).to(torch.int16) for n in (4000, 6400, 8000)]
+    train, held, centroids, mean, std = pretrain.iteration2_targets(hubert, wavs[:2], wavs[2:], layer=2, clusters=5,
+                                                                    iterations=3, seed=0)
+    from adtuning.speech.upstream import prepare_waveforms
+
+    with torch.no_grad():
+        for w, t in zip(wavs, train + held):
+            x, mask = prepare_waveforms(w[None].float() / 32768.0, torch.tensor([len(w)]), normalize=True)
+            feats = hubert(x, attention_mask=mask.long(), output_hidden_states=True).hidden_states[2][0]
+            assert torch.equal(torch.cdist((feats - mean) / std, centroids).argmin(1), t)
+
+
+def _state(path):
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["adtuning_pretrain"])
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_v2, tmp_path):
+    """Iteration 1 -> 2 with augmentation, stopped every 2 steps and resumed, ends in the same
+    checkpoint (model, classifier, AdamW state, curves) as one uninterrupted run."""
+    common = ["--corpus", "v2", "--corpus-dir", str(tiny_v2), "--speakers", "4", "--sentences-per-speaker", "3",
+              "--held-out-speakers", "1", "--max-seconds", "2.0", "--clusters", "6", "--iteration2-clusters", "5",
+              "--iteration2-layer", "1", "--hidden-size", "32", "--layers", "2", "--heads", "2", "--steps", "3",
+              "--iteration2-steps", "2", "--batch-size", "3", "--eval-interval", "2", "--warmup-steps", "1",
+              "--augment", "1.0", "--rooms", "1", "--threads", "1", "--no-progress", "--save-dtype", "bfloat16"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert pretrain.main(["--output-dir", str(tmp_path / "out_whole"), "--state-dir", str(whole)] + common) == 0
+    for _ in range(3):
+        assert pretrain.main(["--output-dir", str(tmp_path / "out_parts"), "--state-dir", str(parts), "--stop-after", "2"] + common) == 0
+    a, b = load_file(str(whole / "checkpoint.safetensors")), load_file(str(parts / "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = _state(whole / "checkpoint.safetensors"), _state(parts / "checkpoint.safetensors")
+    assert (sa["iteration"], sa["step"]) == (sb["iteration"], sb["step"]) == (2, 2)
+    assert sa["curves"] == sb["curves"] and [c["step"] for c in sa["curves"]["1"]] == [2, 3]
+    with safe_open(str(parts / "targets_iteration2.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["json"]) == {"layer": 1}
+    record = json.loads((tmp_path / "out_parts" / "pretraining.json").read_text())
+    assert record["complete"] and record["iteration"] == 2 and "--stop-after" in record["command"]
+    assert record["corpus"]["held_out_variants"] == list(HELD_OUT_VARIANTS)
+    assert load_file(str(tmp_path / "out_parts" / "model.safetensors"))["feature_projection.projection.weight"].dtype == torch.bfloat16
+
+
+def test_a_state_dir_refuses_other_arguments(tiny_v2, tmp_path, capsys):
+    args = ["--output-dir", str(tmp_path / "o"), "--state-dir", str(tmp_path / "s"), "--corpus", "v2", "--corpus-dir", str(tiny_v2),
+            "--speakers", "4", "--sentences-per-speaker", "3", "--held-out-speakers", "1", "--max-seconds", "2.0",
+            "--clusters", "6", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--steps", "1", "--batch-size", "2",
+            "--no-progress"]
+    assert pretrain.main(args) == 0
+    assert pretrain.main(args[:-1] + ["--lr", "0.01", "--no-progress"]) == 2
+    assert "--lr" in capsys.readouterr().err
