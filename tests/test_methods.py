@@ -421,3 +421,12 @@ def test_frozen_uses_last_layer_with_a_task_head():
     torch.testing.assert_close(task.featurizer(hidden), torch.nn.functional.layer_norm(hidden[-1], (32,)))
     with pytest.raises(TypeError, match="Featurizer"):
         use_last_layer(nn.Linear(2, 2))
+
+
+def test_prefix_refuses_flash_attention():
+    up = build_upstream("tiny-wav2vec2")
+    up.model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(M.MethodAttachError, match="flash_attention_2"):
+        M.attach("prefix", up)
+    assert up.model.config._attn_implementation == "flash_attention_2"
+    assert not hasattr(up, M.CONTAINER_NAME)

@@ -10,7 +10,7 @@ learnt vectors through the frozen k/v projections is the speech studies' per-lay
 reparametrisation of Li and Liang's free key/value prefixes that halves their count.) Attached
 without editing transformers: for wav2vec2/HuBERT an attention function registered in transformers'
 ``AttentionInterface`` (``config._attn_implementation`` becomes ``adtuning_prefix_<base>`` and back
-on detach) wraps the base implementation (eager, sdpa or flash); for WavLM,
+on detach) wraps the base implementation (eager or sdpa; flash attention is refused); for WavLM,
 :mod:`adtuning.methods.wavlm_attention`.
 
 Count: ``L * P * D``; wav2vec2-base with ``P = 11``: 101,376 (paper: 0.10M, +1.4 %; with 10 it
@@ -58,8 +58,6 @@ def _extend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     if mask.dim() == 4:  # [B, 1|H, T, S]: bool (True = attend) for sdpa, additive float for eager
         fill = torch.ones if mask.dtype == torch.bool else torch.zeros
         return torch.cat([fill(*mask.shape[:-1], n, dtype=mask.dtype, device=mask.device), mask], dim=-1)
-    if mask.dim() == 2:  # [B, S] padding mask (flash attention): 1 = valid
-        return torch.cat([torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device), mask], dim=-1)
     raise MethodAttachError(f"prefix: unsupported attention mask of shape {tuple(mask.shape)}")
 
 
@@ -92,10 +90,12 @@ def _register_prefixed_implementation(base: str, attention_module: nn.Module) ->
         base_fn = getattr(sys.modules[type(attention_module).__module__], "eager_attention_forward", None)
         if base_fn is None:
             raise MethodAttachError(f"prefix: {type(attention_module).__module__} has no eager_attention_forward")
-    elif base in ALL_ATTENTION_FUNCTIONS:
+    elif base == "sdpa":
         base_fn = ALL_ATTENTION_FUNCTIONS[base]
     else:
-        raise MethodAttachError(f"prefix: unsupported attention implementation {base!r}")
+        # flash attention unpads queries and keys with one [B, S] mask, which cannot describe keys
+        # that are longer than the queries
+        raise MethodAttachError(f"prefix: attention implementation {base!r} is not supported (use eager or sdpa)")
     if base not in ALL_MASK_ATTENTION_FUNCTIONS:
         raise MethodAttachError(f"prefix: no attention mask function for implementation {base!r}")
     if name not in ALL_ATTENTION_FUNCTIONS:
