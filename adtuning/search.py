@@ -221,7 +221,7 @@ class AdaptiveSearch:
         state = opt.state_dict()
         cand.optimizer_state = clone_state_dict(state, device=device, copy=keep_live) if keep_live or offload else state
         cand.scheduler_state = dict(sched.state_dict())
-        cand.rng_state = torch.get_rng_state()
+        # cand.rng_state is current: _train hands the stream back to the candidate when it stops.
 
     @torch.no_grad()
     def _deactivate(self) -> None:
@@ -286,6 +286,11 @@ class AdaptiveSearch:
         cfg, model = self.config, self.problem.model
         opt, sched = self._live()
         model.train()
+        # The candidate's random stream runs in the global RNG only inside this loop, so code that
+        # draws random numbers between calls (after a resume, between the search and the
+        # baselines, in on_event) cannot shift what the candidate trains on.
+        assert cand.rng_state is not None
+        torch.set_rng_state(cand.rng_state)
         batches = self._batches(cand)
         bar = tqdm(total=until, initial=cand.step, desc=f"train {cand.name}", unit="step", disable=not self.progress, leave=False)
         start = time.perf_counter()
@@ -326,16 +331,27 @@ class AdaptiveSearch:
                 cand.train_losses.append((cand.step, total))
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.4f}")
-                self.on_event("train", {"candidate": cand.index, "p": cand.p, "step": cand.step, "loss": total, "lr": sched.get_last_lr()[0]})
+                self._emit("train", {"candidate": cand.index, "p": cand.p, "step": cand.step, "loss": total, "lr": sched.get_last_lr()[0]})
                 if cfg.eval_interval and cand.step % cfg.eval_interval == 0 and cand.step < until:
                     self._evaluate_dev(cand)
                     model.train()
                 self._since_checkpoint += 1
                 if cfg.checkpoint_interval and self._since_checkpoint >= cfg.checkpoint_interval and cand.step < until:
+                    cand.rng_state = torch.get_rng_state()
                     self.save_checkpoint()
         finally:
+            cand.rng_state = torch.get_rng_state()
             bar.close()
             self.train_seconds += time.perf_counter() - start
+
+    def _emit(self, kind: str, info: dict[str, Any]) -> None:
+        """Call ``on_event`` without letting it move the global RNG (the active candidate's
+        stream while training)."""
+        rng = torch.get_rng_state()
+        try:
+            self.on_event(kind, info)
+        finally:
+            torch.set_rng_state(rng)
 
     def _nonfinite_step(self, cand: Candidate, loss: float, grad_norm: float, seen: list[tuple[int, int, Any]]) -> None:
         """Apply the ``on_nonfinite`` policy to a step whose loss or gradient is NaN/inf (it is
@@ -352,7 +368,7 @@ class AdaptiveSearch:
         cand.skipped_steps += 1
         cand.nonfinite_streak += 1
         log.warning("skipped a non-finite step (%d in a row, %d in all): %s", cand.nonfinite_streak, cand.skipped_steps, where)
-        self.on_event("nonfinite", {"candidate": cand.index, "p": cand.p, "step": cand.step, "skipped": cand.skipped_steps})
+        self._emit("nonfinite", {"candidate": cand.index, "p": cand.p, "step": cand.step, "skipped": cand.skipped_steps})
         if cand.nonfinite_streak >= cfg.max_nonfinite_skips:
             raise NonFiniteError(f"{cand.nonfinite_streak} non-finite training steps in a row (the limit, "
                                  f"max_nonfinite_skips={cfg.max_nonfinite_skips}); the last: {where}")
@@ -371,7 +387,7 @@ class AdaptiveSearch:
         metrics = self._evaluate(cand, "dev")
         cand.curve.append({"step": cand.step, **metrics})
         log.info("dev %s step %d: %s", cand.name, cand.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        self.on_event("dev", {"candidate": cand.index, "p": cand.p, "step": cand.step, **metrics})
+        self._emit("dev", {"candidate": cand.index, "p": cand.p, "step": cand.step, **metrics})
         return metrics
 
     def _order(self, cand: Candidate, metrics: dict[str, float]) -> tuple[float, float, int]:
@@ -398,7 +414,7 @@ class AdaptiveSearch:
                         cand.status, cand.stopped_at = "stopped", cand.step
                 alive = [c for c in alive if c in survivors]
                 log.info("rung %d at step %d: continuing P=%s", rung, until, ", ".join(f"{c.p:g}" for c in alive))
-                self.on_event("rung", {"rung": rung, "step": until, "survivors": [c.p for c in alive]})
+                self._emit("rung", {"rung": rung, "step": until, "survivors": [c.p for c in alive]})
         last = len(cfg.rungs)
         for cand in alive:
             cand.status = "finished"
@@ -519,7 +535,7 @@ class AdaptiveSearch:
         if self.dp is not None:
             self._check_replicas()
             rank_rngs = self.dp.all_gather_object(
-                [torch.get_rng_state() if c is self.active else c.rng_state for c in self.candidates + self.baselines])
+                [c.rng_state for c in self.candidates + self.baselines])
             if not self.dp.is_main:
                 return None
         if self.active is not None:

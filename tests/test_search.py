@@ -378,3 +378,65 @@ def test_version_1_checkpoints_still_load(tmp_path):
     assert resumed.load_checkpoint()
     assert [c.stopped_at for c in resumed.candidates] == [None if c.status == "finished" else 6 for c in resumed.candidates]
     assert resumed.steps_spent() == search.steps_spent()
+
+
+# ---- a baseline does not depend on what ran before it ----------------------------------------
+
+def _baseline_outcome(kinds, *, search_first, checkpoint_dir=None, stop_at=None):
+    """Train the baselines ``kinds`` (after the search and the regret measurement when
+    ``search_first``) on a fresh problem; optionally interrupted at the ``stop_at``-th training
+    step and resumed on another fresh problem. Returns, for the "full" baseline, its trained
+    model state (taken just before it is retired), train losses, dev curve and final metrics."""
+    seen = [0]
+
+    def bomb(kind, info):
+        torch.rand(3)  # an event handler that draws random numbers must not shift training
+        if kind == "train" and stop_at is not None:
+            seen[0] += 1
+            if seen[0] == stop_at:
+                raise Interrupt
+
+    def attempt(resume):
+        problem = ToyProblem()
+        trained = {}
+        search = AdaptiveSearch(problem, children_for(problem), config(checkpoint_interval=3), checkpoint_dir=checkpoint_dir,
+                                progress=False, on_event=bomb if not resume else lambda kind, info: torch.rand(2), baselines=kinds)
+        retire = search._retire
+
+        def spy(cand):
+            trained[cand.baseline] = snapshot(problem)
+            retire(cand)
+
+        search._retire = spy
+        if resume:
+            assert search.load_checkpoint()
+        # Prior state a baseline must not depend on: the global RNG, the model's mode.
+        torch.manual_seed(12345)
+        problem.model.eval()
+        if search_first:
+            search.run()
+            search.measure_regret()
+        search.run_baselines()
+        full = next(c for c in search.baselines if c.baseline == "full")
+        return trained["full"], full.train_losses, full.curve, full.final
+
+    if stop_at is None:
+        return attempt(resume=False)
+    with pytest.raises(Interrupt):
+        attempt(resume=False)
+    return attempt(resume=True)
+
+
+def test_a_baseline_trains_the_same_alone_after_a_search_and_after_a_resume(tmp_path):
+    """The "full" baseline gives bit-identical weights, losses, curve and metrics whether it runs
+    alone, after the search + regret + head-only baseline, or is killed halfway and resumed."""
+    alone = _baseline_outcome(("full",), search_first=False)
+    after = _baseline_outcome(("head-only", "full"), search_first=True)
+    # Train events: 32 search + 28 regret + 20 head-only, then full: stop at its step 9.
+    resumed = _baseline_outcome(("head-only", "full"), search_first=True, checkpoint_dir=tmp_path / "a", stop_at=89)
+    resumed_alone = _baseline_outcome(("full",), search_first=False, checkpoint_dir=tmp_path / "b", stop_at=11)
+    for other in (after, resumed, resumed_alone):
+        weights, losses, curve, final = other
+        for name, value in alone[0].items():
+            assert torch.equal(value, weights[name]), name
+        assert losses == alone[1] and curve == alone[2] and final == alone[3]
