@@ -168,6 +168,18 @@ def test_bad_configs_are_rejected():
         SearchConfig(total_steps=10, rungs=(0.5, 0.2), keep=(2, 1))
     with pytest.raises(ValueError, match="warmup_steps"):
         SearchConfig(total_steps=10, warmup_steps=11)
+    for field, value, message in (("lr", -1e-3, "lr must be >= 0"), ("head_lr", float("nan"), "head_lr must be >= 0"),
+                                  ("eps", -1.0, "eps must be >= 0"), ("weight_decay", -0.1, "weight_decay must be >= 0"),
+                                  ("betas", (0.9, 1.0), r"betas must be two numbers in \[0, 1\)"),
+                                  ("betas", (0.9,), "betas must be two numbers"),
+                                  ("max_grad_norm", 0.0, "max_grad_norm must be > 0"),
+                                  ("eval_interval", -1, "eval_interval must be >= 0"),
+                                  ("checkpoint_interval", -5, "checkpoint_interval must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            SearchConfig(total_steps=10, **{field: value})
+    assert SearchConfig(total_steps=10, betas=[0.8, 0.9]).betas == (0.8, 0.9)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        SearchConfig(total_steps=10).check_candidates(0)
     problem = ToyProblem()
     with pytest.raises(ValueError, match="exceeds"):
         AdaptiveSearch(problem, children_for(problem, (0.1,)), config(keep=(2,)), progress=False)
