@@ -197,8 +197,8 @@ def read_delta_config(directory: str | os.PathLike) -> dict:
         raise DeltaError(f"{path}: base_fingerprint must be 'sha256:<64 hex digits>', got {meta['base_fingerprint'][:80]!r}")
     if "tensors_sha256" in meta and not _FINGERPRINT.match(meta["tensors_sha256"]):
         raise DeltaError(f"{path}: tensors_sha256 must be 'sha256:<64 hex digits>', got {meta['tensors_sha256'][:80]!r}")
-    if not 0 < meta["p"] <= 1:
-        raise DeltaError(f"{path}: p must be in (0, 1], got {meta['p']!r}")
+    if not 0 <= meta["p"] <= 1:  # 0: a method that trains no upstream entry (head-only, LoRA, adapters, ...)
+        raise DeltaError(f"{path}: p must be in [0, 1], got {meta['p']!r}")
     bad_shapes = [name for name, shape in meta["upstream_shapes"].items() if not _check_shape(shape)]
     if bad_shapes:
         raise DeltaError(f"{path}: upstream_shapes[{bad_shapes[0]!r}] must be a list of non-negative integers")

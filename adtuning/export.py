@@ -68,18 +68,34 @@ def load_finetuned(delta_dir: str | Path, base: str | None = None, *, device: st
         DeltaError: unreadable or inconsistent delta, or (without ``force``) a base model other
             than the one it was trained on.
     """
+    from adtuning.recipe.methods import adds_modules, prepare_task
     from adtuning.speech import SpeechModel, build_task, build_upstream
 
     meta = _model_config(delta_dir)
+    method = meta.get("method", "ad-tuning")
     upstream = build_upstream(base or meta["base_model"], dtype=_DTYPES[meta.get("base_dtype", "float32")], seed=meta.get("base_seed", 0))
     try:
         task = build_task(meta["task"], upstream_dim=upstream.hidden_size, num_layers=upstream.num_layers,
                           **{**meta.get("task_kwargs", {}), **_split_options(meta)[1]})
+        prepare_task(method, task)
     except (TypeError, ValueError, KeyError) as err:  # unknown task or options that do not fit it
         raise DeltaError(f"{Path(delta_dir) / 'delta.json'}: cannot build the task head {meta['task'][:40]!r} "
                          f"from task_kwargs/task_options: {err}") from err
+    upstream_params = dict(upstream.named_parameters())
+    head_params = dict(task.named_parameters())
+    attached = None
+    if adds_modules(method):
+        from adtuning.methods import MethodAttachError, attach
+
+        try:
+            attached = attach(method, upstream, meta.get("method_options", {}))
+        except (MethodAttachError, ValueError) as err:
+            raise DeltaError(f"{Path(delta_dir) / 'delta.json'}: cannot attach method {method!r}: {err}") from err
+        upstream_params = attached.base_named_parameters()
+        head_params.update({f"method.{n}": p for n, p in attached.parameters().items()})
     model = SpeechModel(upstream, task)
-    apply_delta(delta_dir, dict(model.upstream.named_parameters()), dict(model.task.named_parameters()), force=force)
+    apply_delta(delta_dir, upstream_params, head_params, force=force)
+    model.attached_method = attached  # the method's modules (merge folds LoRA's into the weights)
     return model.to(device).eval()
 
 
@@ -107,20 +123,31 @@ def merge_delta(delta_dir: str | Path, out_dir: str | Path, base: str | None = N
     if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "adtuning_head.json").is_file())):
         raise FileExistsError(f"--merge: {out_dir} exists and is not an empty folder or a previous merge; "
                               "choose another folder")
+    meta = _model_config(delta_dir)
+    from adtuning.recipe.methods import adds_modules
+
+    method = meta.get("method", "ad-tuning")
+    if adds_modules(method) and method != "lora":
+        raise DeltaError(f"--merge: method {method!r} adds modules to the upstream, which a plain transformers checkpoint "
+                         "cannot hold, so it cannot be merged (only lora can); use the delta with "
+                         "adtuning.export.load_finetuned or --evaluate instead")
     model = load_finetuned(delta_dir, base, force=force)
-    meta = read_delta_config(delta_dir)
-    for name, tensor in [*model.upstream.named_parameters(), *model.task.named_parameters()]:
+    transformers_model = model.upstream.model
+    if model.attached_method is not None:
+        transformers_model = model.attached_method.merge()  # peft's merge: LoRA folded into the base Linear weights
+    for name, tensor in [*transformers_model.named_parameters(), *model.task.named_parameters()]:
         if not bool(torch.isfinite(tensor).all()):
             raise DeltaError(f"refusing to write the merged model to {out_dir}: {name} has NaN/inf values")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
         try:
-            model.upstream.model.save_pretrained(str(staging))
+            transformers_model.save_pretrained(str(staging))
             head = {name: p.detach().contiguous() for name, p in model.task.named_parameters()}
             write_bytes(staging / "adtuning_head.safetensors", save_safetensors(head))
             info = {"task": meta["task"], "task_kwargs": meta.get("task_kwargs", {}), "task_options": meta.get("task_options", {}),
-                    "merged_from": str(delta_dir), "base_model": meta["base_model"], "p": meta["p"], "k": meta["k"]}
+                    "merged_from": str(delta_dir), "base_model": meta["base_model"], "p": meta["p"], "k": meta["k"],
+                    "method": method}
             write_bytes(staging / "adtuning_head.json", json.dumps(info, indent=2).encode())
         except OSError as err:
             raise WriteError(err.errno, f"writing the merged model to {out_dir} failed: {err.strerror or err}; "
@@ -165,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         meta = _model_config(args.delta_dir)
-        print(f"delta: task {meta['task']}, base {meta['base_model']}, P={meta['p']:g}, k={meta['k']:,} of {meta['n']:,} scored entries")
+        print(f"delta: task {meta['task']}, base {meta['base_model']}, method {meta.get('method', 'ad-tuning')}, "
+              f"P={meta['p']:g}, k={meta['k']:,} of {meta['n']:,} scored entries")
         if args.merge:
             out = merge_delta(args.delta_dir, args.merge, args.base, force=args.force)
             print(f"merged model written to {out}")

@@ -61,3 +61,16 @@ def canonical_method(name: str) -> str | None:
     """The registered name of ``name`` (aliases resolved), or ``None`` when it is unknown."""
     name = ALIASES.get(name, name)
     return name if name in METHODS else None
+
+
+def prepare_task(method: str, task) -> None:
+    """What ``method`` changes in a freshly built task head: ``frozen`` (the paper's Baseline) reads
+    the last hidden state, without the layer weights of the weighted sum."""
+    if canonical_method(method) == "frozen":
+        task.use_featurizer_mode("last")
+
+
+def adds_modules(method: str) -> bool:
+    """Whether ``method`` attaches modules to the upstream (:mod:`adtuning.methods`)."""
+    name = canonical_method(method)
+    return name is not None and METHODS[name].kind == "module"

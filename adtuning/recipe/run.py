@@ -30,7 +30,7 @@ from adtuning.embedded import embedded_corpus
 from adtuning.environment import source_commit
 from adtuning.fisher import estimate_fisher, fisher_summary
 from adtuning.recipe.config import RunConfig, UsageError
-from adtuning.recipe.methods import METHODS, canonical_method
+from adtuning.recipe.methods import METHODS, canonical_method, prepare_task
 from adtuning.recipe.problem import LoaderSettings, SpeechProblem
 from adtuning.search import AdaptiveSearch
 from adtuning.speech.registry import split_task_options
@@ -172,12 +172,14 @@ class Recipe:
         upstream = self.upstream
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.engine.seed)
-            task = build_task(self.config.data.task, upstream_dim=upstream.hidden_size, num_layers=upstream.num_layers,
-                              **{**getattr(self.train_set, "task_kwargs", {}), **self.head_options})
-        if method == "frozen":
-            from adtuning.methods.frozen import use_last_layer
-
-            use_last_layer(task)
+            try:
+                task = build_task(self.config.data.task, upstream_dim=upstream.hidden_size, num_layers=upstream.num_layers,
+                                  **{**getattr(self.train_set, "task_kwargs", {}), **self.head_options})
+            except TypeError as err:  # an option neither the reader nor the head takes
+                unknown = sorted(self.head_options)
+                raise UsageError(f"--task-option: task {self.config.data.task!r} cannot take {', '.join(unknown) or 'its options'} "
+                                 f"(neither its reader nor its head has such an option: {err})") from None
+        prepare_task(method, task)
         return task
 
     def _attach(self, method: str) -> dict[str, torch.nn.Parameter]:
@@ -229,7 +231,6 @@ class Recipe:
                         f.unlink()
         out.mkdir(parents=True, exist_ok=True)
         self.resuming = resume
-        self._record_segment(resume)
         return resume
 
     def _check_resumable(self, out: Path) -> None:
@@ -267,8 +268,11 @@ class Recipe:
         config = {"args": self.config.to_json(), "base_model": self.config.upstream.upstream, "base_fingerprint": self.base_fingerprint,
                   "data_dir": str(self.data_dir), "backend": self.backend, "device": str(self.device),
                   "world_size": self.world_size}
-        if not self.resuming and self.is_main:
+        if not self.is_main:
+            return
+        if not self.resuming:
             atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        self._record_segment(self.resuming)
 
     def _open_tensorboard(self) -> None:
         if not self.is_main:

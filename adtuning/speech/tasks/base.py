@@ -38,6 +38,11 @@ class Task(nn.Module):
         self.upstream_dim = upstream_dim
         self.featurizer = Featurizer(num_layers, normalize=normalize_features)
 
+    def use_featurizer_mode(self, mode: str) -> None:
+        """Replace the featurizer by one in ``mode`` (:data:`adtuning.speech.featurizer.FEATURIZER_MODES`;
+        ``last``: the last hidden state, no layer weights: the paper's Baseline)."""
+        self.featurizer = Featurizer(self.featurizer.num_layers, normalize=self.featurizer.normalize, mode=mode)
+
     @property
     def higher_is_better(self) -> bool:
         """Direction of :attr:`primary_metric`."""
