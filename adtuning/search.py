@@ -34,6 +34,16 @@ the compact child gradients, the head gradients and the loss (:class:`~adtuning.
 and every rank clips and steps identically. Dev metrics come back reduced from the problem, so
 every rank takes the same rung decision. Rank 0 writes checkpoints (with every rank's RNG
 state); resuming needs the same world size.
+
+Random streams: each candidate has its own (seeded alike, as independent runs would be). It is
+in the global CPU RNG only while :meth:`AdaptiveSearch._train` runs that candidate and is kept
+in the candidate otherwise, so what the caller does between calls (evaluating, logging,
+resuming) never shifts a candidate's dropout masks.
+
+Modules: :mod:`adtuning.search_config` (:class:`SearchConfig`, :class:`TrainingProblem`,
+:func:`successive_halving`), :mod:`adtuning.search_candidate` (:class:`Candidate`),
+:mod:`adtuning.search_report` (ranking, regret and baseline reports) and
+:mod:`adtuning.search_checkpoint` (the files); their public names are importable from here.
 """
 from __future__ import annotations
 
