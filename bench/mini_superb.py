@@ -10,9 +10,10 @@ Usage, from the repository root::
 Cost: per task and seed, 6T optimizer steps (AD-TUNING's 1.4T, the two culled candidates continued
 to T, both baselines, CHILD-TUNING_F) plus evaluations. With the embedded defaults (T = 300 for KS,
 IC and SD, 400 for PR, 500 for SID, 1200 for ASR and SF) that is about 50,000 steps for two seeds,
-and the sweep (3T per size and seed) adds about 10,000. Measured on 2026-12-02 (2 cores, one
-thread per run): the 36 runs took 4.5 run-hours, about 2.5 hours with ``--jobs 2``; an ASR or SF
-AD-TUNING run alone is ~20 minutes. ``--tasks`` selects, and runs are reused and resumed.
+and the sweep (3T per size and seed) adds about 10,000. The 36 runs of
+``bench/results/2026-12-02-mini-superb.json`` (2 cores, one thread per run) record 4.5 run-hours
+(``run_wall_seconds``), an ASR or SF AD-TUNING run about 20 minutes. ``--tasks`` selects, and runs
+are reused and resumed.
 
 For every task and seed it runs the CLI (``python -m adtuning.train``, ``--fused``, the task's
 embedded corpus and run defaults) twice:
