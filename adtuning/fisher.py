@@ -262,7 +262,7 @@ class _FisherLinear(torch.autograd.Function):
         batch = x.shape[0] if x.dim() > 1 else 1
         x3 = x.reshape(batch, -1, x.shape[-1])
         dy3 = grad_out.reshape(batch, -1, grad_out.shape[-1])
-        if state.accumulate:
+        if state.accumulate and ctx.fisher_w is not None:  # None: patched for another group's pass
             lengths = state.lengths_for(x3) if x.dim() == 3 else None
             state.backend.linear_fisher_(x3, dy3, ctx.fisher_w, ctx.fisher_b, lengths)
         grad_x = grad_out.to(weight.dtype) @ weight if ctx.needs_input_grad[0] else None
@@ -285,7 +285,7 @@ class _FisherLayerNorm(torch.autograd.Function):
             x_req = x.detach().requires_grad_(True)
             y = F.layer_norm(x_req, ctx.shape, weight, bias, ctx.eps)
             (grad_x,) = torch.autograd.grad(y, x_req, grad_out)
-        if ctx.state.accumulate:
+        if ctx.state.accumulate and (ctx.fisher_w is not None or ctx.fisher_b is not None):
             x_hat = F.layer_norm(x.detach(), ctx.shape, None, None, ctx.eps)
             batch = x.shape[0] if x.dim() > 1 else 1
             x_hat3 = x_hat.reshape(batch, -1, x.shape[-1])
@@ -320,8 +320,8 @@ def _plan_in_backward(model: nn.Module, params: dict[str, nn.Parameter]):
 @contextlib.contextmanager
 def _patched_modules(linear, layernorm, state: _InBackwardPass):
     def linear_forward(module, w_name, b_name):
-        fisher_w = state.fisher[w_name]
-        fisher_b = state.fisher[b_name] if b_name else None
+        fisher_w = state.fisher.get(w_name)
+        fisher_b = state.fisher.get(b_name) if b_name else None
 
         def forward(x):
             return _FisherLinear.apply(x, module.weight, module.bias, state.anchor, state, fisher_w, fisher_b)
@@ -329,8 +329,8 @@ def _patched_modules(linear, layernorm, state: _InBackwardPass):
         return forward
 
     def layernorm_forward(module, w_name, b_name):
-        fisher_w = state.fisher[w_name] if w_name else None
-        fisher_b = state.fisher[b_name] if b_name else None
+        fisher_w = state.fisher.get(w_name) if w_name else None
+        fisher_b = state.fisher.get(b_name) if b_name else None
 
         def forward(x):
             return _FisherLayerNorm.apply(
@@ -410,11 +410,14 @@ def _per_sample_loop(model, bar, loss: _Loss, scored, fisher, *, max_samples, da
 
 
 def _per_sample_in_backward(model, bar, loss: _Loss, scored, fisher, state: _InBackwardPass, *, max_samples,
-                            data_parallel) -> int:
+                            data_parallel, patched=None) -> int:
     """Eq. 6 by one backward per batch: scored Linear/LayerNorm layers accumulate per-sample
     Fisher in their backward (backend kernels); other scored parameters take the exact
     per-sample loop on the same graph. Returns the samples seen."""
-    linear, layernorm, fallback = _plan_in_backward(model, scored)
+    # ``patched`` (a superset of ``scored``): every module of it runs the in-backward path, so that
+    # a grouped pass differentiates exactly as the one-group pass; only ``scored`` accumulate.
+    linear, layernorm, fallback = _plan_in_backward(model, scored if patched is None else patched)
+    fallback = [n for n in fallback if n in scored]
     log.info(
         "Fisher pass on backend %s: %d Linear tensors and %d LayerNorm tensors in backward, %d by the per-sample fallback%s",
         state.backend.name,
@@ -479,9 +482,10 @@ def _batch_gradients(model, bar, loss: _Loss, scored, fisher, *, max_samples, cl
 
 def estimate_fisher(
     model: nn.Module,
-    batches: Iterable[Any],
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
     loss_fn: LossFn,
     *,
+    groups: int = 1,
     params: Iterable[str] | Mapping[str, torch.Tensor] | None = None,
     mode: str = "per-sample",
     backend: str = "reference",
@@ -491,6 +495,7 @@ def estimate_fisher(
     algorithm: str | None = None,
     data_parallel: "DataParallel | None" = None,
     train_mode: bool = False,
+    in_backward_set: Iterable[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Estimate the diagonal empirical Fisher information of the scored parameters.
 
@@ -498,7 +503,14 @@ def estimate_fisher(
         model: the model (upstream + head). It is put in eval mode during the pass (dropout
             would make scores depend on batching; see ``train_mode``) and restored afterwards;
             parameter values and ``requires_grad`` flags are left as they were.
-        batches: iterable of batches, each passed to ``loss_fn``.
+        batches: iterable of batches, each passed to ``loss_fn``, or a callable returning one.
+            With ``groups > 1`` it is read once per group and must give the same batches in the
+            same order each time: a callable returning a fresh iterable (``problem.fisher_batches``)
+            or a re-iterable (a list, an unshuffled DataLoader), not an iterator.
+        groups: score the tensors in this many passes, 1/G of them (contiguous in scored order,
+            balanced by entries: :func:`adtuning.fisher_groups.split_groups`) per pass. The scores
+            are those of ``groups=1`` bit for bit. The returned dict still holds every score: to
+            hold one group's only, use :func:`adtuning.fisher_groups.fisher_children`.
         loss_fn: ``loss_fn(model, batch)`` or ``loss_fn(model, batch, fisher_pass)`` (a
             :class:`FisherPass`, to which the task/model adapter may report the batch's frame
             lengths). It returns the per-sample negative log-likelihood ``Tensor[B]``; samples
@@ -534,6 +546,9 @@ def estimate_fisher(
             Limit the samples in the sharded loader (``max_items``), not with ``max_samples``.
         train_mode: run the pass with the model in train mode (dropout, SpecAugment), as the
             published code does; only with ``mode="batch"``.
+        in_backward_set: parameter names whose Linear/LayerNorm modules run the in-backward path
+            although only ``params`` are scored (default: ``params``). A grouped pass hands every
+            group the whole scored set, so that each pass differentiates exactly as one pass does.
 
     Returns:
         ``{name: fp32 tensor shaped like the parameter}`` on the parameter's device.
@@ -548,6 +563,18 @@ def estimate_fisher(
     if train_mode and mode != "batch":
         raise ValueError("estimate_fisher: train_mode=True is only for mode='batch' (per-sample scores must not "
                          "depend on dropout or batching)")
+    if groups != 1:
+        from adtuning.fisher_groups import fisher_group_passes
+
+        merged: dict[str, torch.Tensor] = {}
+        for part in fisher_group_passes(model, batches, loss_fn, groups=groups, params=params, mode=mode, backend=backend,
+                                        max_samples=max_samples, clip_norm=clip_norm, progress=progress, algorithm=algorithm,
+                                        data_parallel=data_parallel, train_mode=train_mode,
+                                        in_backward_set=in_backward_set):
+            merged.update(part)
+        return merged
+    if callable(batches) and not hasattr(batches, "__iter__"):
+        batches = batches()
     scored = _resolve_params(model, params)
     device = next(iter(scored.values())).device
     backend_name = resolve_backend_name(backend, device)
@@ -578,7 +605,9 @@ def estimate_fisher(
             else:
                 anchor = torch.zeros((), device=device, requires_grad=True)
                 state = _InBackwardPass(get_backend(backend_name, device), anchor, fisher)
-                samples = _per_sample_in_backward(model, bar, _Loss(loss_fn, state), scored, fisher, state, **common)
+                samples = _per_sample_in_backward(model, bar, _Loss(loss_fn, state), scored, fisher, state, **common,
+                                                  patched=None if in_backward_set is None else
+                                                  {**_resolve_params(model, in_backward_set), **scored})
             if buffer is not None:
                 buffer[-1] = samples
                 data_parallel.all_reduce_sum_(buffer)

@@ -12,29 +12,65 @@ from adtuning.atomic import atomic_write
 LOG_FLOOR = 1e-30  # scores of exactly 0 are drawn at this value on the log axis
 
 
-def log_score_histogram(scores: Mapping[str, torch.Tensor], bins: int = 120) -> dict:
-    """Histogram of log10 Fisher scores over all entries, computed tensor by tensor.
+HISTOGRAM_BINS_PER_DECADE = 10
+"""Bins per decade of :func:`log_score_histogram`: bin ``j`` holds scores with
+``floor(10 * log10(score)) == j``, a grid fixed in advance, so that histograms of parts of a
+score set (the groups of a grouped Fisher pass) add up to the histogram of the whole."""
 
-    Returns ``{"edges": [...], "counts": [...], "zeros": n}``; zero scores are counted apart.
+
+class ScoreHistogram:
+    """A log10 score histogram on a fixed grid, fed tensor by tensor (or group by group).
+
+    Bin ``j`` covers ``[j / b, (j + 1) / b)`` in log10 (``b`` bins per decade), found as
+    ``floor(b * log10(score))`` in float64 per entry; scores ``<= 0`` are counted apart as
+    zeros. Counts are integers, so the order the tensors are fed in does not change the result.
     """
-    lo, hi, zeros = math.inf, -math.inf, 0
-    for value in scores.values():
-        positive = value[value > 0]
-        zeros += value.numel() - positive.numel()
-        if positive.numel():
-            lo = min(lo, float(positive.min().log10()))
-            hi = max(hi, float(positive.max().log10()))
-    if lo == math.inf:
-        return {"edges": [0.0, 1.0], "counts": [0], "zeros": zeros}
-    if hi - lo < 1e-6:
-        lo, hi = lo - 0.5, hi + 0.5
-    counts = torch.zeros(bins, dtype=torch.float64)
-    for value in scores.values():
-        positive = value[value > 0]
-        if positive.numel():
-            counts += torch.histc(positive.double().log10(), bins=bins, min=lo, max=hi)
-    edges = torch.linspace(lo, hi, bins + 1).tolist()
-    return {"edges": edges, "counts": [int(c) for c in counts.tolist()], "zeros": zeros}
+
+    def __init__(self, bins_per_decade: int = HISTOGRAM_BINS_PER_DECADE):
+        if bins_per_decade < 1:
+            raise ValueError(f"bins_per_decade must be >= 1, got {bins_per_decade}")
+        self.bins_per_decade = int(bins_per_decade)
+        self.counts: dict[int, int] = {}
+        self.zeros = 0
+
+    def add(self, value: torch.Tensor) -> None:
+        """Count the entries of one score tensor."""
+        positive = value.detach()[value > 0]
+        self.zeros += value.numel() - positive.numel()
+        if not positive.numel():
+            return
+        index = torch.floor(positive.double().log10() * self.bins_per_decade).long()
+        lo = int(index.min())
+        for offset, count in enumerate(torch.bincount((index - lo).cpu()).tolist()):
+            if count:
+                self.counts[lo + offset] = self.counts.get(lo + offset, 0) + count
+
+    def add_all(self, scores: Mapping[str, torch.Tensor]) -> None:
+        """Count the entries of every tensor of ``scores``."""
+        for value in scores.values():
+            self.add(value)
+
+    def result(self) -> dict:
+        """``{"edges", "counts", "zeros", "bins_per_decade"}`` from the lowest to the highest
+        non-empty bin (``edges`` has one more entry than ``counts``)."""
+        if not self.counts:
+            return {"edges": [0.0, 1.0], "counts": [0], "zeros": self.zeros, "bins_per_decade": self.bins_per_decade}
+        lo, hi = min(self.counts), max(self.counts)
+        return {"edges": [j / self.bins_per_decade for j in range(lo, hi + 2)],
+                "counts": [self.counts.get(j, 0) for j in range(lo, hi + 1)],
+                "zeros": self.zeros, "bins_per_decade": self.bins_per_decade}
+
+
+def log_score_histogram(scores: Mapping[str, torch.Tensor], bins_per_decade: int = HISTOGRAM_BINS_PER_DECADE) -> dict:
+    """Histogram of log10 Fisher scores over all entries, computed tensor by tensor on the
+    fixed grid of :class:`ScoreHistogram` (so per-group histograms sum to it).
+
+    Returns ``{"edges": [...], "counts": [...], "zeros": n, "bins_per_decade": b}``; zero
+    scores are counted apart.
+    """
+    histogram = ScoreHistogram(bins_per_decade)
+    histogram.add_all(scores)
+    return histogram.result()
 
 
 def _pyplot():
