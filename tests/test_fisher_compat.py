@@ -65,7 +65,8 @@ def published_scored_names(upstream):
 
 def published_masks(recipe, ps):
     """The published procedure, independently: squared clipped batch gradients / batches."""
-    model, args = recipe.model, recipe.args
+    model, cfg = recipe.model, recipe.config
+    fisher_samples, grad_accum = cfg.fisher.fisher_samples, cfg.optim.grad_accum
     params = dict(model.upstream.named_parameters())
     scored = published_scored_names(model.upstream)
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -73,7 +74,7 @@ def published_masks(recipe, ps):
     def budgeted(loader):  # whole batches up to --fisher-samples
         seen = 0
         for batch in loader:
-            if seen >= args.fisher_samples:
+            if seen >= fisher_samples:
                 return
             yield batch
             seen += len(batch["ids"])
@@ -86,7 +87,7 @@ def published_masks(recipe, ps):
     # The loader is read lazily, between forward passes, as the published loop reads it.
     torch.manual_seed(FISHER_SEED)
     for batch in budgeted(recipe.problem.fisher_batches()):
-        loss = model.loss(batch) / args.grad_accum
+        loss = model.loss(batch) / grad_accum
         loss.backward()
         for name in scored:
             torch.nn.utils.clip_grad_norm_(params[name], 1.0)
