@@ -138,6 +138,18 @@ class MethodConfig:
             object.__setattr__(self, "child_method", "bernoulli")
         elif self.child_method == "bernoulli" and method == "child-tuning-d":
             raise _bad("--child-method", "bernoulli is CHILD-TUNING_F; --method child-tuning-d chooses the child by Fisher")
+        from adtuning.recipe.methods import METHODS
+
+        kind = METHODS[method].kind
+        if kind not in ("search", "child"):
+            given = [flag for flag, value, default in (("--candidates", self.candidates, None), ("--rungs", self.rungs, None),
+                                                       ("--keep", self.keep, None), ("--eta", self.eta, None), ("--c", self.c, 1),
+                                                       ("--measure-regret", self.measure_regret, False),
+                                                       ("--child-method", self.child_method, "fisher")) if value != default]
+            if given:
+                raise _bad(given[0], f"does not apply to --method {method}, which trains no child network (it has no P to search)")
+        elif kind == "child" and self.measure_regret:
+            raise _bad("--measure-regret", f"--method {method} trains one child: there is no pick to measure")
         candidates = self.candidates
         if candidates is None:
             candidates = Floats((0.1,)) if method in ("child-tuning-d", "child-tuning-f") else Floats(DEFAULT_CANDIDATES)
@@ -164,8 +176,6 @@ class MethodConfig:
                 raise _bad("--baselines", f"unknown baseline {kind!r} (choose from {', '.join(BASELINE_NAMES)})")
         if len(set(self.baselines)) != len(self.baselines):
             raise _bad("--baselines", f"duplicate values in {','.join(self.baselines)}")
-        from adtuning.recipe.methods import METHODS
-
         added = [b for b in self.baselines if METHODS[canonical_method(b) or b].kind == "module"]
         if added and METHODS[method].kind == "module":
             raise _bad("--baselines", f"{', '.join(added)} add modules to the upstream, which --method {method} already has; "

@@ -29,7 +29,7 @@ def run_method_row(recipe: "Recipe", method: str) -> dict[str, Any]:
     from adtuning.search_candidate import baseline_child
     from adtuning.speech import SpeechModel
 
-    recipe.searcher.restore_base()
+    recipe.searcher._deactivate()  # the base values back in the upstream (the chosen candidate swapped out)
     task = recipe._build_task(method)
     main_attached = recipe.attached
     extra = recipe._attach(method) if METHODS[method].kind == "module" else {}

@@ -191,7 +191,11 @@ class Recipe:
         from adtuning.methods import MethodAttachError, attach
 
         try:
-            self.attached = attach(method, self.upstream, self.config.method_options(method))
+            # The added modules' initial values come from the seed alone (LoRA's A is random), so a
+            # method's row is the same whatever ran before it in the process.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.engine.seed)
+                self.attached = attach(method, self.upstream, self.config.method_options(method))
         except MethodAttachError as err:
             raise UsageError(f"--method {method}: {err}") from None
         return {f"method.{n}": p for n, p in self.attached.parameters().items()}
@@ -285,21 +289,29 @@ class Recipe:
 
     # 2. Fisher ------------------------------------------------------------------------------
     def fisher(self) -> None:
-        """The children of the run: loaded (resume), preset (methods without a Fisher pass), or
-        scored by the Fisher pass; saved under ``children/``."""
+        """The children of the run: preset (methods whose child needs no scores: every entry, or
+        none), loaded (resume), or drawn / scored by the Fisher pass and saved under ``children/``."""
         children_dir = self.out / "children"
+        if self._preset_children():
+            return
         paths = child_paths(children_dir, self.config.method.candidates)
         if self._resume_children(children_dir, paths):
             return
         start = time.perf_counter()
-        if not self._preset_children():
+        if self.config.method.child_method == "bernoulli":
+            settings = self.config.fisher_settings()
+            upstream_params = self.problem.upstream_params
+            scored = {n: upstream_params[n] for n in self._scored_names()}
+            self.children = [ChildNetwork.bernoulli(scored, p, seed=self.config.engine.seed) for p in self.config.method.candidates]
+            self.fisher_info = {"method": "bernoulli", "scored": settings.scored}
+        else:
             self._score_children(start)
         if self.dp is not None:
             # Every rank trains rank 0's index sets: identical children by construction.
             self.children = self.dp.broadcast_children(self.children)
         if not self.is_main:
             return
-        for child, path in zip(self.children, child_paths(children_dir, [c.p for c in self.children])):
+        for child, path in zip(self.children, paths):
             child.save(path)
         atomic_write(children_dir / "fisher.json", lambda tmp: Path(tmp).write_text(json.dumps(self.fisher_info)))
         for child in self.children:
@@ -319,13 +331,9 @@ class Recipe:
         upstream_params = self.problem.upstream_params
 
         def load_saved():
-            if not (self.resuming and (children_dir / "fisher.json").is_file()):
+            if not (self.resuming and all(p.is_file() for p in paths) and (children_dir / "fisher.json").is_file()):
                 return None
-            info = json.loads((children_dir / "fisher.json").read_text())
-            saved_paths = paths if info.get("method") not in ("preset",) else child_paths(children_dir, info["ps"])
-            if not all(p.is_file() for p in saved_paths):
-                return None
-            return [ChildNetwork.load(p, upstream_params) for p in saved_paths], info
+            return [ChildNetwork.load(p, upstream_params) for p in paths], json.loads((children_dir / "fisher.json").read_text())
 
         saved = load_saved() if self.dp is None else self.dp.run_on_main(load_saved)
         if saved is None:
@@ -337,26 +345,20 @@ class Recipe:
         return True
 
     def _preset_children(self) -> bool:
-        """Methods whose child needs no scores: CHILD-TUNING_F (Bernoulli), FT (every scored
-        entry), and the methods that train no upstream entry (an empty child). Returns False
-        when the child must be scored."""
+        """The child of a method that trains every scored upstream entry (FT) or none (the head-only
+        and module-adding methods): built from the shapes, the same on every rank and after a
+        resume. Returns False for the methods whose children are drawn or scored."""
         from adtuning.search_candidate import baseline_child
 
         kind = METHODS[self.method].kind
-        settings = self.config.fisher_settings()
-        if kind in ("child", "search") and self.config.method.child_method == "fisher":
+        if kind in ("child", "search"):
             return False
         upstream_params = self.problem.upstream_params
-        if kind in ("child", "search"):  # Bernoulli
-            scored = {n: upstream_params[n] for n in self._scored_names()}
-            self.children = [ChildNetwork.bernoulli(scored, p, seed=self.config.engine.seed) for p in self.config.method.candidates]
-            self.fisher_info = {"method": "bernoulli", "scored": settings.scored}
-            return True
         names = self._scored_names() if kind == "dense" else self.scored_names
         shapes = {n: tuple(upstream_params[n].shape) for n in names}
-        child = baseline_child("full" if kind == "dense" else "head-only", shapes)
-        self.children = [child]
-        self.fisher_info = {"method": "preset", "kind": kind, "scored": settings.scored, "ps": [child.p]}
+        self.children = [baseline_child("full" if kind == "dense" else "head-only", shapes)]
+        self.fisher_info = {"method": "preset", "kind": kind, "scored": self.config.fisher_settings().scored}
+        log.info("%s: %s upstream entries train, no Fisher pass", self.method, f"{self.children[0].k:,}")
         return True
 
     def _score_children(self, start: float) -> None:
