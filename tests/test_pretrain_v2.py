@@ -185,3 +185,29 @@ def test_a_state_dir_refuses_other_arguments(tiny_v2, tmp_path, capsys):
     assert pretrain.main(args) == 0
     assert pretrain.main(args[:-1] + ["--lr", "0.01", "--no-progress"]) == 2
     assert "--lr" in capsys.readouterr().err
+
+
+def test_v2_corpus_resumes_a_killed_synthesis(tiny_v2, tmp_path, monkeypatch):
+    from adtuning.speech import synthesis
+
+    render, calls = synthesis.render_utterance, []
+
+    def dies_on_the_third_speaker(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2 * TINY["sentences_per_speaker"]:
+            raise KeyboardInterrupt  # as a kill would stop it
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(synthesis, "render_utterance", dies_on_the_third_speaker)
+    with pytest.raises(KeyboardInterrupt):
+        generate_pretraining_corpus_v2(tmp_path / "corpus", **TINY)
+    (partial,) = tmp_path.glob(".corpus.partial-*")
+    kept = {p.relative_to(partial): p.stat().st_mtime_ns for p in partial.glob("s000[01]/*.wav")}
+    assert len(kept) == 2 * TINY["sentences_per_speaker"]
+    monkeypatch.setattr(synthesis, "render_utterance", render)
+    root = generate_pretraining_corpus_v2(tmp_path / "corpus", **TINY)
+    assert not list(tmp_path.glob(".corpus.partial-*"))
+    assert all((root / rel).stat().st_mtime_ns == t for rel, t in kept.items())  # finished speakers not redone
+    ours = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    assert ours == sorted(p.relative_to(tiny_v2) for p in tiny_v2.rglob("*") if p.is_file())
+    assert all((root / f).read_bytes() == (tiny_v2 / f).read_bytes() for f in ours)

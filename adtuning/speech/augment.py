@@ -29,7 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
-from adtuning.speech.synthesis import SAMPLE_RATE, seed_ints, write_wav
+from adtuning.atomic import atomic_write
+from adtuning.speech.synthesis import SAMPLE_RATE, rng, seed_ints, write_wav
 
 __all__ = ["PretrainingAugmenter", "simulate_rooms", "warp_targets"]
 
@@ -37,7 +38,7 @@ __all__ = ["PretrainingAugmenter", "simulate_rooms", "warp_targets"]
 def simulate_rooms(folder: str | Path, count: int, seed: int) -> list[Path]:
     """Simulate ``count`` shoe-box rooms with pyroomacoustics (image source method, order 10)
     and write their impulse responses (16 kHz, peak 0.9, at most 0.5 s) as ``room_<k>.wav``
-    into ``folder``; rooms already there are kept (the result depends only on ``seed`` and
+    into ``folder`` (atomically); rooms already there are kept (the result depends only on ``seed`` and
     ``k``). Returns the paths."""
     import pyroomacoustics as pra
 
@@ -48,7 +49,7 @@ def simulate_rooms(folder: str | Path, count: int, seed: int) -> list[Path]:
         paths.append(path)
         if path.is_file():
             continue
-        r = np.random.default_rng(np.random.SeedSequence(seed_ints("rooms", seed, k)))
+        r = rng("rooms", seed, k)
         dims = np.array([r.uniform(3.0, 10.0), r.uniform(3.0, 8.0), r.uniform(2.4, 4.0)])
         absorption = float(r.uniform(0.1, 0.6))
         room = pra.ShoeBox(dims, fs=SAMPLE_RATE, materials=pra.Material(absorption), max_order=10)
@@ -59,9 +60,8 @@ def simulate_rooms(folder: str | Path, count: int, seed: int) -> list[Path]:
         room.compute_rir()
         ir = np.asarray(room.rir[0][0], dtype=np.float64)[: SAMPLE_RATE // 2]
         ir = ir / max(float(np.abs(ir).max()), 1e-12) * 0.9
-        tmp = path.with_name(f".{path.name}.tmp")
-        write_wav(tmp, ir)
-        tmp.replace(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: write_wav(Path(tmp), ir))
     return paths
 
 

@@ -21,12 +21,15 @@ the keyword corpus).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from importlib import resources
 from pathlib import Path
 
+from adtuning.atomic import atomic_write_bytes
+from adtuning.speech import espeak, synthesis
 from adtuning.speech import speakers as spk
-from adtuning.speech import synthesis
 
 __all__ = ["PRETRAINING_CORPUS_VERSION", "PRETRAINING_CORPUS_V2_VERSION", "pretraining_vocabulary", "pretraining_vocabulary_v2",
            "generate_pretraining_corpus", "generate_pretraining_corpus_v2", "read_pretraining_corpus"]
@@ -160,6 +163,7 @@ def read_pretraining_corpus(root: str | os.PathLike) -> dict[str, list[tuple[Pat
 # v2: phrases of 1-10 words (2-6 most often); a word of rank r (0 = most common) is drawn with
 # weight 1 / (r + 30), a Zipf-like law, so that function words recur as in text.
 _PHRASE_WORDS_V2 = tuple(range(1, 11))
+_ROWS = ".rows.tsv"  # a finished speaker's transcript rows (v2's resumable synthesis)
 _PHRASE_WEIGHTS_V2 = (0.1, 0.14, 0.15, 0.14, 0.12, 0.1, 0.08, 0.07, 0.05, 0.05)
 
 
@@ -195,6 +199,10 @@ def generate_pretraining_corpus_v2(
     white noise (40-55 dB below the peak): the degradations are applied on the fly during
     pre-training (:mod:`adtuning.speech.augment`). Arguments as for
     :func:`generate_pretraining_corpus`.
+
+    Resumable: speakers are synthesised into ``.<root name>.partial-<key digest>`` beside
+    ``root``, which a killed run leaves behind; the next call with equal arguments keeps the
+    speakers it finished (output unchanged) and synthesises the others.
     """
     import numpy as np
 
@@ -218,10 +226,23 @@ def generate_pretraining_corpus_v2(
                          int(np.clip(pitch + 2 * int(r.integers(-2, 3)), 1, 99)),
                          text, int(np.clip(pitch_range + int(r.integers(-10, 11)), 0, 70))))
         plans.append(plan)
+    manifest = synthesis.read_manifest(root)
+    if manifest is not None and {k: manifest.get(k) for k in key} == key:
+        return root
+    if not synthesis.is_ours_or_empty(root):
+        raise FileExistsError(f"{root} exists and was not made by {key['generator']}; remove it or choose another root")
+    # Resumable: the partial folder is named by the cache key and kept when the run is killed;
+    # a speaker is done once its rows file is written (last, atomically), and is not redone.
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    tmp = root.parent / f".{root.name}.partial-{digest}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / synthesis.OWNER_MARKER).touch()
+    todo = [j for j in range(len(plans)) if not (tmp / f"s{j:04d}" / _ROWS).is_file()]
     max_samples = int(max_seconds * synthesis.SAMPLE_RATE)
-    rows = []
+    rows: dict[int, list[str]] = {j: [] for j in todo}
 
-    def write(tmp: Path, j: int, i: int, pcm: bytes) -> None:
+    def consume(k: int, i: int, pcm: bytes) -> None:
+        j = todo[k]
         voice, _, _, text, _ = plans[j][i]
         try:
             y = synthesis.render_utterance(pcm, synthesis.rng("pretraining-v2-render", seed, j, i), max_samples, (40.0, 55.0))
@@ -229,11 +250,16 @@ def generate_pretraining_corpus_v2(
             raise RuntimeError(f"espeak-ng produced silence for {text!r} ({voice})") from None
         synthesis.write_wav(tmp / f"s{j:04d}" / f"{i:04d}.wav", y)
         split = "held_out" if j >= speakers - held_out_speakers else "train"
-        rows.append(f"s{j:04d}\t{i}\t{split}\t{text}\n")
+        rows[j].append(f"s{j:04d}\t{i}\t{split}\t{text}\n")
+        if i == len(plans[j]) - 1:
+            atomic_write_bytes(tmp / f"s{j:04d}" / _ROWS, "".join(rows.pop(j)).encode())
 
-    def finish(tmp: Path) -> int:
-        (tmp / "transcripts.tsv").write_text("".join(rows))
-        return len(rows)
-
-    return synthesis.synthesise_corpus(root, key, plans, write, finish, desc="synthesising pre-training corpus v2",
-                                       progress=progress, jobs=jobs)
+    synthesis.run_plans([plans[j] for j in todo], consume, desc="synthesising pre-training corpus v2", unit="utt",
+                        progress=progress, jobs=jobs)
+    table = "".join((tmp / f"s{j:04d}" / _ROWS).read_text() for j in range(len(plans)))
+    (tmp / "transcripts.tsv").write_text(table)
+    for j in range(len(plans)):
+        (tmp / f"s{j:04d}" / _ROWS).unlink()
+    synthesis.move_into_place(tmp, root)
+    synthesis.write_manifest(root, dict(key, espeak_version=espeak.synthesizer(None, None).version, utterances=table.count("\n")))
+    return root
