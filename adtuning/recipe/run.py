@@ -118,6 +118,9 @@ class Recipe:
             self.resuming = dp.run_on_main(self._prepare_output_dir)
             self.device = dp.device
             log.info("%s", dp.describe())
+        from adtuning.phase_memory import PhaseMemory
+
+        self.phases = PhaseMemory(self.device)
         self.backend, why = choose_backend(cfg.engine.requested_backend, self.device)
         log.info("backend: %s (device %s; %s)", self.backend, self.device, why)
         threads, why = choose_threads(cfg.engine.threads)
@@ -145,14 +148,15 @@ class Recipe:
 
         up = cfg.upstream
         dtype = torch.bfloat16 if up.bf16 else torch.float32
-        self.upstream = build_upstream(up.upstream, dtype=dtype, gradient_checkpointing=up.gradient_checkpointing, seed=cfg.engine.seed)
-        self.base_fingerprint = weights_fingerprint(dict(self.upstream.named_parameters()))
-        self.upstream_entries = sum(p.numel() for p in self.upstream.parameters())
-        self.scored_names = list(self.upstream.default_scored_parameters())
-        self.upstream_param_names = [n for n, _ in self.upstream.named_parameters()]
-        task = self._build_task(self.method)
-        extra = self._attach(self.method)
-        self.model = SpeechModel(self.upstream, task).to(self.device)
+        with self.phases.phase("load"):
+            self.upstream = build_upstream(up.upstream, dtype=dtype, gradient_checkpointing=up.gradient_checkpointing,
+                                           seed=cfg.engine.seed)
+            self.base_fingerprint = weights_fingerprint(dict(self.upstream.named_parameters()))
+            self.upstream_entries = sum(p.numel() for p in self.upstream.parameters())
+            self.scored_names = list(self.upstream.default_scored_parameters())
+            task = self._build_task(self.method)
+            extra = self._attach(self.method)
+            self.model = SpeechModel(self.upstream, task).to(self.device)
         if dp is not None:
             # Every rank built the same base model and head from the seed; make sure before training.
             dp.check_replicas({f"head {n}": p for n, p in task.named_parameters()}, "the initial heads")
@@ -389,14 +393,16 @@ class Recipe:
             max_samples = None
         # Data parallel: each rank scores its part of the --fisher-samples; the sums are
         # all-reduced inside, so every rank returns the scores of all of them.
-        scores = estimate_fisher(
-            self.model, make_batches(), objective,
-            params=[f"upstream.{n}" for n in scored_names], mode=settings.mode, backend=self.backend,
-            max_samples=max_samples, clip_norm=settings.clip_norm, train_mode=settings.train_mode,
-            progress=self.progress, data_parallel=dp,
-        )
+        with self.phases.phase("fisher"):
+            scores = estimate_fisher(
+                self.model, make_batches(), objective,
+                params=[f"upstream.{n}" for n in scored_names], mode=settings.mode, backend=self.backend,
+                max_samples=max_samples, clip_norm=settings.clip_norm, train_mode=settings.train_mode,
+                progress=self.progress, data_parallel=dp,
+            )
         scores = {name[len("upstream."):]: value for name, value in scores.items()}
-        self.children = ChildNetwork.nested(scores, cfg.method.candidates, count_rule=settings.count_rule) if self.is_main else None
+        with self.phases.phase("selection"):
+            self.children = ChildNetwork.nested(scores, cfg.method.candidates, count_rule=settings.count_rule) if self.is_main else None
         self.fisher_info = {"method": "fisher", "mode": cfg.fisher.fisher_mode, "scored": settings.scored,
                             "count_rule": settings.count_rule, "clip": settings.clip_norm}
         if self.is_main:
@@ -421,7 +427,8 @@ class Recipe:
             self.searcher.load_checkpoint()
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.best = self.searcher.run()
+        with self.phases.phase("search"):
+            self.best = self.searcher.run()
         log.info("chose P=%g after %d steps (exhaustive search: %d)", self.best.p, self.searcher.steps_spent(),
                  self.searcher.steps_exhaustive())
 
@@ -440,6 +447,10 @@ class Recipe:
     # 4. compare -----------------------------------------------------------------------------
     def compare(self) -> None:
         """Regret of the early pick and baselines, when asked for; the chosen candidate ends swapped in."""
+        with self.phases.phase("compare"):
+            self._compare()
+
+    def _compare(self) -> None:
         cfg = self.config
         self.regret = self.searcher.measure_regret() if cfg.method.measure_regret else None
         if self.regret is not None:
@@ -466,9 +477,10 @@ class Recipe:
     def evaluate(self) -> None:
         self.searcher.apply(self.best)
         rng = torch.get_rng_state()
-        self.final = {"dev": self.problem.evaluate("dev")}
-        if self.problem.has_split("test"):
-            self.final["test"] = self.problem.evaluate("test")
+        with self.phases.phase("evaluate"):
+            self.final = {"dev": self.problem.evaluate("dev")}
+            if self.problem.has_split("test"):
+                self.final["test"] = self.problem.evaluate("test")
         torch.set_rng_state(rng)
         for split, metrics in self.final.items():
             log.info("final %s (P=%g): %s", split, self.best.p, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -43,7 +43,8 @@ def write_outputs(recipe: "Recipe") -> dict[str, Any]:
     }
     if recipe.attached is not None:
         meta["method_options"] = recipe.attached.options
-    delta_dir = save_delta(recipe.out / "delta", recipe.problem.upstream_params, best.child, recipe.problem.head_params, meta)
+    with recipe.phases.phase("write"):
+        delta_dir = save_delta(recipe.out / "delta", recipe.problem.upstream_params, best.child, recipe.problem.head_params, meta)
     searcher = recipe.searcher
     rung_steps = recipe.search_config.rung_steps()
     candidates = []
@@ -82,8 +83,7 @@ def write_outputs(recipe: "Recipe") -> dict[str, Any]:
         "commit": source_commit(), "commits": getattr(recipe, "segments", []),
         "world_size": recipe.world_size, "data_parallel": _data_parallel_summary(recipe),
     }
-    if getattr(recipe, "phases", None) is not None:
-        summary["peak_memory"]["phases"] = recipe.phases.report()
+    summary["peak_memory"]["phases"] = recipe.phases.report()
     if recipe.regret is not None:
         # regret (dev) is the headline; regret_test only when the task has a test split.
         summary["regret"] = recipe.regret["regret"]
