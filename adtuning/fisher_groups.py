@@ -47,6 +47,7 @@ from adtuning.child import (
     percentile_position,
     percentile_threshold,
 )
+from adtuning.phase_memory import release_freed_memory
 from adtuning.plots import ScoreHistogram
 
 log = logging.getLogger("adtuning")
@@ -321,6 +322,7 @@ def fisher_children(model: nn.Module, batches: Batches, loss_fn: Callable, ps: S
         histogram.add_all(scores)
         candidate_bytes = max(candidate_bytes, top.candidate_bytes())
         del scores  # this group's scores are gone before the next group's are allocated
+    release_freed_memory()  # the freed score blocks would otherwise stay resident through training
     return FisherSelection(children=top.children(), summary=stats.summary(), histogram=histogram.result(), groups=groups,
                            group_entries=entries, candidate_bytes=candidate_bytes)
 

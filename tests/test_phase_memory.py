@@ -97,3 +97,25 @@ def test_phase_is_recorded_when_it_raises():
         with tracker.phase("fisher"):
             raise RuntimeError("boom")
     assert [r.name for r in tracker.records] == ["fisher"]
+
+
+@needs_reset
+def test_freed_heap_blocks_are_released_at_a_phase_start():
+    import torch
+
+    before = phase_memory.current_rss_bytes()
+    big = torch.ones(5_000_000)  # a freed 20 MB mmapped block raises glibc's mmap threshold to 20 MB
+    del big
+    live, blocks = [], []
+    for _ in range(24):  # 8 MB heap blocks between small live ones: free, but not all trimmed by glibc itself
+        blocks.append(torch.ones(2_000_000))
+        live.append(torch.ones(1000))
+    del blocks
+    tracker = PhaseMemory()
+    with tracker.phase("train") as record:
+        pass
+    if record.released_bytes is None:
+        pytest.skip("no glibc malloc_trim here")
+    assert phase_memory.current_rss_bytes() < before + 8 * MB
+    assert record.rss_start_bytes < before + 8 * MB
+    assert len(live) == 24
