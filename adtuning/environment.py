@@ -27,7 +27,7 @@ def _version(name: str) -> str | None:
     return str(getattr(module, "__version__", None))
 
 
-def source_commit(root: str | os.PathLike | None = None) -> dict[str, Any]:
+def source_commit(root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """``{"sha": ..., "dirty": bool}`` of the git checkout holding the running adtuning source
     (``dirty``: a tracked file differs from the commit; untracked files do not count), or
     ``{"sha": None, "dirty": None}`` when it does not run from a checkout (an installed wheel) or

@@ -95,7 +95,8 @@ def load_finetuned(delta_dir: str | Path, base: str | None = None, *, device: st
         head_params.update({f"method.{n}": p for n, p in attached.parameters().items()})
     model = SpeechModel(upstream, task)
     apply_delta(delta_dir, upstream_params, head_params, force=force)
-    model.attached_method = attached  # the method's modules (merge folds LoRA's into the weights)
+    # The method's modules, for merge_delta (peft's merge folds LoRA's into the weights).
+    object.__setattr__(model, "attached_method", attached)
     return model.to(device).eval()
 
 

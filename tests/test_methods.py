@@ -409,18 +409,19 @@ def test_featurizer_last_mode():
 
 
 def test_frozen_uses_last_layer_with_a_task_head():
-    from adtuning.methods.frozen import use_last_layer
+    from adtuning.recipe.methods import prepare_task
     from adtuning.speech import build_task
 
     task = build_task("ks", upstream_dim=32, num_layers=3, normalize_features=True)
     before = {n for n, _ in task.named_parameters()}
-    assert use_last_layer(task) is task
+    prepare_task("frozen", task)
     assert task.featurizer.mode == "last" and task.featurizer.normalize and task.featurizer.num_layers == 3
     assert {n for n, _ in task.named_parameters()} == before - {"featurizer.weights"}
     hidden = [torch.randn(2, 5, 32) for _ in range(3)]
     torch.testing.assert_close(task.featurizer(hidden), torch.nn.functional.layer_norm(hidden[-1], (32,)))
-    with pytest.raises(TypeError, match="Featurizer"):
-        use_last_layer(nn.Linear(2, 2))
+    weighted = build_task("ks", upstream_dim=32, num_layers=3)
+    prepare_task("weighted-sum", weighted)
+    assert weighted.featurizer.mode == "weighted-sum" and "featurizer.weights" in dict(weighted.named_parameters())
 
 
 def test_prefix_refuses_flash_attention():

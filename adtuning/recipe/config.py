@@ -348,7 +348,7 @@ class OutputConfig:
         _at_least("--checkpoint-interval", self.checkpoint_interval, 0)
 
 
-def _method_options_type() -> type:
+def _method_options_type() -> tuple[Any, dict[str, tuple[str, str]]]:
     """The options of the module-adding methods as one configuration group, generated from each
     method's own options dataclass (:func:`adtuning.methods.method_option_fields`): a field
     ``<method>_<option>`` (flag ``--<method>-<option>``, e.g. ``--lora-rank``) per option, unset by
@@ -376,6 +376,8 @@ def _method_options_type() -> type:
     return cls, applies
 
 
+MethodOptions: Any
+METHOD_OPTION_FIELDS: dict[str, tuple[str, str]]
 MethodOptions, METHOD_OPTION_FIELDS = _method_options_type()
 """``MethodOptions``: the group of method options; ``METHOD_OPTION_FIELDS``: field name ->
 (method, the option's name in that method's options)."""
@@ -399,7 +401,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    options: MethodOptions = field(default_factory=MethodOptions)  # type: ignore[valid-type]
+    options: Any = field(default_factory=MethodOptions)  # a MethodOptions (generated from the methods' options)
     fisher: FisherConfig = field(default_factory=FisherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -485,9 +487,9 @@ class RunConfig:
         return {k: v for k, v in self.to_json().items() if k not in NON_DEFINING}
 
 
-def field_types() -> dict[str, tuple[type, dataclasses.Field]]:
+def field_types() -> dict[str, tuple[type, dataclasses.Field[Any]]]:
     """Every configuration field by name: its group and its dataclass field."""
-    out = {}
+    out: dict[str, tuple[type, dataclasses.Field[Any]]] = {}
     for group in GROUPS:
         for f in dataclasses.fields(group):
             out[f.name] = (group, f)

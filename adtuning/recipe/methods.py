@@ -9,6 +9,7 @@ method, so rows compare. This module is the registry of the recipe's method name
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def canonical_method(name: str) -> str | None:
     return name if name in METHODS else None
 
 
-def prepare_task(method: str, task) -> None:
+def prepare_task(method: str, task: Any) -> None:
     """What ``method`` changes in a freshly built task head: ``frozen`` (the paper's Baseline) reads
     the last hidden state, without the layer weights of the weighted sum."""
     if canonical_method(method) == "frozen":

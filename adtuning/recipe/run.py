@@ -101,7 +101,8 @@ class Recipe:
         self.baselines: dict[str, dict] | None = None
         self.writer = None
         self.resuming = config.output.resume
-        self.attached = None  # the modules a module-adding method attached to the upstream
+        self.attached: Any = None  # the modules a module-adding method attached to the upstream (AttachedMethod)
+        self.fisher_info: dict[str, Any] = {}
 
     @property
     def progress(self) -> bool:

@@ -17,7 +17,7 @@ def _items(value: str | Iterable[Any]) -> list[Any]:
     return list(value)
 
 
-class Floats(tuple):
+class Floats(tuple[float, ...]):
     """Comma-separated numbers (``0.001,0.01,0.1``) or a sequence of numbers."""
 
     def __new__(cls, value: str | Iterable[float] = ()) -> "Floats":
@@ -27,7 +27,7 @@ class Floats(tuple):
             raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
 
 
-class Ints(tuple):
+class Ints(tuple[int, ...]):
     """Comma-separated integers (``2,1``) or a sequence of integers."""
 
     def __new__(cls, value: str | Iterable[int] = ()) -> "Ints":
@@ -41,7 +41,7 @@ class Ints(tuple):
         return super().__new__(cls, parsed)
 
 
-class Names(tuple):
+class Names(tuple[str, ...]):
     """Comma-separated names (``head-only,full``) or a sequence of names; the field's check
     names the flag and the unknown value."""
 
