@@ -290,3 +290,16 @@ def test_summary_records_the_commit_of_every_segment(finished_run):
     assert set(summary["commit"]) == {"sha", "dirty"}
     assert [s["resumed"] for s in summary["commits"]] == [False]
     assert summary["commits"][0]["sha"] == summary["commit"]["sha"]
+
+
+def test_fisher_groups_give_the_same_run(finished_run, tmp_path, corpus_cache):
+    out = tmp_path / "groups"
+    assert run_cli(out, corpus_cache, "--fisher-groups", "5") == 0
+    expected = load_file(str(finished_run / "delta" / "delta.safetensors"))
+    got = load_file(str(out / "delta" / "delta.safetensors"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    ours, theirs = (json.loads((d / "summary.json").read_text())["fisher"] for d in (out, finished_run))
+    assert ours["groups"] == 5 and len(ours["group_entries"]) == 5 and sum(ours["group_entries"]) == ours["summary"]["entries"]
+    assert ours["summary"] == theirs["summary"]
+    phases = json.loads((out / "summary.json").read_text())["peak_memory"]["phases"]
+    assert {"load", "fisher", "selection", "search", "evaluate", "write"} <= set(phases)

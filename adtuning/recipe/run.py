@@ -28,7 +28,6 @@ from adtuning.child import ChildNetwork
 from adtuning.distributed import DataParallel
 from adtuning.embedded import embedded_corpus
 from adtuning.environment import source_commit
-from adtuning.fisher import estimate_fisher, fisher_summary
 from adtuning.recipe.config import RunConfig, UsageError
 from adtuning.recipe.methods import METHODS, canonical_method, prepare_task
 from adtuning.recipe.problem import LoaderSettings, SpeechProblem
@@ -393,25 +392,30 @@ class Recipe:
 
             max_samples = None
         # Data parallel: each rank scores its part of the --fisher-samples; the sums are
-        # all-reduced inside, so every rank returns the scores of all of them.
-        with self.phases.phase("fisher"):
-            scores = estimate_fisher(
-                self.model, make_batches(), objective,
-                params=[f"upstream.{n}" for n in scored_names], mode=settings.mode, backend=self.backend,
-                max_samples=max_samples, clip_norm=settings.clip_norm, train_mode=settings.train_mode,
-                progress=self.progress, data_parallel=dp,
-            )
-        scores = {name[len("upstream."):]: value for name, value in scores.items()}
-        with self.phases.phase("selection"):
-            self.children = ChildNetwork.nested(scores, cfg.method.candidates, count_rule=settings.count_rule) if self.is_main else None
-        self.fisher_info = {"method": "fisher", "mode": cfg.fisher.fisher_mode, "scored": settings.scored,
-                            "count_rule": settings.count_rule, "clip": settings.clip_norm}
-        if self.is_main:
-            from adtuning.plots import log_score_histogram
+        # all-reduced inside, so every rank has the scores of all of them. The scores of one
+        # group of tensors at a time (--fisher-groups) are folded into the selection and freed.
+        from adtuning.fisher_groups import auto_fisher_groups, fisher_children
 
-            self.fisher_info.update(summary=fisher_summary(scores), histogram=log_score_histogram(scores),
-                                    seconds=time.perf_counter() - start)
-        del scores
+        params = self.problem.upstream_params
+        groups = settings.groups
+        if groups is None:
+            weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+            groups = auto_fisher_groups({n: params[n].numel() for n in scored_names}, cfg.method.candidates,
+                                        weight_bytes=weight_bytes, weight_element_size=params[scored_names[0]].element_size(),
+                                        count_rule=settings.count_rule)
+        with self.phases.phase("fisher"):
+            selection = fisher_children(
+                self.model, make_batches, objective, cfg.method.candidates, groups=groups, count_rule=settings.count_rule,
+                params=[f"upstream.{n}" for n in scored_names], rename=lambda name: name[len("upstream."):],
+                mode=settings.mode, backend=self.backend, max_samples=max_samples, clip_norm=settings.clip_norm,
+                train_mode=settings.train_mode, progress=self.progress, data_parallel=dp,
+            )
+        self.children = selection.children if self.is_main else None
+        self.fisher_info = {"method": "fisher", "mode": cfg.fisher.fisher_mode, "scored": settings.scored,
+                            "count_rule": settings.count_rule, "clip": settings.clip_norm, "groups": groups,
+                            "group_entries": selection.group_entries, "selection_candidate_bytes": selection.candidate_bytes}
+        if self.is_main:
+            self.fisher_info.update(summary=selection.summary, histogram=selection.histogram, seconds=time.perf_counter() - start)
 
     # 3. search ------------------------------------------------------------------------------
     def search(self) -> None:
