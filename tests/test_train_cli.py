@@ -302,4 +302,4 @@ def test_fisher_groups_give_the_same_run(finished_run, tmp_path, corpus_cache):
     assert ours["groups"] == 5 and len(ours["group_entries"]) == 5 and sum(ours["group_entries"]) == ours["summary"]["entries"]
     assert ours["summary"] == theirs["summary"]
     phases = json.loads((out / "summary.json").read_text())["peak_memory"]["phases"]
-    assert {"load", "fisher", "selection", "search", "evaluate", "write"} <= set(phases)
+    assert {"load", "fisher", "search", "compare", "evaluate", "write"} <= set(phases)  # selection is folded into fisher
