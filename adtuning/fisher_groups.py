@@ -257,6 +257,28 @@ def _scored_numels(model: nn.Module, params: Iterable[str] | Mapping[str, torch.
     return {name: p.numel() for name, p in _resolve_params(model, params).items()}
 
 
+def _random_state() -> tuple:
+    import random
+
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def _set_random_state(state: tuple) -> None:
+    import random
+
+    import numpy as np
+
+    cpu, cuda, python, numpy_state = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+
+
 def fisher_group_passes(model: nn.Module, batches: Batches, loss_fn: Callable, *, groups: int = 1,
                         params: Iterable[str] | Mapping[str, torch.Tensor] | None = None,
                         **fisher_kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
@@ -278,9 +300,13 @@ def fisher_group_passes(model: nn.Module, batches: Batches, loss_fn: Callable, *
     # so that the backward arithmetic, and with it every score, is that of the one-group pass.
     extra = fisher_kwargs.pop("in_backward_set", None) or []
     patched = names + [name for name in extra if name not in numels]
+    # Each pass draws from the random state the one-group pass starts from (dropout in train mode,
+    # a shuffling or augmenting loader), so that every pass sees the same masks and batches.
+    start = _random_state()
     for number, run in enumerate(runs, 1):
         group = [names[i] for i in run]
         if groups > 1:
+            _set_random_state(start)
             log.info("Fisher group %d/%d: %d tensors, %d entries", number, groups, len(group), sum(numels[n] for n in group))
         yield estimate_fisher(model, fresh(), loss_fn, params=group, groups=1, in_backward_set=patched, **fisher_kwargs)
 

@@ -134,6 +134,28 @@ def test_grouped_scores_equal_one_pass_bit_for_bit_wav2vec2(wav2vec2, mode, algo
         assert_bit_equal(got, expected)
 
 
+class DropoutMLP(TinyMLP):
+    def __init__(self):
+        super().__init__(d_in=17, d_hidden=33, classes=3)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.norm(torch.tanh(self.fc1(x)))))
+
+
+def test_train_mode_groups_draw_the_same_dropout_masks():
+    torch.manual_seed(0)
+    model = DropoutMLP()
+    kwargs = dict(mode="batch", train_mode=True, progress=False)
+    torch.manual_seed(5)
+    expected = estimate_fisher(model, mlp_batches(), mlp_loss, **kwargs)
+    after_one = torch.get_rng_state()
+    for groups in (2, 3):
+        torch.manual_seed(5)
+        assert_bit_equal(estimate_fisher(model, mlp_batches(), mlp_loss, groups=groups, **kwargs), expected)
+        assert torch.equal(torch.get_rng_state(), after_one)  # left where one pass leaves it
+
+
 def test_an_iterator_cannot_be_read_for_several_groups():
     model = TinyMLP()
     with pytest.raises(ValueError, match="fresh iterable"):
