@@ -20,6 +20,7 @@ from adtuning.speech.speakers import (
     HELD_OUT_VARIANTS,
     default_speakers,
     english_voices,
+    held_out_speakers,
     pretraining_speakers,
     pretraining_speakers_v2,
 )
@@ -78,6 +79,12 @@ def test_held_out_voices_exist_are_reproducible_and_no_training_corpus_uses_them
     for voice in training:
         language, variant = _language_variant(voice)
         assert language not in HELD_OUT_LANGUAGES and variant not in HELD_OUT_VARIANTS, voice
+    checks = held_out_speakers(64)
+    assert not {v for v, *_ in checks} & set(training)
+    for voice, _, _ in checks:
+        language, variant = _language_variant(voice)
+        assert language in HELD_OUT_LANGUAGES or variant in HELD_OUT_VARIANTS, voice
+        engine.set_voice(voice)  # espeak-ng knows it
 
 
 def test_v2_corpus_layout_and_determinism(tiny_v2, tmp_path):

@@ -25,7 +25,7 @@ from adtuning.speech.synthesis import rng
 
 __all__ = ["DOWNSTREAM_LANGUAGES", "DOWNSTREAM_VARIANTS", "HELD_OUT_LANGUAGES", "HELD_OUT_VARIANTS", "Speaker",
            "speech_commands_split", "default_speakers", "pretraining_speakers", "pretraining_speakers_v2", "english_voices",
-           "variant", "assign_speakers"]
+           "held_out_speakers", "variant", "assign_speakers"]
 
 # Variants without "breath": espeak-ng's breath noise (f2, f3, f5, whisper, ...) reads
 # state that differs from process to process, so those voices are not bit-reproducible.
@@ -130,6 +130,19 @@ def pretraining_speakers_v2(n: int, seed: int = 0, *, library: str | None = None
         out.append((pairs[order[j % len(pairs)]], int(r.integers(90, 321)), 1 + 2 * int(r.integers(0, 50)),
                     int(r.integers(0, 61))))
     return out
+
+
+def held_out_speakers(n: int, seed: int = 0) -> list[tuple[str, int, int]]:
+    """``n`` deterministic (voice, rate, pitch) triples of *out-of-domain* speakers, for checks
+    only: every voice is a held-out one — a :data:`HELD_OUT_VARIANTS` variant of a downstream
+    language, or any variant of a :data:`HELD_OUT_LANGUAGES` voice — with the downstream rates
+    (135-195 wpm) and even base pitches (30-70), so that only the voice is new. No training
+    corpus uses these voices (``tests/test_pretrain_v2.py`` checks it)."""
+    voices = [f"{lang}+{var}" for var in HELD_OUT_VARIANTS for lang in DOWNSTREAM_LANGUAGES + HELD_OUT_LANGUAGES]
+    voices += [f"{lang}+{var}" for var in DOWNSTREAM_VARIANTS for lang in HELD_OUT_LANGUAGES]
+    r = rng("held-out-speakers", seed)
+    order = [int(i) for i in r.permutation(len(voices))]
+    return [(voices[order[j % len(voices)]], int(r.integers(135, 196)), 30 + 2 * int(r.integers(0, 21))) for j in range(n)]
 
 
 def variant(voice: str) -> str:
