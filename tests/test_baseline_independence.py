@@ -6,8 +6,8 @@ Issue 26: the FT ("full") row of a study must be re-runnable. The CLI trains the
 1. after the smallest search (one candidate, no regret, ``--baselines full``),
 2. after a search of two candidates, ``--measure-regret`` (the culled candidate trained on to T,
    the chosen one swapped back in) and the ``head-only`` baseline (``--baselines head-only,full``),
-3. as 2, SIGKILLed in the middle of the ``full`` baseline (after its first dev evaluation, with a
-   checkpoint every step) and continued with ``--resume``,
+3. as 2, SIGKILLed in the middle of the ``full`` baseline (at its first dev evaluation, a quarter
+   of the way, after a checkpoint of it) and continued with ``--resume``,
 
 and every run must report the same baseline: its steps, its dev curve and its final dev and test
 metrics, bit for bit (the NLL is a float: any difference in the trained weights shows there).
@@ -28,11 +28,14 @@ from safetensors.torch import load_file
 
 from tests.speech.speech_fixtures import write_speech_commands
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny upstream (built in code) on a tiny KS corpus: a run is a few seconds beyond start-up.
-COMMON = ["--upstream", "tiny-hubert", "--steps", "40", "--fisher-samples", "12", "--batch-size", "2", "--lr", "5e-3",
-          "--eval-interval", "10", "--checkpoint-interval", "1", "--threads", "1", "--no-progress", "--no-plots",
+STEPS = 24
+COMMON = ["--upstream", "tiny-hubert", "--steps", str(STEPS), "--fisher-samples", "8", "--batch-size", "2", "--lr", "5e-3",
+          "--eval-interval", "6", "--checkpoint-interval", "3", "--threads", "1", "--no-progress", "--no-plots",
           "--log-level", "INFO", "--seed", "3"]
 ALONE = ["--candidates", "0.1", "--r", "0.5", "--baselines", "full"]
 AFTER_SEARCH = ["--candidates", "0.01,0.1", "--r", "0.5", "--measure-regret", "--baselines", "head-only,full"]
@@ -44,14 +47,16 @@ def cli(out: Path, corpus: Path, flags: list[str], resume: bool = False) -> list
             *(["--resume"] if resume else [])]
 
 
-def finish(cmd: list[str]) -> None:
+def finish(cmd: list[str]) -> str:
+    """Run ``cmd`` to the end; return its output."""
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def kill_in_the_full_baseline(cmd: list[str]) -> str:
-    """Start ``cmd`` and SIGKILL it at its first dev evaluation of the ``full`` baseline (step 10 of
-    40, so checkpoints of the baseline exist and it is not done); return its log up to then."""
+    """Start ``cmd`` and SIGKILL it at its first dev evaluation of the ``full`` baseline (a quarter of
+    the way, so checkpoints of the baseline exist and it is not done); return its log up to then."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -75,23 +80,27 @@ def runs(tmp_path_factory):
     finish(cli(base / "alone", corpus, ALONE))
     finish(cli(base / "after-search", corpus, AFTER_SEARCH))
     killed_log = kill_in_the_full_baseline(cli(base / "resumed", corpus, AFTER_SEARCH))
-    finish(cli(base / "resumed", corpus, AFTER_SEARCH, resume=True))
+    resumed_log = finish(cli(base / "resumed", corpus, AFTER_SEARCH, resume=True))
     summaries = {name: json.loads((base / name / "summary.json").read_text()) for name in ("alone", "after-search", "resumed")}
-    return base, summaries, killed_log
+    return base, summaries, killed_log, resumed_log
 
 
 def test_the_kill_landed_in_the_middle_of_the_full_baseline(runs):
-    base, _, killed_log = runs
-    assert "baseline head-only at step 40" in killed_log  # head-only finished before full started
+    base, _, killed_log, resumed_log = runs
+    assert f"baseline head-only at step {STEPS}" in killed_log  # head-only finished before full started
     assert "baseline full at step" not in killed_log
-    assert list((base / "resumed" / "checkpoint").glob("search-*.safetensors"))
+    # The resumed process continued from the checkpoint: no search, no regret training and no
+    # head-only baseline again, only the rest of the full baseline.
+    assert "resumed the search" in resumed_log
+    assert "baseline head-only at step" not in resumed_log and "dev P=" not in resumed_log
+    assert f"baseline full at step {STEPS}" in resumed_log
 
 
 @pytest.mark.parametrize("other", ["after-search", "resumed"])
 def test_the_full_baseline_is_the_same_alone_after_a_search_and_after_a_resume(runs, other):
-    _, summaries, _ = runs
+    _, summaries, _, _ = runs
     alone, got = summaries["alone"]["baselines"]["full"], summaries[other]["baselines"]["full"]
-    assert got["steps"] == alone["steps"] == 40
+    assert got["steps"] == alone["steps"] == STEPS
     assert got["trainable_upstream"] == alone["trainable_upstream"]
     assert got["curve"] == alone["curve"], f"{other}: the full baseline's dev curve differs from the baseline run alone"
     assert got["final_dev"] == alone["final_dev"], f"{other}: full baseline dev {got['final_dev']} vs alone {alone['final_dev']}"
@@ -99,7 +108,7 @@ def test_the_full_baseline_is_the_same_alone_after_a_search_and_after_a_resume(r
 
 
 def test_a_resume_in_the_baseline_changes_nothing_else(runs):
-    base, summaries, _ = runs
+    base, summaries, _, _ = runs
     ref, got = summaries["after-search"], summaries["resumed"]
     assert got["baselines"] == ref["baselines"]  # head-only too
     for key in ("chosen_p", "final", "regret", "steps_spent_search", "steps_spent_regret"):
@@ -117,9 +126,9 @@ def test_a_candidate_is_the_same_alone_and_after_a_search(runs):
     """P=0.1 is the one candidate of the short run; with --measure-regret every candidate of the
     longer run is trained to T, so its P=0.1 ends where the short run's did (same dev curve, same
     metrics at T), whatever the search picked and whatever ran in between."""
-    _, summaries, _ = runs
+    _, summaries, _, _ = runs
     alone = summaries["alone"]
     (cand,) = [c for c in summaries["after-search"]["candidates"] if c["p"] == 0.1]
-    assert alone["chosen_p"] == 0.1 and cand["steps"] == alone["candidates"][0]["steps"] == 40
+    assert alone["chosen_p"] == 0.1 and cand["steps"] == alone["candidates"][0]["steps"] == STEPS
     assert cand["curve"] == alone["candidates"][0]["curve"]
     assert cand["final_dev"] == alone["final"]["dev"] and cand["final_test"] == alone["final"]["test"]
