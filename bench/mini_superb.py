@@ -21,10 +21,15 @@ embedded corpus and run defaults) twice:
 1. AD-TUNING (candidates P = 0.001, 0.01, 0.1; r = 0.2, c = 1) with ``--measure-regret`` (every
    culled candidate is then trained on to T: the CHILD-TUNING_D rows, each exactly the run of
    one candidate to T, because a continued candidate is indistinguishable from one never paused)
-   and ``--baselines head-only,full`` (the paper's Baseline, P = 0, and FT, P = 1);
-2. CHILD-TUNING_F: ``--child-method bernoulli --candidates <P_F>`` (one candidate, T steps).
+   and ``--baselines head-only,full`` (Weighted-sum, P = 0, and FT, P = 1);
+2. CHILD-TUNING_F: ``--child-method bernoulli --candidates <P_F>`` (one candidate, T steps);
+3. one run per method of :data:`METHOD_RUNS` (``--method frozen`` — the paper's Baseline, the head on
+   the last layer —, ``houlsby``, ``adapterbias``, ``lora``, ``prefix``, ``cnn-adapter``, ``chapter``;
+   T steps each; ``--methods`` selects which runs are made).
 
-Rows: Baseline, FT, CHILD-TUNING_F (P_F), CHILD-TUNING_D (P = 0.001, 0.01, 0.1), AD-TUNING. For
+Rows, in Table 2's order: FT, Baseline, Houlsby, AdapterBias, LoRA, Prefix, CNN adapter, CHAPTER,
+Weighted-sum, CHILD-TUNING_F (P_F), CHILD-TUNING_D (P = 0.001, 0.01, 0.1), AD-TUNING; the params
+column is the trainable upstream parameters (a child's entries, or what a method's modules add). For
 each task and row it reports the test metric (dev too in the JSON) as mean +- spread over the seeds
 (spread = half the range), the trainable parameters (upstream entries + head), the optimizer
 steps, and the training seconds. A row's seconds are its steps times the mean step time of the
@@ -36,7 +41,7 @@ test, per seed, from ``summary.json``).
 The low-resource sweep (not with ``--quick``) repeats run 1 (without the baselines) on one task
 (``--low-resource-task``, default pr) for every seed with ``--max-train-hours`` at several sizes
 (``--hours``; the study's own run is the full-size point), to see whether smaller training sets
-prefer smaller P (the paper's Fig. 5).
+prefer smaller P (the paper's Fig. 5), and trains LoRA, Houlsby and FT at the same sizes (Fig. 6).
 
 Provenance: every run's ``summary.json`` records the commit it ran at (``"commit": {"sha", "dirty"}``,
 and for a resumed run ``"commits"``, one per segment); a run without it counts as commit ``unknown``,
@@ -72,8 +77,17 @@ from adtuning.speech.registry import TASK_NAMES  # noqa: E402
 
 TASKS = TASK_NAMES
 CANDIDATES = (0.001, 0.01, 0.1)
-ROWS = ("Baseline", "FT", "CHILD-TUNING_F", "CHILD-TUNING_D P=0.001", "CHILD-TUNING_D P=0.01",
-        "CHILD-TUNING_D P=0.1", "AD-TUNING")
+#: The runs of one task and seed that train a method of their own (``--method M``) and the row each gives.
+METHOD_RUNS = {"frozen": "Baseline", "houlsby": "Houlsby", "adapterbias": "AdapterBias", "lora": "LoRA", "prefix": "Prefix",
+               "cnn-adapter": "CNN adapter", "chapter": "CHAPTER"}
+#: What --methods selects from: the AD-TUNING run (its rows: AD-TUNING, CHILD-TUNING_D, FT, Weighted-sum),
+#: the CHILD-TUNING_F run and the method runs.
+RUN_KINDS = ("ad-tuning", "child-tuning-f", *METHOD_RUNS)
+#: The paper's Table 2 rows, in its order.
+ROWS = ("FT", "Baseline", "Houlsby", "AdapterBias", "LoRA", "Prefix", "CNN adapter", "CHAPTER", "Weighted-sum", "CHILD-TUNING_F",
+        "CHILD-TUNING_D P=0.001", "CHILD-TUNING_D P=0.01", "CHILD-TUNING_D P=0.1", "AD-TUNING")
+#: The methods of the low-resource sweep beside AD-TUNING's children (the paper's Fig. 6); FT is ``full``.
+SWEEP_METHODS = ("lora", "houlsby", "full")
 
 
 #: The commit label of a run whose summary.json records none (runs made before provenance).
@@ -217,21 +231,34 @@ def _per_step(summary: dict) -> float:
     return summary["train_seconds"] / max(1, steps)
 
 
-def rows_of(adt: dict, f: dict | None, p_f: float) -> dict[str, dict]:
-    """The Table-2 rows of one task and seed from the AD-TUNING and CHILD-TUNING_F summaries
-    (``f`` is ``None`` when that run has not been made: its row is then empty)."""
+def _empty_row(p: float | None, head: int | None) -> dict:
+    return {"p": p, "trainable_upstream": None, "trainable_head": head, "steps": None, "seconds": None, "dev": None, "test": None}
+
+
+def rows_of(adt: dict, f: dict | None, p_f: float, methods: dict[str, dict | None] | None = None) -> dict[str, dict]:
+    """The Table-2 rows of one task and seed from the AD-TUNING, CHILD-TUNING_F and method-run
+    summaries (``None`` for a run not made: its row is then empty). A method row's upstream
+    parameters are those its modules add (LoRA, adapters, ...; 0 for the frozen Baseline)."""
     metric = adt["primary_metric"]
     head = adt["baselines"]["head-only"]["trainable_head"]
     per_step = _per_step(adt)
     out = {}
-    for kind, row in (("head-only", "Baseline"), ("full", "FT")):
+    for kind, row in (("head-only", "Weighted-sum"), ("full", "FT")):
         b = adt["baselines"][kind]
         out[row] = {"p": b["p"], "trainable_upstream": b["trainable_upstream"], "trainable_head": head, "steps": b["steps"],
                     "seconds": b["steps"] * per_step, "dev": b["final_dev"][metric],
                     "test": b["final_test"][metric] if b["final_test"] else None}
+    for method, row in METHOD_RUNS.items():
+        m = (methods or {}).get(method)
+        if m is None:
+            out[row] = _empty_row(0.0, None)
+            continue
+        t = m["trainable"]
+        out[row] = {"p": 0.0, "trainable_upstream": t["method_params"] + t["upstream_entries"], "trainable_head": t["head_params"],
+                    "steps": m["total_steps"], "seconds": m["train_seconds"], "dev": m["final"]["dev"][metric],
+                    "test": m["final"].get("test", {}).get(metric)}
     if f is None:
-        out["CHILD-TUNING_F"] = {"p": p_f, "trainable_upstream": None, "trainable_head": head, "steps": None,
-                                 "seconds": None, "dev": None, "test": None}
+        out["CHILD-TUNING_F"] = _empty_row(p_f, head)
     else:
         c = f["candidates"][0]
         out["CHILD-TUNING_F"] = {"p": p_f, "trainable_upstream": c["k"], "trainable_head": head, "steps": c["steps"],
@@ -290,7 +317,9 @@ def aggregate(per_seed: dict[int, dict[str, dict]], higher: bool) -> dict:
 
 def low_resource(summaries: dict, task: str, seeds: list[int], hours: list[str]) -> dict | None:
     """The --max-train-hours sweep: per training-set size, each candidate's metric at T (mean +-
-    spread over the seeds whose run of that size exists), the best P by that mean, and the picks."""
+    spread over the seeds whose run of that size exists), the best P by that mean, the picks, and
+    the metric of each of :data:`SWEEP_METHODS` (the paper's Fig. 6; the full-size point of FT is
+    the study's FT row, of the others the study's method runs)."""
     sizes, metric = {}, None
     for size in hours + ["full"]:
         made = {seed: summaries.get((task, seed, "adtuning" if size == "full" else f"hours-{size}")) for seed in seeds}
@@ -303,8 +332,20 @@ def low_resource(summaries: dict, task: str, seeds: list[int], hours: list[str])
         per_p = {f"{c['p']:g}": _stats([next(x for x in s["candidates"] if x["p"] == c["p"])[split][metric]
                                         for s in made.values()]) for c in first["candidates"]}
         best = (max if higher else min)(per_p, key=lambda p: per_p[p]["mean"])
+        per_method = {}
+        for method in SWEEP_METHODS:
+            values = []
+            for seed in seeds:
+                if size == "full" and method == "full":
+                    adt = summaries.get((task, seed, "adtuning"))
+                    b = None if adt is None else adt.get("baselines", {}).get("full")
+                    values.append(None if b is None or b.get(split) is None else b[split][metric])
+                    continue
+                m = summaries.get((task, seed, method if size == "full" else f"hours-{size}-{method}"))
+                values.append(None if m is None else m["final"].get(split.removeprefix("final_"), {}).get(metric))
+            per_method[method] = _stats(values)
         sizes[size] = {"per_p": per_p, "best_p": float(best), "seeds": sorted(made), "split": split,
-                       "ad_picks": {str(seed): s["chosen_p"] for seed, s in made.items()}}
+                       "ad_picks": {str(seed): s["chosen_p"] for seed, s in made.items()}, "methods": per_method}
     return {"task": task, "seeds": seeds, "metric": metric, "sizes": sizes} if sizes else None
 
 
@@ -316,7 +357,7 @@ def _fmt(stat: dict, digits: int = 3) -> str:
 
 
 #: Which run of a task and seed trains each row (the rest come from the AD-TUNING run).
-ROW_RUN = {"CHILD-TUNING_F": "child-tuning-f"}
+ROW_RUN = {"CHILD-TUNING_F": "child-tuning-f", **{row: method for method, row in METHOD_RUNS.items()}}
 
 
 def row_commits(result: dict, row: str, letters: dict[str, str]) -> str:
@@ -387,13 +428,15 @@ def markdown(result: dict) -> str:
         lines += ["", f"Low-resource sweep on {lr['task']} (--max-train-hours; {lr['metric']} of each "
                   "CHILD-TUNING_D row trained to T, mean ± half the range over the seeds listed, the best P by "
                   "that mean, and AD-TUNING's pick per seed):", "",
-                  "| hours | seeds | " + " | ".join(f"P={p:g}" for p in CANDIDATES) + " | best P | AD picks |",
-                  "|" + "---|" * (len(CANDIDATES) + 4)]
+                  "| hours | seeds | " + " | ".join(f"P={p:g}" for p in CANDIDATES) + " | best P | AD picks | "
+                  + " | ".join("FT" if m == "full" else m for m in SWEEP_METHODS) + " |",
+                  "|" + "---|" * (len(CANDIDATES) + 4 + len(SWEEP_METHODS))]
         for hours, entry in lr["sizes"].items():
             split = entry["split"].removeprefix("final_")
             lines.append(f"| {hours} | {', '.join(map(str, entry['seeds']))} ({split}) | "
                          + " | ".join(_fmt(entry["per_p"][f"{p:g}"]) for p in CANDIDATES)
-                         + f" | {entry['best_p']:g} | {', '.join(f'{p:g}' for p in entry['ad_picks'].values())} |")
+                         + f" | {entry['best_p']:g} | {', '.join(f'{p:g}' for p in entry['ad_picks'].values())} | "
+                         + " | ".join(_fmt(entry.get("methods", {}).get(m, {"mean": None})) for m in SWEEP_METHODS) + " |")
     if mixed:
         lines += ["", "Commit of every run (mixed commits):", ""]
         lines += [f"    {letters[label]} {label}: {d}" for label, dirs in commits.items() for d in dirs]
@@ -452,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="start no run: table the runs that have finished (missing rows and runs are listed)")
     parser.add_argument("--allow-mixed-commits", action="store_true",
                         help="table runs made at different commits (the tables then say which rows came from which)")
+    parser.add_argument("--methods", default=",".join(RUN_KINDS),
+                        help="runs to make per task and seed (default: all): ad-tuning (AD-TUNING, CHILD-TUNING_D, FT, "
+                             "Weighted-sum), child-tuning-f, " + ", ".join(METHOD_RUNS))
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads threads; 2 x --threads 1 suits 2 cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
     args = parser.parse_args(argv)
@@ -460,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--tasks: unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
+    kinds = [m for m in args.methods.split(",") if m]
+    if [m for m in kinds if m not in RUN_KINDS] or "ad-tuning" not in kinds:
+        parser.error(f"--methods: choose from {', '.join(RUN_KINDS)}, ad-tuning included (its run holds FT and the "
+                     f"CHILD-TUNING_D rows), got {args.methods!r}")
     if args.corpus_cache is None:
         from adtuning.embedded import DEFAULT_CORPUS_CACHE
 
@@ -480,9 +530,13 @@ def main(argv: list[str] | None = None) -> int:
             jobs[(task, seed, "adtuning")] = (cli_command(task, base / "adtuning", seed, steps,
                                                           ["--measure-regret", "--baselines", "head-only,full"], args),
                                               base / "adtuning", 5 * steps)
-            jobs[(task, seed, "f")] = (cli_command(task, base / "child-tuning-f", seed, steps,
-                                                   ["--child-method", "bernoulli", "--candidates", f"{args.p_f:g}"], args),
-                                       base / "child-tuning-f", steps)
+            if "child-tuning-f" in kinds:
+                jobs[(task, seed, "f")] = (cli_command(task, base / "child-tuning-f", seed, steps,
+                                                       ["--child-method", "bernoulli", "--candidates", f"{args.p_f:g}"], args),
+                                           base / "child-tuning-f", steps)
+            for method in (m for m in METHOD_RUNS if m in kinds):
+                jobs[(task, seed, method)] = (cli_command(task, base / method, seed, steps, ["--method", method], args),
+                                              base / method, steps)
     sweep_task = args.low_resource_task if not args.quick else ""
     sweep_hours = [h for h in args.hours.split(",") if h] if sweep_task else []
     for seed in seeds if sweep_task else []:
@@ -491,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
             out = args.work / mode / f"low-resource-{sweep_task}" / f"seed{seed}" / f"hours-{hours}"
             jobs[(sweep_task, seed, f"hours-{hours}")] = (
                 cli_command(sweep_task, out, seed, steps, ["--measure-regret", "--max-train-hours", hours], args), out, 3 * steps)
+            for method in (m for m in SWEEP_METHODS if m == "full" or m in kinds):
+                mout = out.parent / f"hours-{hours}-{method}"
+                jobs[(sweep_task, seed, f"hours-{hours}-{method}")] = (
+                    cli_command(sweep_task, mout, seed, steps, ["--method", method, "--max-train-hours", hours], args), mout, steps)
         if (sweep_task, seed, "adtuning") not in jobs:
             # The full-size point of the sweep is the study's run of that task (all candidates trained to T).
             out = args.work / mode / sweep_task / f"seed{seed}" / "adtuning"
@@ -540,11 +598,13 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         per_seed, commits = {}, {}
         for seed in seeds:
-            adt, f = summaries[(task, seed, "adtuning")], summaries[(task, seed, "f")]
+            adt, f = summaries[(task, seed, "adtuning")], summaries.get((task, seed, "f"))
             if adt is None:
                 continue
-            per_seed[seed] = rows_of(adt, f, args.p_f)
-            commits[str(seed)] = {"adtuning": run_commit(adt), "child-tuning-f": None if f is None else run_commit(f)}
+            methods = {m: summaries.get((task, seed, m)) for m in METHOD_RUNS}
+            per_seed[seed] = rows_of(adt, f, args.p_f, methods)
+            commits[str(seed)] = {"adtuning": run_commit(adt), "child-tuning-f": None if f is None else run_commit(f),
+                                  **{m: run_commit(x) for m, x in methods.items() if x is not None}}
             metric, higher = adt["primary_metric"], adt["higher_is_better"]
         if per_seed:
             result["tasks"][task] = {"metric": metric, "higher_is_better": higher, "steps": task_steps(task, args.quick),

@@ -75,6 +75,7 @@ def _table(mini_superb, tmp_path: Path, commits: dict, *extra: str) -> tuple[int
     work, out = tmp_path / "work", tmp_path / "out"
     _make_runs(work, commits)
     code = mini_superb.main(["--collect-only", "--tasks", "ks", "--seeds", "0,1", "--low-resource-task", "",
+                             "--methods", "ad-tuning,child-tuning-f",
                              "--work", str(work), "--out", str(out), "--corpus-cache", str(tmp_path / "corpora"), *extra])
     return code, out
 
@@ -154,8 +155,42 @@ def test_new_runs_are_not_added_to_runs_of_another_commit(mini_superb, tmp_path,
     monkeypatch.setattr(mini_superb, "checkout_commit", lambda: B[0])
     started = []
     monkeypatch.setattr(mini_superb, "run", lambda *a, **k: started.append(a))
-    code = mini_superb.main(["--tasks", "ks", "--seeds", "0,1", "--low-resource-task", "", "--work", str(work),
+    code = mini_superb.main(["--tasks", "ks", "--seeds", "0,1", "--low-resource-task", "", "--methods", "ad-tuning,child-tuning-f",
+                             "--work", str(work),
                              "--out", str(tmp_path / "out"), "--corpus-cache", str(tmp_path / "corpora")])
     assert code == 2 and not started
     err = capsys.readouterr().err
     assert "2 run(s) to make" in err and f"commit {'a' * 12}" in err
+
+
+def test_method_runs_give_their_table_2_rows(mini_superb, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    _make_runs(work, {(0, "adtuning"): A, (0, "f"): A})
+    for method, added, acc in (("lora", 2048, 0.61), ("frozen", 0, 0.3)):
+        folder = work / "full" / "ks" / "seed0" / method
+        folder.mkdir(parents=True)
+        summary = {"primary_metric": "accuracy", "higher_is_better": True, "method": method, "total_steps": 300,
+                   "train_seconds": 12.0, "final": {"dev": _metrics(acc - 0.1), "test": _metrics(acc)},
+                   "trainable": {"upstream_entries": 0, "method_params": added, "head_params": 10, "total": added + 10},
+                   "date": "2026-12-03T00:00:00+00:00", "wall_seconds": 20.0}
+        (folder / "config.json").write_text("{}")
+        (folder / "summary.json").write_text(json.dumps(_with_commit(summary, A)))
+    code = mini_superb.main(["--collect-only", "--tasks", "ks", "--seeds", "0", "--low-resource-task", "",
+                             "--methods", "ad-tuning,child-tuning-f,lora,frozen,houlsby",
+                             "--work", str(work), "--out", str(out), "--corpus-cache", str(tmp_path / "corpora")])
+    assert code == 0
+    result, md = _outputs(out)
+    rows = result["tasks"]["ks"]["summary"]["rows"]
+    assert rows["LoRA"]["trainable_upstream"] == 2048 and rows["LoRA"]["test"]["mean"] == 0.61
+    assert rows["Baseline"]["trainable_upstream"] == 0 and rows["Baseline"]["test"]["mean"] == 0.3
+    assert rows["Weighted-sum"]["test"]["mean"] == 0.45 and rows["Houlsby"]["test"]["mean"] is None
+    table = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and line.count("|") == 4]
+    assert table[1:10] == ["FT", "Baseline", "Houlsby", "AdapterBias", "LoRA", "Prefix", "CNN adapter", "CHAPTER", "Weighted-sum"]
+    assert "| LoRA | 2,048 | 0.610 |" in md
+    assert str(work / "full" / "ks" / "seed0" / "houlsby") in "\n".join(result["missing_runs"])
+
+
+def test_methods_must_include_the_adtuning_run(mini_superb, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        mini_superb.main(["--collect-only", "--methods", "lora", "--work", str(tmp_path)])
+    assert "--methods" in capsys.readouterr().err
