@@ -67,7 +67,7 @@ def _tiny_config(name: str):
     raise KeyError(name)
 
 
-EMBEDDED_UPSTREAMS = ("adtuning-hubert-mini",)
+EMBEDDED_UPSTREAMS = ("adtuning-hubert-mini", "adtuning-hubert-small")
 """Pre-trained upstreams shipped inside the package (``adtuning/speech/assets/<name>/``).
 
 ``adtuning-hubert-mini``: a 1.04M-parameter HuBERT (hidden 128, 4 layers, light 7-layer CNN
@@ -75,7 +75,16 @@ with the base models' 320-sample frame stride) pre-trained on CPU by
 ``python -m adtuning.pretrain`` (HuBERT iteration 1: masked prediction of MFCC k-means
 targets) on an espeak-ng corpus whose speakers are disjoint from every downstream corpus's;
 its ``pretraining.json`` records the command, seed, wall time and held-out accuracy. It is
-the default upstream of the embedded runs."""
+the default upstream of the embedded runs.
+
+``adtuning-hubert-small``: upstream v2, a 5.19M-parameter HuBERT (hidden 256, 6 layers, the same
+CNN and 20 ms frames), shipped in bfloat16, pre-trained by ``python -m adtuning.pretrain --corpus v2``
+with HuBERT's two iterations (MFCC k-means targets, then k-means of layer 4 of the iteration-1
+model) on the v2 corpus (every usable English espeak-ng voice and variant except the held-out
+ones, a 9,967-word vocabulary) degraded on the fly (noise, babble, rooms, speed, pitch,
+band-limiting, gain). The pre-training runs in the background over several sessions and is
+exported as it goes: ``pretraining.json`` says how far (``complete``, ``iteration``, ``step``,
+CPU-hours, held-out masked accuracy). Not the default until it meets the default run's targets."""
 
 DEFAULT_UPSTREAM = "adtuning-hubert-mini"
 """The upstream of ``python -m adtuning.train`` when ``--upstream`` is not given."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from adtuning.speech import DEFAULT_UPSTREAM, build_upstream
+from adtuning.speech import DEFAULT_UPSTREAM, EMBEDDED_UPSTREAMS, build_upstream
 from adtuning.speech.featurizer import Featurizer
 from adtuning.speech.synth import SPEECH_COMMANDS_WORDS, generate_speech_commands
 from adtuning.speech.upstream import embedded_upstream_dir
@@ -29,6 +29,21 @@ def test_shipped_upstream_loads_with_its_recorded_size():
     assert upstream.frame_stride == 320 and upstream.normalize_waveform
     # held-out masked prediction well above the uniform guess
     assert record["final_held_out_masked_accuracy"] > 5 * record["uniform_accuracy"]
+
+
+@pytest.mark.parametrize("name", EMBEDDED_UPSTREAMS)
+def test_every_embedded_upstream_loads_with_its_recorded_size_and_state(name):
+    folder = embedded_upstream_dir(name)
+    record = json.loads((folder / "pretraining.json").read_text())
+    upstream = build_upstream(name)
+    assert sum(p.numel() for p in upstream.model.parameters()) == record["parameters"]
+    assert upstream.frame_stride == 320 and upstream.normalize_waveform
+    hidden, lengths = upstream(torch.randn(1, 8000), torch.tensor([8000]))
+    assert len(hidden) == upstream.num_layers and lengths.tolist() == [24]
+    assert all(torch.isfinite(h.float()).all() for h in hidden)
+    if "complete" in record:  # v2 records say how far the (resumable) pre-training got
+        assert record["step"] >= 1 and 0.0 < record["final_held_out_masked_accuracy"] <= 1.0
+        assert record["final_held_out_masked_accuracy"] > record["uniform_accuracy"]
 
 
 @pytest.fixture(scope="module")
