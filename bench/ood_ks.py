@@ -1,0 +1,158 @@
+"""Out-of-domain keyword spotting: a KS delta trained on the espeak-ng corpus, tested on speech it never heard.
+
+Two KS test sets in the Speech Commands test-set layout (the ten keywords, ``_unknown_`` filler
+words, ``_silence_``), each clip a single word at 16 kHz:
+
+- ``festival``: Debian's festival synthesiser (``text2wave``), a synthesiser no training corpus
+  uses; its voices (``kal_diphone`` by default) at several speaking rates (``Duration_Stretch``).
+  Check scripts may need ``apt-get install festival``; the README's set-up never does.
+- ``espeak-held-out``: espeak-ng voices and variants that no training corpus uses
+  (:func:`adtuning.speech.speakers.held_out_speakers`).
+
+Then ``adtuning.export.evaluate_delta`` gives the delta's test metrics on each, beside its own
+in-domain test figure from ``summary.json``::
+
+    python bench/ood_ks.py outputs/adtuning/delta                 # both sets
+    python bench/ood_ks.py RUN/delta --sets festival --speakers 6
+
+Results: ``bench/results/<date>-ood-ks.json`` (environment, sets, per-set metrics). Chance is 1/12.
+Choose recipes on the espeak-only dev sets; report these figures only at the end, never select on them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+FILLERS = ("bed", "cat", "happy", "house", "tree", "bird")
+SAMPLE_RATE = 16_000
+
+
+def _fit(samples, seconds: float = 1.0):
+    """Trim leading/trailing silence, scale to a fixed peak, pad or cut to ``seconds``."""
+    import numpy as np
+
+    x = np.asarray(samples, dtype=np.float32)
+    loud = np.flatnonzero(np.abs(x) > 0.02 * max(float(np.abs(x).max(initial=0.0)), 1e-9))
+    if loud.size:
+        x = x[loud[0]:loud[-1] + 1]
+    x = x[: int(seconds * SAMPLE_RATE)] / max(float(np.abs(x).max(initial=0.0)), 1e-9) * 0.5
+    out = np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
+    start = (len(out) - len(x)) // 2
+    out[start:start + len(x)] = x
+    return out
+
+
+def _festival(word: str, voice: str, stretch: float) -> "object":
+    import soundfile as sf
+    import torch
+    import torchaudio.functional as AF
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text, wav = Path(tmp) / "w.txt", Path(tmp) / "w.wav"
+        text.write_text(word)
+        evals = f"(voice_{voice})(Parameter.set 'Duration_Stretch {stretch})"
+        subprocess.run(["text2wave", "-eval", evals, str(text), "-o", str(wav)], check=True, capture_output=True)
+        x, rate = sf.read(str(wav), dtype="float32")
+    if x.ndim > 1:
+        x = x.mean(axis=1)
+    return AF.resample(torch.from_numpy(x)[None], rate, SAMPLE_RATE)[0].numpy()
+
+
+def _espeak_speakers(n: int):
+    from adtuning.speech.espeak import EspeakSynthesizer
+    from adtuning.speech.speakers import held_out_speakers
+    from adtuning.speech.synthesis import trim_and_resample
+
+    synth = EspeakSynthesizer()
+
+    def say(word: str, speaker):
+        voice, rate, pitch = speaker
+        return trim_and_resample(synth.synthesize(word, voice, rate, pitch))
+
+    return held_out_speakers(n), say
+
+
+def write_test_set(kind: str, folder: Path, speakers: int) -> Path:
+    """The KS corpus root (``speech_commands_v0.01``, empty) with its test set beside it."""
+    import numpy as np
+    import soundfile as sf
+
+    root = folder / "speech_commands_v0.01"
+    test = folder / "speech_commands_test_set_v0.01"
+    if test.is_dir():
+        return root
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    if kind == "festival":
+        if shutil.which("text2wave") is None:
+            raise SystemExit("ood_ks: festival's text2wave is not installed (apt-get install festival)")
+        stretches = [0.8 + 0.4 * i / max(1, speakers - 1) for i in range(speakers)]
+        voices = [("kal_diphone", s) for s in stretches]
+
+        def say(word, speaker):
+            return _festival(word, *speaker)
+    else:
+        voices, say = _espeak_speakers(speakers)
+    (staging / root.name).mkdir(parents=True)
+    for j, speaker in enumerate(voices):
+        for word in KEYWORDS + FILLERS:
+            label = word if word in KEYWORDS else "_unknown_"
+            path = staging / test.name / label / f"{word}_{j:02d}{kind[:4]}_nohash_0.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(str(path), _fit(say(word, speaker)), SAMPLE_RATE, subtype="PCM_16")
+    noise = np.random.default_rng(0)
+    for j in range(len(voices)):
+        path = staging / test.name / "_silence_" / f"silence_{j:02d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(path), (0.01 * noise.standard_normal(SAMPLE_RATE)).astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("delta_dir", type=Path, help="a KS delta (RUN/delta) written by python -m adtuning.train")
+    parser.add_argument("--sets", default="festival,espeak-held-out", help="comma-separated: festival, espeak-held-out")
+    parser.add_argument("--speakers", type=int, default=8, help="speakers (voices x rates) per set")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "adtuning-ood-ks")
+    parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    from adtuning.environment import environment
+    from adtuning.export import evaluate_delta
+
+    sets = [s for s in args.sets.split(",") if s]
+    bad = [s for s in sets if s not in ("festival", "espeak-held-out")]
+    if bad:
+        parser.error(f"--sets: unknown {', '.join(bad)}")
+    run_summary = args.delta_dir.parent / "summary.json"
+    in_domain = json.loads(run_summary.read_text())["final"].get("test") if run_summary.is_file() else None
+    meta = json.loads((args.delta_dir / "delta.json").read_text())
+    results = {}
+    for kind in sets:
+        root = write_test_set(kind, args.work / f"{kind}-{args.speakers}", args.speakers)
+        metrics = evaluate_delta(args.delta_dir, root, "test", progress=False)
+        results[kind] = {"metrics": metrics, "clips": sum(1 for _ in (root.parent / "speech_commands_test_set_v0.01").rglob("*.wav"))}
+        print(f"ood_ks: {kind}: accuracy {metrics['accuracy']:.4f} on {results[kind]['clips']} clips (chance 0.0833)")
+    doc = {"environment": environment(), "delta": str(args.delta_dir), "base_model": meta["base_model"], "method": meta.get("method"),
+           "in_domain_test": in_domain, "sets": results, "speakers": args.speakers, "chance": 1 / 12}
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"{date}-ood-ks.json"
+    path.write_text(json.dumps(doc, indent=2))
+    print(f"ood_ks: in-domain test {in_domain}; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
