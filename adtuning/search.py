@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 from adtuning.child import ChildNetwork
 from adtuning.distributed import DataParallel, GradientReducer
 from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup
+from adtuning.phase_memory import PhaseMemory
 from adtuning.search_candidate import CULLED, Candidate, baseline_child, checkpoint_prefix, clone_state_dict, gather_to, rank_seed
 from adtuning.search_checkpoint import (
     NonFiniteError,
@@ -96,6 +97,8 @@ class AdaptiveSearch:
         data_parallel: the process group of a data-parallel run (``None``: one process). All
             ranks construct the search with the same children and config; only rank 0 writes
             checkpoints (pass the same ``checkpoint_dir`` everywhere).
+        phases: a :class:`~adtuning.phase_memory.PhaseMemory` that measures each training
+            segment as a ``train`` phase (labelled with the candidate and its steps), or ``None``.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class AdaptiveSearch:
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         baselines: Sequence[str] = (),
         data_parallel: DataParallel | None = None,
+        phases: PhaseMemory | None = None,
     ) -> None:
         config.check_candidates(len(children))
         unknown = [b for b in baselines if b not in BASELINES]
@@ -120,6 +124,7 @@ class AdaptiveSearch:
         self.on_event: Callable[[str, dict[str, Any]], None] = on_event or (lambda kind, info: None)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.dp = data_parallel
+        self.phases = phases
         upstream = dict(problem.upstream_params)
         for child in children:
             child.check_against(upstream, where="the upstream")
@@ -277,6 +282,12 @@ class AdaptiveSearch:
         """Swap ``cand`` into the model (e.g. to evaluate or export it)."""
         self._activate(cand)
 
+    def restore_base(self) -> None:
+        """Swap the active candidate out (its state kept, as between segments), so the upstream
+        holds its base values again: for other work on the same model copy (e.g. the recipe's
+        method rows); :meth:`apply` swaps a candidate back in."""
+        self._deactivate()
+
     # ---- training and evaluation --------------------------------------------------------
 
     def _batches(self, cand: Candidate) -> Iterator[Any]:
@@ -292,6 +303,13 @@ class AdaptiveSearch:
     def _train(self, cand: Candidate, until: int) -> None:
         if cand.step >= until:
             return
+        if self.phases is None:
+            self._train_segment(cand, until)
+            return
+        with self.phases.phase("train", label=f"train {cand.name} steps {cand.step}-{until}"):
+            self._train_segment(cand, until)
+
+    def _train_segment(self, cand: Candidate, until: int) -> None:
         self._activate(cand)
         cfg, model = self.config, self.problem.model
         opt, sched = self._live()

@@ -129,4 +129,4 @@ def test_resume_on_a_folder_holding_another_kind_of_state_is_refused(tmp_path, c
 def test_a_bad_world_size_names_the_variable(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "two")
     assert cli.main([]) == 2
-    assert "WORLD_SIZE: expected a positive integer, got 'two'" in capsys.readouterr().err
+    assert "WORLD_SIZE='two' is not an integer" in capsys.readouterr().err

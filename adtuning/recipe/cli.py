@@ -146,14 +146,12 @@ def parse_config(argv: Sequence[str] | None = None) -> RunConfig:
 
 def launched_world() -> int:
     """The WORLD_SIZE torchrun set (1 without torchrun); a bad value is a :class:`UsageError`."""
-    text = os.environ.get("WORLD_SIZE", "1")
+    from adtuning.distributed import launched_world_size
+
     try:
-        world = int(text)
-    except ValueError:
-        raise UsageError(f"WORLD_SIZE: expected a positive integer, got {text!r}") from None
-    if world < 1:
-        raise UsageError(f"WORLD_SIZE: expected a positive integer, got {text!r}")
-    return world
+        return launched_world_size()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

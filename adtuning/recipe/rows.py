@@ -29,7 +29,7 @@ def run_method_row(recipe: "Recipe", method: str) -> dict[str, Any]:
     from adtuning.search_candidate import baseline_child
     from adtuning.speech import SpeechModel
 
-    recipe.searcher._deactivate()  # the base values back in the upstream (the chosen candidate swapped out)
+    recipe.searcher.restore_base()  # the base values back in the upstream (the chosen candidate swapped out)
     task = recipe._build_task(method)
     main_attached = recipe.attached
     extra = recipe._attach(method) if METHODS[method].kind == "module" else {}
@@ -40,7 +40,8 @@ def run_method_row(recipe: "Recipe", method: str) -> dict[str, Any]:
         shapes = {n: tuple(problem.upstream_params[n].shape) for n in recipe.scored_names}
         searcher = AdaptiveSearch(problem, [baseline_child("head-only", shapes)], recipe.search_config,
                                   checkpoint_dir=recipe.out / "baselines" / method / "checkpoint", progress=recipe.progress,
-                                  on_event=recipe._event, baselines=("head-only",), data_parallel=recipe.dp)
+                                  on_event=recipe._event, baselines=("head-only",), data_parallel=recipe.dp,
+                                  phases=recipe.phases)
         if recipe.resuming:
             searcher.load_checkpoint()
         log.info("method row %s: %s trainable (%s added to the upstream, %s head)", method,

@@ -433,13 +433,13 @@ class Recipe:
                                        progress=self.progress, on_event=self._event,
                                        baselines=tuple("head-only" if canonical_method(b) == "weighted-sum" else b
                                                        for b in main_baselines),
-                                       data_parallel=self.dp)
+                                       data_parallel=self.dp, phases=self.phases)
         self._baseline_names = {("head-only" if canonical_method(b) == "weighted-sum" else b): b for b in main_baselines}
         if self.resuming:
             self.searcher.load_checkpoint()
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        with self.phases.phase("search"):
+        with self.phases.phase("search"):  # each training segment is a "train" phase inside it
             self.best = self.searcher.run()
         log.info("chose P=%g after %d steps (exhaustive search: %d)", self.best.p, self.searcher.steps_spent(),
                  self.searcher.steps_exhaustive())
