@@ -29,20 +29,13 @@ them; :class:`adtuning.distributed.GradientReducer` binds them to its flat buffe
 """
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from typing import Iterable
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from adtuning.backend_contract import GatherOp
 from adtuning.reference.gather import gather_ref
-
-
-class GatherOp(Protocol):
-    """A backend's gather: ``float32(grad.flatten()[indices])``, written into (or added onto)
-    ``out`` when given (the contract of :func:`adtuning.reference.gather_ref`)."""
-
-    def __call__(self, grad: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None,
-                 accumulate: bool = False) -> torch.Tensor: ...
 
 
 class CompactGradStore:

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adtuning.backend_contract import SDDMMOp
+
 if TYPE_CHECKING:
     from adtuning.compact_grad import CompactGradStore
     from adtuning.optim import SparseAdamW
@@ -101,7 +103,7 @@ class _Route:
     store: "CompactGradStore"
     weight: torch.Tensor
     indices: torch.Tensor
-    sddmm: Callable[..., torch.Tensor]
+    sddmm: SDDMMOp
 
     def write(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         buffer, accumulate = self.store.target(self.weight)
