@@ -61,7 +61,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -148,29 +147,14 @@ def mixed_commits_error(commits: dict[str, list[str]], what: str) -> str | None:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment() -> dict:
-    """Device, CPU, core count, versions, date and load: stored with every figure."""
-    import torch
+    """Device, CPU, versions, commit and date (:func:`adtuning.environment.environment`, the recorder
+    of the CLI, bench/ and tools/), plus the core count, the versions as one mapping (the tables'
+    keys) and the load at the start: stored with every figure."""
+    from adtuning.environment import environment as record
+    from adtuning.environment import versions
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "torchaudio", "triton"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:
-            versions[name] = None
-    return {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu": _cpu_name(), "cores": os.cpu_count(),
-            "versions": versions, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "load_average_1min_at_start": os.getloadavg()[0]}
+    return {**record(), "cores": os.cpu_count(), "versions": versions(), "load_average_1min_at_start": os.getloadavg()[0]}
 
 
 def task_steps(task: str, quick: bool) -> int:
