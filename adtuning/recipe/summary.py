@@ -80,7 +80,9 @@ def write_outputs(recipe: "Recipe") -> dict[str, Any]:
         "fisher": {k: v for k, v in recipe.fisher_info.items() if k != "histogram"},
         "delta_dir": str(delta_dir), "delta_bytes": sum(f.stat().st_size for f in delta_dir.iterdir()),
         "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": source_commit(), "commits": getattr(recipe, "segments", []),
+        # The commit the code ran at: that of the last segment, read when it started (HEAD may move
+        # while a run trains); "commits": every segment's.
+        "commit": _last_commit(getattr(recipe, "segments", [])), "commits": getattr(recipe, "segments", []),
         "world_size": recipe.world_size, "data_parallel": _data_parallel_summary(recipe),
     }
     summary["peak_memory"]["phases"] = recipe.phases.report()
@@ -97,6 +99,12 @@ def write_outputs(recipe: "Recipe") -> dict[str, Any]:
         summary["plots"] = _plots(recipe)
     atomic_write(recipe.out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+def _last_commit(segments: list[dict[str, Any]]) -> dict[str, Any]:
+    if segments:
+        return {"sha": segments[-1].get("sha"), "dirty": segments[-1].get("dirty")}
+    return source_commit()
 
 
 def _data_parallel_summary(recipe: "Recipe") -> dict | None:
