@@ -238,7 +238,8 @@ CONFIG_FAULTS = {
     "another version": ({"version": 2}, r"unsupported delta version 2"),
     "version true": ({"version": True}, r"unsupported delta version True"),
     "p as a string": ({"p": "0.2"}, r"'p' must be a number, got '0\.2'"),
-    "p zero": ({"p": 0}, r"p must be in \(0, 1\]"),
+    "p negative": ({"p": -0.1}, r"p must be in \[0, 1\]"),  # 0 is a method's delta with no upstream entry
+    "p above one": ({"p": 1.5}, r"p must be in \[0, 1\]"),
     "p NaN": ({"p": float("nan")}, r"'p' must be a number, got nan"),
     "k fractional": ({"k": 8.5}, r"'k' must be an integer"),
     "k boolean": ({"k": True}, r"'k' must be an integer, got True"),
