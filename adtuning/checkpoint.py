@@ -114,7 +114,7 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
 
 
 def save_delta(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike[str],
     upstream_params: Mapping[str, torch.Tensor],
     child: ChildNetwork,
     head_params: Mapping[str, torch.Tensor],
@@ -177,7 +177,7 @@ def _check_shape(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
 
 
-def read_delta_config(directory: str | os.PathLike) -> dict:
+def read_delta_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``delta.json`` of a delta directory, with every known key checked.
 
     Raises:
@@ -210,7 +210,7 @@ def read_delta_config(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def read_delta_tensors(directory: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def read_delta_tensors(directory: str | os.PathLike[str], meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a delta, parsed by safetensors from bytes whose checksum matches ``delta.json``.
 
     Every key is checked: ``upstream.<name>.indices`` (int32/int64, 1-D, strictly increasing,
@@ -271,12 +271,12 @@ def read_delta_tensors(directory: str | os.PathLike, meta: Mapping[str, Any] | N
 
 @torch.no_grad()
 def apply_delta(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike[str],
     upstream_params: Mapping[str, nn.Parameter],
     head_params: Mapping[str, nn.Parameter] | None = None,
     *,
     force: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Write a delta's values into an untouched base upstream (and its head); return its config.
 
     Args:
@@ -334,6 +334,6 @@ def apply_delta(
     return meta
 
 
-def delta_bytes(directory: str | os.PathLike) -> int:
+def delta_bytes(directory: str | os.PathLike[str]) -> int:
     """Size on disk of a delta directory's files."""
     return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())

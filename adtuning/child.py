@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -182,7 +182,8 @@ def _kth_largest_key(keys: Sequence[torch.Tensor], k: int) -> tuple[int, int]:
     the range chosen so far and narrows the range to the byte holding the k-th largest key.
     Temporaries are per tensor, never of all N entries.
     """
-    lo, remaining = None, k
+    lo: int | None = None
+    remaining = k
     for shift in (24, 16, 8, 0):
         counts = torch.zeros(256, dtype=torch.int64)
         for key in keys:
@@ -201,6 +202,7 @@ def _kth_largest_key(keys: Sequence[torch.Tensor], k: int) -> tuple[int, int]:
         remaining -= above
         lo = ((digit - 128) << 24) if lo is None else lo + (digit << shift)
     # Every key above ``lo`` was counted in some pass; ``remaining`` are ties at ``lo``.
+    assert lo is not None  # set by the first of the four passes
     return lo, remaining
 
 
@@ -220,7 +222,7 @@ def _select(keys: dict[str, torch.Tensor], threshold: int, ties_left: int) -> di
     return indices
 
 
-def _file_pair(path: str | os.PathLike, strip: tuple[str, ...]) -> tuple[Path, Path]:
+def _file_pair(path: str | os.PathLike[str], strip: tuple[str, ...]) -> tuple[Path, Path]:
     """``(<base>.safetensors, <base>.json)`` for ``path`` given with or without one of ``strip``.
 
     The suffixes are appended to the name, not substituted for its last dotted part, so
@@ -255,7 +257,7 @@ class ChildNetwork:
     threshold: float | None = None
     method: str = "fisher"
     seed: int | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- construction -----------------------------------------------------------------
 
@@ -345,7 +347,7 @@ class ChildNetwork:
             for name, shape in self.shapes.items()
         }
 
-    def layer_ratios(self, pattern: re.Pattern | str = _LAYER_PATTERN) -> dict[str, float]:
+    def layer_ratios(self, pattern: re.Pattern[str] | str = _LAYER_PATTERN) -> dict[str, float]:
         """Fraction of child entries per layer (paper Fig. 7).
 
         Tensors whose name matches ``pattern`` (default ``layers.<i>.``) are grouped by the
@@ -412,7 +414,7 @@ class ChildNetwork:
 
     # ---- persistence --------------------------------------------------------------------
 
-    def metadata(self) -> dict:
+    def metadata(self) -> dict[str, Any]:
         """JSON-serialisable description (everything but the indices)."""
         return {
             "format": "adtuning.child",
@@ -427,7 +429,7 @@ class ChildNetwork:
             "extra": self.extra,
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``<path>.safetensors`` (indices) and ``<path>.json`` (metadata with the indices'
         checksum), both complete or neither replaced.
 
@@ -457,7 +459,7 @@ class ChildNetwork:
     @classmethod
     def load(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         named_params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
     ) -> "ChildNetwork":
         """Read a child written by :meth:`save`; with ``named_params``, check names and shapes.
