@@ -36,7 +36,7 @@ import inspect
 import logging
 import math
 import re
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adtuning.backends import get_backend, resolve_backend_name
+from adtuning.fisher_batch import accumulate_batch_mode as _accumulate_batch_mode
 from adtuning.reference.layernorm_fisher import layernorm_fisher_ref_
 
 if TYPE_CHECKING:
@@ -63,8 +64,9 @@ def default_scored_parameter_names(model: nn.Module) -> list[str]:
     speech upstreams return their transformer encoder layers, as in the paper. Otherwise every
     parameter is scored.
     """
-    if hasattr(model, "default_scored_parameters"):
-        return list(model.default_scored_parameters())
+    declared = getattr(model, "default_scored_parameters", None)
+    if callable(declared):
+        return list(declared())
     upstream = getattr(model, "upstream", None)
     if upstream is not None and hasattr(upstream, "default_scored_parameters"):
         prefix = next(n for n, m in model.named_children() if m is upstream)
@@ -175,7 +177,7 @@ class FisherPass:
         self.lengths, self.max_length = None, 0
 
 
-def _accepts_fisher_pass(loss_fn: Callable) -> bool:
+def _accepts_fisher_pass(loss_fn: Callable[..., Any]) -> bool:
     """Whether ``loss_fn`` can be called with a third positional argument (the pass)."""
     try:
         inspect.signature(loss_fn).bind(None, None, None)
@@ -200,7 +202,7 @@ class _Loss:
             return self.loss_fn(model, batch, self.fisher_pass)
         return self.loss_fn(model, batch)
 
-    def empty_part(self, model: nn.Module, data_parallel) -> None:
+    def empty_part(self, model: nn.Module, data_parallel: DataParallel | None) -> None:
         if data_parallel is None:
             raise ValueError("estimate_fisher: a batch is None (only a sharded loader yields empty parts)")
         if self.takes_pass:
@@ -250,13 +252,14 @@ class _FisherLinear(torch.autograd.Function):
     """y = x W^T + b whose backward yields dx and per-sample Fisher of W and b, never dW."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, anchor, state: _InBackwardPass, fisher_w, fisher_b):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, anchor: torch.Tensor,
+                state: _InBackwardPass, fisher_w: torch.Tensor | None, fisher_b: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.state, ctx.fisher_w, ctx.fisher_b = state, fisher_w, fisher_b
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         state = ctx.state
         batch = x.shape[0] if x.dim() > 1 else 1
@@ -273,13 +276,15 @@ class _FisherLayerNorm(torch.autograd.Function):
     """LayerNorm whose backward yields dx and per-sample Fisher of its weight and bias."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, anchor, state: _InBackwardPass, shape, eps, fisher_w, fisher_b):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, anchor: torch.Tensor,
+                state: _InBackwardPass, shape: tuple[int, ...], eps: float, fisher_w: torch.Tensor | None,
+                fisher_b: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight, bias)
         ctx.state, ctx.shape, ctx.eps, ctx.fisher_w, ctx.fisher_b = state, shape, eps, fisher_w, fisher_b
         return F.layer_norm(x, shape, weight, bias, eps)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias = ctx.saved_tensors
         with torch.enable_grad():
             x_req = x.detach().requires_grad_(True)
@@ -295,9 +300,13 @@ class _FisherLayerNorm(torch.autograd.Function):
         return (grad_x if ctx.needs_input_grad[0] else None,) + (None,) * 8
 
 
-def _plan_in_backward(model: nn.Module, params: dict[str, nn.Parameter]):
+_Planned = dict[str, tuple[nn.Module, str | None, str | None]]  # module name -> (module, weight name, bias name)
+
+
+def _plan_in_backward(model: nn.Module, params: Mapping[str, nn.Parameter]) -> tuple[_Planned, _Planned, list[str]]:
     """Split scored parameters into Linear, LayerNorm and fallback paths."""
-    linear, layernorm = {}, {}
+    linear: _Planned = {}
+    layernorm: _Planned = {}
     covered: set[str] = set()
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
@@ -318,28 +327,29 @@ def _plan_in_backward(model: nn.Module, params: dict[str, nn.Parameter]):
 
 
 @contextlib.contextmanager
-def _patched_modules(linear, layernorm, state: _InBackwardPass):
-    def linear_forward(module, w_name, b_name):
-        fisher_w = state.fisher.get(w_name)
-        fisher_b = state.fisher.get(b_name) if b_name else None
-
-        def forward(x):
-            return _FisherLinear.apply(x, module.weight, module.bias, state.anchor, state, fisher_w, fisher_b)
-
-        return forward
-
-    def layernorm_forward(module, w_name, b_name):
+def _patched_modules(linear: _Planned, layernorm: _Planned, state: _InBackwardPass) -> Iterator[None]:
+    def linear_forward(module: nn.Module, w_name: str | None, b_name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
         fisher_w = state.fisher.get(w_name) if w_name else None
         fisher_b = state.fisher.get(b_name) if b_name else None
 
-        def forward(x):
-            return _FisherLayerNorm.apply(
-                x, module.weight, module.bias, state.anchor, state, module.normalized_shape, module.eps, fisher_w, fisher_b
-            )
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y: torch.Tensor = _FisherLinear.apply(x, module.weight, module.bias, state.anchor, state, fisher_w, fisher_b)
+            return y
 
         return forward
 
-    patched = []
+    def layernorm_forward(module: nn.Module, w_name: str | None, b_name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        fisher_w = state.fisher.get(w_name) if w_name else None
+        fisher_b = state.fisher.get(b_name) if b_name else None
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y: torch.Tensor = _FisherLayerNorm.apply(x, module.weight, module.bias, state.anchor, state, module.normalized_shape,
+                                                     module.eps, fisher_w, fisher_b)
+            return y
+
+        return forward
+
+    patched: list[nn.Module] = []
     try:
         for module, w_name, b_name in linear.values():
             module.forward = linear_forward(module, w_name, b_name)
@@ -356,7 +366,7 @@ def _patched_modules(linear, layernorm, state: _InBackwardPass):
 # ---------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _pass_state(model: nn.Module, trainable: Iterable[nn.Parameter], train_mode: bool):
+def _pass_state(model: nn.Module, trainable: Iterable[nn.Parameter], train_mode: bool) -> Iterator[None]:
     """Eval mode (default: no dropout, so scores do not depend on batching) or train mode, and
     only ``trainable`` requiring grad; both restored afterwards."""
     was_training = model.training
@@ -373,13 +383,15 @@ def _pass_state(model: nn.Module, trainable: Iterable[nn.Parameter], train_mode:
         model.train(was_training)
 
 
-def _score_buffers(scored: dict[str, nn.Parameter], device, flat: bool):
+def _score_buffers(scored: dict[str, nn.Parameter], device: torch.device | str | None,
+                   flat: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Zero fp32 score tensors; with ``flat``, views of one buffer with one extra entry (the
     sample count) so that data parallel needs a single all-reduce. Returns (scores, buffer)."""
     if not flat:
         return {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in scored.items()}, None
     buffer = torch.zeros(sum(p.numel() for p in scored.values()) + 1, dtype=torch.float32, device=device)
-    fisher, offset = {}, 0
+    fisher: dict[str, torch.Tensor] = {}
+    offset = 0
     for n, p in scored.items():
         fisher[n] = buffer[offset:offset + p.numel()].view(p.shape)
         offset += p.numel()
@@ -392,7 +404,8 @@ def _usable(losses: torch.Tensor, samples: int, max_samples: int | None) -> int:
     return count if max_samples is None else min(count, max_samples - samples)
 
 
-def _per_sample_loop(model, bar, loss: _Loss, scored, fisher, *, max_samples, data_parallel) -> int:
+def _per_sample_loop(model: nn.Module, bar: Any, loss: _Loss, scored: dict[str, nn.Parameter],
+                     fisher: dict[str, torch.Tensor], *, max_samples: int | None, data_parallel: DataParallel | None) -> int:
     """Eq. 6 by one ``autograd.grad`` per sample (the reference). Returns the samples seen."""
     samples = 0
     for batch in bar:
@@ -409,8 +422,9 @@ def _per_sample_loop(model, bar, loss: _Loss, scored, fisher, *, max_samples, da
     return samples
 
 
-def _per_sample_in_backward(model, bar, loss: _Loss, scored, fisher, state: _InBackwardPass, *, max_samples,
-                            data_parallel, patched=None) -> int:
+def _per_sample_in_backward(model: nn.Module, bar: Any, loss: _Loss, scored: dict[str, nn.Parameter],
+                            fisher: dict[str, torch.Tensor], state: _InBackwardPass, *, max_samples: int | None,
+                            data_parallel: DataParallel | None, patched: Mapping[str, nn.Parameter] | None = None) -> int:
     """Eq. 6 by one backward per batch: scored Linear/LayerNorm layers accumulate per-sample
     Fisher in their backward (backend kernels); other scored parameters take the exact
     per-sample loop on the same graph. Returns the samples seen."""
@@ -449,7 +463,9 @@ def _per_sample_in_backward(model, bar, loss: _Loss, scored, fisher, state: _InB
     return samples
 
 
-def _batch_gradients(model, bar, loss: _Loss, scored, fisher, *, max_samples, clip_norm, data_parallel) -> int:
+def _batch_gradients(model: nn.Module, bar: Any, loss: _Loss, scored: dict[str, nn.Parameter],
+                     fisher: dict[str, torch.Tensor], *, max_samples: int | None, clip_norm: float | None,
+                     data_parallel: DataParallel | None) -> int:
     """The published code's scores: per batch, the gradient of the batch objective, clipped per
     tensor, squared and summed. The objective is the mean of a ``[B]`` per-sample loss, or a
     scalar the loss function returns as is (the recipe's training loss, already divided by the
@@ -591,7 +607,7 @@ def estimate_fisher(
     total = getattr(batches, "__len__", None)
     bar = tqdm(batches, total=total() if total else None, desc=f"Fisher ({mode}, {backend_name})", unit="batch",
                disable=not progress)
-    common = dict(max_samples=max_samples, data_parallel=data_parallel)
+    common: dict[str, Any] = dict(max_samples=max_samples, data_parallel=data_parallel)
     try:
         if mode == "batch":
             with _pass_state(model, scored.values(), train_mode):
@@ -609,6 +625,7 @@ def estimate_fisher(
                                                   patched=None if in_backward_set is None else
                                                   {**_resolve_params(model, in_backward_set), **scored})
             if buffer is not None:
+                assert data_parallel is not None  # the flat buffer exists only under data parallel
                 buffer[-1] = samples
                 data_parallel.all_reduce_sum_(buffer)
                 samples = int(buffer[-1])
@@ -620,62 +637,6 @@ def estimate_fisher(
     for value in fisher.values():
         value.div_(denominator)
     return fisher
-
-
-def _accumulate_batch_mode(out, scored, fisher, clip_norm, data_parallel=None):
-    """Add the squared (clipped) gradient of one batch objective: ``out`` is ``[B]`` (its mean
-    is differentiated), a scalar (differentiated as it is) or ``None`` (an empty part)."""
-    names = list(scored)
-    if data_parallel is None:
-        objective = out if out.dim() == 0 else out.mean()
-        grads = torch.autograd.grad(objective, [scored[n] for n in names], allow_unused=True)
-    else:
-        grads = _global_batch_gradient(out, scored, names, data_parallel)
-    for name, grad in zip(names, grads):
-        if grad is None:
-            continue
-        grad = grad.float()
-        if clip_norm is not None:
-            # torch.nn.utils.clip_grad_norm_ on this tensor alone: the same formula and epsilon.
-            norm = torch.linalg.vector_norm(grad)
-            grad = grad * torch.clamp(clip_norm / (norm + 1e-6), max=1.0)
-        fisher[name].add_(grad.square())
-
-
-def _global_batch_gradient(out, scored, names, data_parallel):
-    """The gradient of the *global* batch's objective on every rank, in one dense all-reduced
-    buffer. ``[B]`` losses: this rank's summed-loss gradient and sample count, divided by the
-    global count (the mean). A scalar: this rank's share of the global loss, summed as is. Two
-    tail entries count samples and scalar parts so that the two kinds cannot be mixed."""
-    device = next(iter(scored.values())).device
-    flat = torch.zeros(sum(scored[n].numel() for n in names) + 2, dtype=torch.float32, device=device)
-    if out is not None and out.numel():
-        objective = out if out.dim() == 0 else out.sum()
-        grads = torch.autograd.grad(objective, [scored[n] for n in names], allow_unused=True)
-        offset = 0
-        for name, grad in zip(names, grads):
-            numel = scored[name].numel()
-            if grad is not None:
-                flat[offset:offset + numel] = grad.reshape(-1).float()
-            offset += numel
-        if out.dim() == 0:
-            flat[-1] = 1
-        else:
-            flat[-2] = out.numel()
-    data_parallel.all_reduce_sum_(flat)
-    count, scalar_parts = flat[-2].item(), flat[-1].item()
-    if scalar_parts and count:
-        raise ValueError("estimate_fisher: ranks returned both scalar and per-sample losses for one global batch")
-    if not scalar_parts:
-        if count == 0:
-            raise ValueError("estimate_fisher: a global batch without samples")
-        flat.div_(count)
-    out_grads, offset = [], 0
-    for name in names:
-        numel = scored[name].numel()
-        out_grads.append(flat[offset:offset + numel].view(scored[name].shape))
-        offset += numel
-    return out_grads
 
 
 def fisher_summary(fisher: Mapping[str, torch.Tensor]) -> dict[str, float]:
