@@ -23,10 +23,7 @@ from adtuning.embedded import CORPUS_RUN_DEFAULTS, DEFAULT_CORPUS_CACHE, EMBEDDE
 from adtuning.recipe.methods import BASELINE_NAMES, METHOD_NAMES, canonical_method
 from adtuning.recipe.types import FisherGroups, Floats, Ints, Names, ScoredChoice
 from adtuning.speech.registry import TASK_NAMES
-
-DEFAULT_UPSTREAM = "adtuning-hubert-mini"
-"""The default ``--upstream``: :data:`adtuning.speech.upstream.DEFAULT_UPSTREAM` (a test holds
-them equal); named here so that ``--help`` does not import transformers."""
+from adtuning.speech.upstream import DEFAULT_UPSTREAM  # the one definition (transformers is imported lazily there)
 
 DEFAULT_CANDIDATES = (0.001, 0.01, 0.1)
 
