@@ -10,10 +10,11 @@ from __future__ import annotations
 import sys
 
 from adtuning.recipe.cli import build_parser, config_from_namespace, main, parse_config
-from adtuning.recipe.config import DEFAULT_UPSTREAM, RunConfig, UsageError
+from adtuning.recipe.config import RunConfig, UsageError
 from adtuning.recipe.problem import SpeechProblem
 from adtuning.recipe.run import Recipe, choose_threads, optional_split
 from adtuning.recipe.summary import print_summary
+from adtuning.speech.upstream import DEFAULT_UPSTREAM
 
 _print_summary = print_summary
 _optional_split = optional_split
