@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -95,7 +96,7 @@ def _coerce(group: type, f: dataclasses.Field, value: Any, where: str) -> Any:
         return None
     hint = typing.get_type_hints(group)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    target = args[0] if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else hint
+    target = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and args else hint
     try:
         if typing.get_origin(target) is typing.Literal:
             if value not in typing.get_args(target):

@@ -428,17 +428,15 @@ class Recipe:
     def search(self) -> None:
         cfg = self.config
         self.search_config = cfg.search_config(self.backend)
-        main_baselines = tuple(b for b in cfg.method.baselines if canonical_method(b) in ("weighted-sum", "full"))
+        # Weighted-sum (head-only) and FT train inside the search (its kinds: head-only, full),
+        # by the name the run was given; the other baselines are method rows (compare).
+        self._baseline_names = {("head-only" if canonical_method(b) == "weighted-sum" else "full"): b
+                                for b in cfg.method.baselines if canonical_method(b) in ("weighted-sum", "full")}
         self.searcher = AdaptiveSearch(self.problem, self.children, self.search_config, checkpoint_dir=self.out / "checkpoint",
-                                       progress=self.progress, on_event=self._event,
-                                       baselines=tuple("head-only" if canonical_method(b) == "weighted-sum" else b
-                                                       for b in main_baselines),
+                                       progress=self.progress, on_event=self._event, baselines=tuple(self._baseline_names),
                                        data_parallel=self.dp, phases=self.phases)
-        self._baseline_names = {("head-only" if canonical_method(b) == "weighted-sum" else b): b for b in main_baselines}
         if self.resuming:
             self.searcher.load_checkpoint()
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         with self.phases.phase("search"):  # each training segment is a "train" phase inside it
             self.best = self.searcher.run()
         log.info("chose P=%g after %d steps (exhaustive search: %d)", self.best.p, self.searcher.steps_spent(),

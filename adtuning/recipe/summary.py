@@ -9,8 +9,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from adtuning.atomic import atomic_write
 from adtuning.checkpoint import save_delta
 from adtuning.environment import source_commit, versions
@@ -23,11 +21,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("adtuning")
 
 
-def peak_memory(device: torch.device) -> dict[str, int]:
-    """The process's high-water marks: CPU max RSS and, on CUDA, the allocator's peak."""
-    info = {"cpu_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if device.type == "cuda":
-        info["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+def peak_memory(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run's high-water marks: the process's CPU max RSS (``ru_maxrss``, never reset) and, on
+    CUDA, the largest allocator peak of any phase (each phase resets the CUDA peak at its start, so
+    the allocator's own counter only covers the last phase); ``phases``: the per-phase report of
+    :class:`adtuning.phase_memory.PhaseMemory`, kept beside them."""
+    info: dict[str, Any] = {"cpu_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    cuda = [p["cuda_max_allocated_bytes"] for p in phases.values() if "cuda_max_allocated_bytes" in p]
+    if cuda:
+        info["cuda_max_allocated_bytes"] = max(cuda)
+    info["phases"] = phases
     return info
 
 
@@ -76,7 +79,7 @@ def write_outputs(recipe: "Recipe") -> dict[str, Any]:
         "total_steps": recipe.search_config.total_steps,
         "swap_seconds": searcher.swap_seconds, "train_seconds": searcher.train_seconds,
         "eval_seconds": searcher.eval_seconds, "wall_seconds": time.time() - recipe.started,
-        "peak_memory": peak_memory(recipe.device), "backend": recipe.backend, "device": str(recipe.device),
+        "peak_memory": peak_memory(recipe.phases.report()), "backend": recipe.backend, "device": str(recipe.device),
         "fisher": {k: v for k, v in recipe.fisher_info.items() if k != "histogram"},
         "delta_dir": str(delta_dir), "delta_bytes": sum(f.stat().st_size for f in delta_dir.iterdir()),
         "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -85,7 +88,6 @@ def write_outputs(recipe: "Recipe") -> dict[str, Any]:
         "commit": _last_commit(getattr(recipe, "segments", [])), "commits": getattr(recipe, "segments", []),
         "world_size": recipe.world_size, "data_parallel": _data_parallel_summary(recipe),
     }
-    summary["peak_memory"]["phases"] = recipe.phases.report()
     if recipe.regret is not None:
         # regret (dev) is the headline; regret_test only when the task has a test split.
         summary["regret"] = recipe.regret["regret"]
