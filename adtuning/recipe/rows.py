@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from adtuning.recipe.methods import METHODS
-
 if TYPE_CHECKING:
     from adtuning.recipe.run import Recipe
 
@@ -32,8 +30,8 @@ def run_method_row(recipe: "Recipe", method: str) -> dict[str, Any]:
     recipe.searcher.restore_base()  # the base values back in the upstream (the chosen candidate swapped out)
     task = recipe._build_task(method)
     main_attached = recipe.attached
-    extra = recipe._attach(method) if METHODS[method].kind == "module" else {}
-    attached = recipe.attached if extra else None
+    extra = recipe._attach(method)  # {} for a method that adds no module
+    attached = recipe.attached if recipe.attached is not main_attached else None
     try:
         model = SpeechModel(recipe.upstream, task).to(recipe.device)
         problem = recipe._problem(model, extra)
