@@ -142,8 +142,10 @@ def build_library(sources: list[Path], build_dir: Path, name: str = LIBRARY_NAME
         path = cpp_extension.load(
             name=name,
             sources=[str(p) for p in sources if p.suffix == ".cpp"],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
+            # Copies: cpp_extension appends its own libraries to extra_ldflags in place, which
+            # would change cache_dir()'s key for the rest of the process.
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
