@@ -1,7 +1,7 @@
 """The backend contract and its registry: a leaf module every backend imports.
 
 Design note — why a registry of plain Python objects and not ``torch.library`` custom ops for
-every backend. A backend here is a *bundle* of four hot operations that must be chosen
+every backend. A backend here is a *bundle* of hot operations that must be chosen
 together (the optimizer, the Fisher pass and the sparse weight gradient of one run use one
 backend, and tests hold each bundle against the reference bundle). The native C++ ops already
 are schema-declared ``torch.ops.adtuning.*`` custom ops with fake (meta) implementations, so
@@ -23,8 +23,8 @@ Module graph (``A -> B``: A imports B)::
     backends     -> backend_contract, reference, native, triton_backend   (the front door)
 
 Each operation's signature and docstring live here once, as a :class:`typing.Protocol` with
-only ``__call__`` (:class:`GatherOp`, :class:`SparseAdamWOp`, :class:`LinearFisherOp`,
-:class:`SDDMMOp`); the :class:`Backend` fields have those types, so mypy checks every backend's
+only ``__call__`` (:class:`GatherOp`, :class:`SparseAdamWOp`, :class:`SparseAdamWMultiOp`,
+:class:`LinearFisherOp`, :class:`SDDMMOp`); the :class:`Backend` fields have those types, so mypy checks every backend's
 functions against them where the backend builds its :class:`Backend` (the Triton launchers,
 which ``triton_backend`` imports at run time, are checked in ``kernels/__init__.py``), and
 ``tests/test_backend_contract.py`` compares each loadable backend's ``inspect.signature``
@@ -49,6 +49,7 @@ __all__ = [
     "LinearFisherOp",
     "OPERATIONS",
     "SDDMMOp",
+    "SparseAdamWMultiOp",
     "SparseAdamWOp",
     "fused_provider",
     "providers",
@@ -128,6 +129,52 @@ class SparseAdamWOp(Protocol):
         ...
 
 
+class SparseAdamWMultiOp(Protocol):
+    """AdamW over the compressed index sets of a list of tensors, in one call (``Backend.sparse_adamw_multi_``)."""
+
+    def __call__(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        indices: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        masters: list[torch.Tensor | None],
+        steps: list[float],
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+    ) -> None:
+        """Exactly :class:`SparseAdamWOp` applied to each position of the lists in turn, bit for bit.
+
+        For every ``t``, the result is that of ``sparse_adamw_(params[t], grads[t], indices[t],
+        exp_avgs[t], exp_avg_sqs[t], masters[t], step=steps[t], lr=lr, ...)`` of the same
+        backend (so the tensors may have different dtypes, index dtypes and step counts); fast
+        implementations update all tensors in one pass instead of one call per tensor. Every
+        list holds one entry per tensor; empty lists are a no-op. The arguments of all tensors
+        are checked before any is written, so a bad argument at any position (a list length,
+        a dtype, a length, a step < 1, and where the backend checks indices, an index outside
+        its parameter) raises naming that position and leaves every tensor unwritten.
+        Tensors at different positions must not share memory (implementations may update
+        them concurrently).
+
+        Args:
+            params: the dense parameters (fp32, bf16 or fp16), contiguous; updated in place.
+            grads: fp32 compact gradients, ``len(indices[t])`` entries each.
+            indices: 1-D sorted unique int32/int64 flat indices into ``params[t]``.
+            exp_avgs, exp_avg_sqs: fp32 compact moments; updated in place.
+            masters: fp32 compact master weights for low-precision params, else None per entry.
+            steps: each tensor's step number after incrementing (1 on its first step); the bias
+                corrections ``1 - beta**steps[t]`` are computed in Python float, as by
+                :class:`SparseAdamWOp`.
+            lr, beta1, beta2, eps, weight_decay: the AdamW hyper-parameters, shared by all tensors.
+        """
+        ...
+
+
 class LinearFisherOp(Protocol):
     """Per-sample Fisher of a Linear layer's weight and bias (``Backend.linear_fisher_``)."""
 
@@ -191,6 +238,7 @@ class SDDMMOp(Protocol):
 OPERATIONS: dict[str, type] = {
     "gather": GatherOp,
     "sparse_adamw_": SparseAdamWOp,
+    "sparse_adamw_multi_": SparseAdamWMultiOp,
     "linear_fisher_": LinearFisherOp,
     "sddmm": SDDMMOp,
 }
@@ -204,6 +252,7 @@ class Backend:
     name: str
     gather: GatherOp
     sparse_adamw_: SparseAdamWOp
+    sparse_adamw_multi_: SparseAdamWMultiOp
     linear_fisher_: LinearFisherOp
     sddmm: SDDMMOp
 

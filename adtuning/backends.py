@@ -13,17 +13,19 @@ CPU). Asking for a backend that
 cannot run raises :class:`BackendUnavailableError` naming what is missing; there is never a
 silent fallback to the reference path.
 
-Every backend object exposes the same four operations, each typed by a Protocol of
+Every backend object exposes the same five operations, each typed by a Protocol of
 :mod:`adtuning.backend_contract` that holds its signature and docstring:
 
-==================  =============================================  ==========================
-field               what it does                                   Protocol
-==================  =============================================  ==========================
-``gather``          ``float32(grad.flatten()[indices])``           :class:`GatherOp`
-``sparse_adamw_``   one AdamW step on the child entries            :class:`SparseAdamWOp`
-``linear_fisher_``  per-sample Fisher of a Linear layer            :class:`LinearFisherOp`
-``sddmm``           child entries of a Linear weight gradient      :class:`SDDMMOp`
-==================  =============================================  ==========================
+=======================  =============================================  ============================
+field                    what it does                                   Protocol
+=======================  =============================================  ============================
+``gather``               ``float32(grad.flatten()[indices])``           :class:`GatherOp`
+``sparse_adamw_``        one AdamW step on the child entries            :class:`SparseAdamWOp`
+``sparse_adamw_multi_``  ``sparse_adamw_`` on a list of tensors, in     :class:`SparseAdamWMultiOp`
+                         one call (the optimizer's step of a group)
+``linear_fisher_``       per-sample Fisher of a Linear layer            :class:`LinearFisherOp`
+``sddmm``                child entries of a Linear weight gradient      :class:`SDDMMOp`
+=======================  =============================================  ============================
 
 The contract types and the registry live in the leaf module :mod:`adtuning.backend_contract`
 (its docstring has the design note and the module graph); each backend module registers

@@ -30,6 +30,7 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Sized
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ log = logging.getLogger("adtuning")
 DISABLE_ENV = "ADTUNING_DISABLE_NATIVE"
 CACHE_ENV = "ADTUNING_NATIVE_CACHE"
 LIBRARY_NAME = "adtuning_native"
-OPS = ("sparse_adamw_", "gather", "linear_fisher_", "sddmm")
+OPS = ("sparse_adamw_", "sparse_adamw_multi_", "gather", "linear_fisher_", "sddmm")
 
 # -O3 and the host's vector ISA for the kernels (on x86-64 with full-width AVX-512 registers:
 # the Fisher kernel's register tile is sized for them); OpenMP because ATen's parallel_for is
@@ -176,6 +177,22 @@ def _register_fakes() -> None:
         for t in (grad, exp_avg, exp_avg_sq) + ((master,) if master is not None else ()):
             torch._check(t.numel() == k, lambda: "compact tensors must match indices")
 
+    def _sparse_adamw_multi_fake(
+        params: list[torch.Tensor], grads: list[torch.Tensor], indices: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], masters: list[torch.Tensor],
+        master_index: list[int], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+        bias_correction1: list[float], bias_correction2: list[float],
+    ) -> None:
+        n = len(params)
+        for values in (grads, indices, exp_avgs, exp_avg_sqs, master_index, bias_correction1, bias_correction2):
+            torch._check(len(values) == n, lambda: "every list needs one entry per tensor")
+        for t in range(n):
+            j = master_index[t]
+            _sparse_adamw_fake(
+                params[t], grads[t], indices[t], exp_avgs[t], exp_avg_sqs[t], masters[j] if j >= 0 else None,
+                lr, beta1, beta2, eps, weight_decay, bias_correction1[t], bias_correction2[t],
+            )
+
     def _gather_fake(grad: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
         torch._check(out.numel() == indices.numel(), lambda: "out must match indices")
 
@@ -194,6 +211,7 @@ def _register_fakes() -> None:
 
     # Passed to register_fake, not decorated by it: as a decorator it is untyped for mypy.
     torch.library.register_fake("adtuning::sparse_adamw_", _sparse_adamw_fake)
+    torch.library.register_fake("adtuning::sparse_adamw_multi_", _sparse_adamw_multi_fake)
     torch.library.register_fake("adtuning::gather", _gather_fake)
     torch.library.register_fake("adtuning::linear_fisher_", _linear_fisher_fake)
     torch.library.register_fake("adtuning::sddmm", _sddmm_fake)
@@ -299,6 +317,59 @@ def sparse_adamw_(
     )
 
 
+def sparse_adamw_multi_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    indices: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    masters: list[torch.Tensor | None],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Native :class:`~adtuning.backend_contract.SparseAdamWMultiOp`: every tensor in one call and one parallel region (``torch.ops.adtuning.sparse_adamw_multi_``).
+
+    CPU tensors; a bf16/fp16 ``params[t]`` needs ``masters[t]``. Each tensor's bias
+    corrections are computed here in Python float exactly as :func:`sparse_adamw_` computes
+    them, and the masters are passed as the list of those that exist plus each tensor's
+    position in it (``-1``: none; see ``csrc/registration.cpp`` for why). The C++ op checks
+    every argument before writing (an index set whose first or last index lies outside its
+    parameter included); it still checks each index while it runs, and an out-of-range index
+    inside an unsorted set raises afterwards, naming its position, as in the single op.
+    """
+    # steps and masters are turned into other lists here, so their lengths are checked here;
+    # the C++ op checks the others, except with no tensor at all, where the dispatcher could
+    # not pick a kernel (and none is needed).
+    lists: dict[str, Sized] = {"steps": steps, "masters": masters}
+    if not params:
+        lists.update(grads=grads, indices=indices, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    for name, values in lists.items():
+        if len(values) != len(params):
+            raise ValueError(
+                f"sparse_adamw_multi_: {name} has {len(values)} entries, params has {len(params)}; "
+                "every list needs one entry per tensor"
+            )
+    if not params:
+        return
+    bias_correction1 = [1 - beta1 ** float(step) for step in steps]
+    bias_correction2 = [1 - beta2 ** float(step) for step in steps]
+    present = [master for master in masters if master is not None]
+    master_index, position = [], 0
+    for master in masters:
+        master_index.append(-1 if master is None else position)
+        position += master is not None
+    torch.ops.adtuning.sparse_adamw_multi_.default(
+        params, grads, indices, exp_avgs, exp_avg_sqs, present, master_index,
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+        bias_correction1, bias_correction2,
+    )
+
+
 def linear_fisher_(
     x: torch.Tensor,
     dy: torch.Tensor,
@@ -342,8 +413,8 @@ def backend() -> Backend:
     """
     load()
     return Backend(
-        name="native", gather=gather, sparse_adamw_=sparse_adamw_, linear_fisher_=linear_fisher_,
-        sddmm=sddmm,
+        name="native", gather=gather, sparse_adamw_=sparse_adamw_, sparse_adamw_multi_=sparse_adamw_multi_,
+        linear_fisher_=linear_fisher_, sddmm=sddmm,
     )
 
 register_backend(BackendProvider("native", backend, fused_on=("cpu",), description="csrc/ C++ ops (torch.ops.adtuning.*); CPU"))

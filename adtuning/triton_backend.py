@@ -57,8 +57,9 @@ def _load_kernels() -> ModuleType:
 
 
 def _make_ops(kernels: ModuleType) -> Backend:
-    # The gather and sparse_adamw launchers have exactly the contract's signatures; linear_fisher
-    # and sddmm also take tuning keywords, which the backend contract does not expose.
+    # The gather, sparse_adamw and sparse_adamw_multi launchers have exactly the contract's
+    # signatures; linear_fisher and sddmm also take tuning keywords, which the backend contract
+    # does not expose.
     def linear_fisher_(
         x: torch.Tensor,
         dy: torch.Tensor,
@@ -82,7 +83,7 @@ def _make_ops(kernels: ModuleType) -> Backend:
 
     return Backend(
         name="triton", gather=kernels.gather, sparse_adamw_=kernels.sparse_adamw,
-        linear_fisher_=linear_fisher_, sddmm=sddmm,
+        sparse_adamw_multi_=kernels.sparse_adamw_multi, linear_fisher_=linear_fisher_, sddmm=sddmm,
     )
 
 

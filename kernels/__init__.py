@@ -1,13 +1,14 @@
 """Triton kernels of adtuning, installed as ``adtuning.kernels`` (one op per file).
 
-=====================  ==============================================================
-launcher               op
-=====================  ==============================================================
-:func:`gather`         ``float32(grad.flatten()[indices])`` into / onto a compact buffer
-:func:`sparse_adamw`   fused AdamW over a compressed index set (gather, update, scatter)
-:func:`linear_fisher`  per-sample Fisher of a Linear layer, tile by tile in backward
-:func:`sddmm`          child entries of a Linear weight gradient, no dense ``dW``
-=====================  ==============================================================
+==========================  ==============================================================
+launcher                    op
+==========================  ==============================================================
+:func:`gather`              ``float32(grad.flatten()[indices])`` into / onto a compact buffer
+:func:`sparse_adamw`        fused AdamW over a compressed index set (gather, update, scatter)
+:func:`sparse_adamw_multi`  :func:`sparse_adamw` on a list of tensors (one launch each)
+:func:`linear_fisher`       per-sample Fisher of a Linear layer, tile by tile in backward
+:func:`sddmm`               child entries of a Linear weight gradient, no dense ``dW``
+==========================  ==============================================================
 
 Each launcher checks its inputs and implements the Protocol of its op in
 :mod:`adtuning.backend_contract` (``linear_fisher`` and ``sddmm`` add keyword-only tuning
@@ -26,11 +27,13 @@ from .gather import gather
 from .linear_fisher import linear_fisher
 from .sddmm import sddmm
 from .sparse_adamw import sparse_adamw
+from .sparse_adamw_multi import sparse_adamw_multi
 
 if TYPE_CHECKING:  # mypy checks each launcher against its op's Protocol
-    from adtuning.backend_contract import GatherOp, LinearFisherOp, SDDMMOp, SparseAdamWOp
+    from adtuning.backend_contract import GatherOp, LinearFisherOp, SDDMMOp, SparseAdamWMultiOp, SparseAdamWOp
 
-    _IMPLEMENTS: tuple[GatherOp, SparseAdamWOp, LinearFisherOp, SDDMMOp] = (gather, sparse_adamw, linear_fisher, sddmm)
+    _IMPLEMENTS: tuple[GatherOp, SparseAdamWOp, SparseAdamWMultiOp, LinearFisherOp, SDDMMOp] = (
+        gather, sparse_adamw, sparse_adamw_multi, linear_fisher, sddmm)
 
 
 def compiled_for_interpreter() -> bool:
@@ -42,4 +45,4 @@ def compiled_for_interpreter() -> bool:
     return isinstance(_gather_kernel, InterpretedFunction)
 
 
-__all__ = ["compiled_for_interpreter", "gather", "linear_fisher", "sddmm", "sparse_adamw"]
+__all__ = ["compiled_for_interpreter", "gather", "linear_fisher", "sddmm", "sparse_adamw", "sparse_adamw_multi"]

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from adtuning import reference
-from adtuning.backend_contract import OPERATIONS, Backend, GatherOp, SparseAdamWOp
+from adtuning.backend_contract import OPERATIONS, Backend, GatherOp, SparseAdamWMultiOp, SparseAdamWOp
 from adtuning.backends import BACKENDS
 from tests.backends import require_backend
 
@@ -86,8 +86,9 @@ def test_backend_operation_has_the_protocol_signature(name, op):
 
 def test_the_reference_twins_are_the_reference_backend():
     backend = require_backend("reference")
-    assert (backend.gather, backend.sparse_adamw_, backend.linear_fisher_, backend.sddmm) == (
-        reference.gather_ref, reference.sparse_adamw_ref_, reference.linear_fisher_ref_, reference.sddmm_ref)
+    assert (backend.gather, backend.sparse_adamw_, backend.sparse_adamw_multi_, backend.linear_fisher_, backend.sddmm) == (
+        reference.gather_ref, reference.sparse_adamw_ref_, reference.sparse_adamw_multi_ref_, reference.linear_fisher_ref_,
+        reference.sddmm_ref)
 
 
 # ---- the comparison rejects a slip in one backend -------------------------------------------
@@ -156,3 +157,18 @@ def test_a_parameter_added_to_one_backend_only_is_rejected():
     assert signature_mismatches(gather_with_scale, GatherOp) == ["parameter 'scale' is not in the contract"]
     assert signature_mismatches(sparse_adamw_renamed_, SparseAdamWOp) == [
         "parameter 10 (eps): name 'epsilon', contract 'eps'"]
+
+
+def test_a_multi_op_taking_one_step_for_all_tensors_is_rejected():
+    """The multi-tensor op takes one step per tensor (a list), not the single op's one step."""
+    def sparse_adamw_multi_one_step_(
+        params: list[torch.Tensor], grads: list[torch.Tensor], indices: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], masters: list[torch.Tensor | None],
+        *, step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    ) -> None:
+        raise AssertionError("never called")
+
+    assert signature_mismatches(reference.sparse_adamw_multi_ref_, SparseAdamWMultiOp) == []
+    problems = signature_mismatches(sparse_adamw_multi_one_step_, SparseAdamWMultiOp)
+    assert "parameter 6 (steps): name 'step', contract 'steps'" in problems
+    assert any("kind" in problem for problem in problems)

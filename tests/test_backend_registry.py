@@ -61,6 +61,6 @@ def test_a_name_or_a_fused_device_is_claimed_once(monkeypatch):
     with pytest.raises(ValueError, match="'fused' on cpu is already backend 'native'"):
         register_backend(BackendProvider("other", lambda: reference, fused_on=("cpu",)))
     register_backend(BackendProvider("other", lambda: Backend("other", *(
-        getattr(reference, op) for op in ("gather", "sparse_adamw_", "linear_fisher_", "sddmm"))), fused_on=("mps",)))
+        getattr(reference, op) for op in backend_contract.OPERATIONS)), fused_on=("mps",)))
     assert backend_contract.fused_provider("mps").name == "other"
     assert backend_contract.providers()["other"].load().name == "other"

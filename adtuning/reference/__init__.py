@@ -12,11 +12,13 @@ from adtuning.reference.layernorm_fisher import layernorm_fisher_ref_
 from adtuning.reference.linear_fisher import linear_fisher_ref_
 from adtuning.reference.sddmm import sddmm_ref
 from adtuning.reference.sparse_adamw import sparse_adamw_ref_
+from adtuning.reference.sparse_adamw_multi import sparse_adamw_multi_ref_
 
 REFERENCE = Backend(
     name="reference",
     gather=gather_ref,
     sparse_adamw_=sparse_adamw_ref_,
+    sparse_adamw_multi_=sparse_adamw_multi_ref_,
     linear_fisher_=linear_fisher_ref_,
     sddmm=sddmm_ref,
 )
@@ -29,5 +31,6 @@ __all__ = [
     "layernorm_fisher_ref_",
     "linear_fisher_ref_",
     "sddmm_ref",
+    "sparse_adamw_multi_ref_",
     "sparse_adamw_ref_",
 ]
