@@ -18,6 +18,7 @@ the vector of those entries alone; every other entry stays bit-identical.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -144,7 +145,11 @@ class SparseAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One AdamW step over every parameter that has a (compact or dense) gradient."""
+        """One AdamW step over every parameter that has a (compact or dense) gradient.
+
+        The tensors of a sparse group go to the backend's ``sparse_adamw_multi_`` together (one
+        call per device), which is bit for bit its ``sparse_adamw_`` on each tensor in turn.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -152,30 +157,46 @@ class SparseAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            if group["sparse"]:
+                self._sparse_group_step(group, hyper)
+                continue
             for p in group["params"]:
-                if group["sparse"]:
-                    grad = self.grad_store.grad(p)
-                    if grad is None:
-                        continue
-                    state = self._sparse_state(p)
-                    state["step"] += 1
-                    self.backend.sparse_adamw_(
-                        p.data, grad, self.grad_store.indices(p), state["exp_avg"], state["exp_avg_sq"], state.get("master"),
-                        step=float(state["step"].item()), **hyper,
-                    )
-                else:
-                    if p.grad is None:
-                        continue
-                    if p.grad.is_sparse:
-                        raise RuntimeError("SparseAdamW: dense groups do not take torch sparse gradients")
-                    state = self.state[p]
-                    if not state:
-                        state["step"] = torch.tensor(0.0)
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["step"] += 1
-                    adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=float(state["step"].item()), **hyper)
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SparseAdamW: dense groups do not take torch sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=float(state["step"].item()), **hyper)
         return loss
+
+    def _sparse_group_step(self, group: dict[str, Any], hyper: dict[str, float]) -> None:
+        """One AdamW step on the child entries of a sparse group's tensors that have a gradient:
+        one ``sparse_adamw_multi_`` call per device, each tensor at its own step count."""
+        batches: dict[torch.device, _SparseBatch] = {}
+        for p in group["params"]:
+            grad = self.grad_store.grad(p)
+            if grad is None:
+                continue
+            state = self._sparse_state(p)
+            state["step"] += 1
+            batch = batches.setdefault(p.device, _SparseBatch())
+            batch.params.append(p.data)
+            batch.grads.append(grad)
+            batch.indices.append(self.grad_store.indices(p))
+            batch.exp_avgs.append(state["exp_avg"])
+            batch.exp_avg_sqs.append(state["exp_avg_sq"])
+            batch.masters.append(state.get("master"))
+            batch.steps.append(float(state["step"].item()))
+        for batch in batches.values():
+            self.backend.sparse_adamw_multi_(
+                batch.params, batch.grads, batch.indices, batch.exp_avgs, batch.exp_avg_sqs, batch.masters, batch.steps,
+                **hyper,
+            )
 
     def _sparse_state(self, p: torch.Tensor) -> dict[str, Any]:
         state: dict[str, Any] = self.state[p]
@@ -260,6 +281,19 @@ class SparseAdamW(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach the gradient-gather hooks (the parameters go back to ordinary gradients)."""
         self.grad_store.remove_hooks()
+
+
+@dataclass
+class _SparseBatch:
+    """The arguments of one ``sparse_adamw_multi_`` call: the tensors of a group on one device."""
+
+    params: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    indices: list[torch.Tensor] = field(default_factory=list)
+    exp_avgs: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    masters: list[torch.Tensor | None] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
 
 
 def _prepare_group(group: dict[str, Any], child_indices: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
