@@ -23,7 +23,7 @@ weight, gradient, two Adam moments) is given beside it. It is measured where tha
 
 adtuning's own ``--method full`` is **not** the fair baseline: it runs full fine-tuning through
 AD-TUNING's machinery (index sets over every entry, kept base values): 11.89 GB, 18.8x the bf16
-weights, at the large shape, where the plain run above peaks at 6.13 GB (9.7x; its floor is 8x),
+weights, at the large shape, where the plain run above peaks at 6.12 GB (9.7x; its floor is 8x),
 so comparing against it flatters AD-TUNING. It is still measured with ``--adtuning-full`` (off by
 default; ``kind: "adtuning-method-full"``, under ``adtuning_full`` in each row and its own table
 column) so that earlier figures stay reproducible.
