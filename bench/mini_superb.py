@@ -173,7 +173,17 @@ def cli_command(task: str, out: Path, seed: int, steps: int, extra: list[str], a
            "--log-level", "WARNING", *options, *extra]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.upstream:
+        cmd += ["--upstream", args.upstream]
     return cmd
+
+
+def upstream_slug(upstream: str | None) -> str:
+    """The suffix that keeps a study on another upstream apart ('' for the CLI's default upstream)."""
+    if not upstream:
+        return ""
+    name = Path(upstream.rstrip("/")).name or upstream
+    return "-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
 def run(cmd: list[str], out: Path, log: list[dict]) -> dict | None:
@@ -484,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
                              "Weighted-sum), child-tuning-f, " + ", ".join(METHOD_RUNS))
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads threads; 2 x --threads 1 suits 2 cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
+    parser.add_argument("--upstream", default=None,
+                        help="--upstream of every run (a registered name such as adtuning-hubert-small, a directory "
+                             "or a hub id; default: the CLI's). The runs go to their own folders and the results "
+                             "file is named after it, so studies on two upstreams never mix")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
@@ -501,8 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.work is None:
         args.work = args.corpus_cache.parent / "mini-superb-runs"
     date = _dt.date.today().isoformat()
-    mode = "quick" if args.quick else "full"
-    result = {"date": date, "quick": args.quick, "seeds": seeds, "p_f": args.p_f, "environment": environment(),
+    mode = ("quick" if args.quick else "full") + upstream_slug(args.upstream)
+    result = {"date": date, "quick": args.quick, "seeds": seeds, "p_f": args.p_f, "upstream": args.upstream, "environment": environment(),
               "command": shlex.join([sys.executable, *sys.argv]), "tasks": {}, "runs": []}
     started = time.perf_counter()
     # Every run is independent: plan them all, run the longest first on --jobs workers, then read them.
@@ -598,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     result["runs"].sort(key=lambda r: r["output_dir"])
     result["wall_seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{date}-mini-superb{'-quick' if args.quick else ''}"
+    stem = args.out / f"{date}-mini-superb{'-quick' if args.quick else ''}{upstream_slug(args.upstream)}"
     for path, text in ((stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n"), (stem.with_suffix(".md"), markdown(result))):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text)

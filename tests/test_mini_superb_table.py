@@ -194,3 +194,22 @@ def test_methods_must_include_the_adtuning_run(mini_superb, tmp_path, capsys):
     with pytest.raises(SystemExit):
         mini_superb.main(["--collect-only", "--methods", "lora", "--work", str(tmp_path)])
     assert "--methods" in capsys.readouterr().err
+
+
+def test_a_study_on_another_upstream_has_its_own_runs_and_results(mini_superb, tmp_path):
+    """--upstream: every run gets it, the run folders and the results file are named after it, and
+    the default upstream's runs are not reused for it."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    _make_runs(work, {(0, "adtuning"): A, (0, "f"): A})  # runs of the default upstream
+    assert mini_superb.upstream_slug(None) == "" and mini_superb.upstream_slug("/x/my up/") == "-my_up"
+    code = mini_superb.main(["--collect-only", "--tasks", "ks", "--seeds", "0", "--low-resource-task", "",
+                             "--methods", "ad-tuning,child-tuning-f", "--upstream", "adtuning-hubert-small",
+                             "--work", str(work), "--out", str(out), "--corpus-cache", str(tmp_path / "corpora")])
+    assert code == 0
+    (json_path,) = out.glob("*-mini-superb-adtuning-hubert-small.json")
+    result = json.loads(json_path.read_text())
+    assert result["upstream"] == "adtuning-hubert-small" and result["tasks"] == {}
+    assert str(work / "full-adtuning-hubert-small" / "ks" / "seed0" / "adtuning") in result["missing_runs"]
+    args = type("Args", (), {"corpus_cache": tmp_path / "corpora", "threads": 1, "upstream": "adtuning-hubert-small"})()
+    cmd = mini_superb.cli_command("ks", tmp_path / "run", 0, 10, [], args)
+    assert cmd[-2:] == ["--upstream", "adtuning-hubert-small"]
