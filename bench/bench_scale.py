@@ -116,8 +116,8 @@ def run_cli(upstream: Path, corpus: Path, out: Path, method: str = "ad-tuning", 
         return {"failed": proc.returncode, "log_tail": (proc.stdout + proc.stderr)[-3000:], "command": cmd}
     summary = json.loads((out / "summary.json").read_text())
     phases = summary["peak_memory"]["phases"]
-    # The run's peak: the largest phase peak (each phase's high-water mark is reset at its start, so
-    # the process-lifetime ru_maxrss, in KiB, only bounds it from above).
+    # The run's peak: the largest phase peak (each phase's high-water mark is reset at its start).
+    # The process-lifetime ru_maxrss cannot be reset; it is kept beside it as a cross-check.
     run_peak = max(p["rss_peak_bytes"] for p in phases.values())
     return {"command": cmd, "wall_seconds": wall, "run_peak_rss_bytes": run_peak,
             "process_max_rss_bytes": summary["peak_memory"]["cpu_max_rss_bytes"],

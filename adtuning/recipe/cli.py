@@ -156,7 +156,8 @@ def launched_world() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the recipe; returns the process exit code (0 ok, 2 usage/input error, 1 failure).
+    """Run the recipe; returns the process exit code (0 ok, 2 usage or input error: a flag, a corpus
+    file, the upstream; 1 failure).
 
     Under torchrun every process runs this; a process that fails prints its error with its
     rank and exits, and torchrun stops the others.
@@ -164,8 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from adtuning.distributed import DataParallel
+    from adtuning.methods.base import MethodAttachError
     from adtuning.recipe.run import Recipe
     from adtuning.recipe.summary import print_summary
+    from adtuning.speech.audio import CorpusError
+    from adtuning.speech.upstream import UpstreamLoadError
 
     try:
         world = launched_world()
@@ -199,6 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Usage errors are raised alike on every rank (rank 0's checks are broadcast).
         if dp is not None:
             dp.close()
+        print(f"{where}error: {err}", file=sys.stderr)
+        return 2
+    except (CorpusError, UpstreamLoadError, MethodAttachError) as err:
+        # Bad input (a corpus file, the upstream, a method the upstream cannot take), named in the
+        # message: an input error like a bad flag. Possibly this rank alone, as below.
         print(f"{where}error: {err}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
