@@ -58,6 +58,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from adtuning import rng
 from adtuning.child import ChildNetwork
 from adtuning.distributed import DataParallel, GradientReducer
 from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup
@@ -129,7 +130,9 @@ class AdaptiveSearch:
         for child in children:
             child.check_against(upstream, where="the upstream")
         self.initial_head = {n: p.detach().clone() for n, p in problem.head_params.items()}
-        initial_rng = torch.Generator().manual_seed(rank_seed(config.seed, self.rank)).get_state()
+        # Each candidate's random stream (CPU, and the model's CUDA device when it trains there).
+        self._device = next(problem.model.parameters()).device
+        initial_rng = rng.initial_state(rank_seed(config.seed, self.rank), self._device)
         self.candidates = []
         for i, child in enumerate(children):
             self.candidates.append(Candidate(index=i, child=child, base_values=child.gather(upstream), rng_state=initial_rng.clone()))
@@ -209,7 +212,7 @@ class AdaptiveSearch:
             self._optimizer.load_state_dict(cand.optimizer_state, adopt=True)
             self._scheduler.load_state_dict(cand.scheduler_state)
         assert cand.rng_state is not None, "every candidate starts with its seed's RNG state"
-        torch.set_rng_state(cand.rng_state)
+        rng.set_state(cand.rng_state, self._device)
         self._drop_snapshot(cand)
         self.active = cand
         self.swap_seconds += time.perf_counter() - start
@@ -318,7 +321,7 @@ class AdaptiveSearch:
         # draws random numbers between calls (after a resume, between the search and the
         # baselines, in on_event) cannot shift what the candidate trains on.
         assert cand.rng_state is not None
-        torch.set_rng_state(cand.rng_state)
+        rng.set_state(cand.rng_state, self._device)
         batches = self._batches(cand)
         bar = tqdm(total=until, initial=cand.step, desc=f"train {cand.name}", unit="step", disable=not self.progress, leave=False)
         start = time.perf_counter()
@@ -365,21 +368,21 @@ class AdaptiveSearch:
                     model.train()
                 self._since_checkpoint += 1
                 if cfg.checkpoint_interval and self._since_checkpoint >= cfg.checkpoint_interval and cand.step < until:
-                    cand.rng_state = torch.get_rng_state()
+                    cand.rng_state = rng.get_state(self._device)
                     self.save_checkpoint()
         finally:
-            cand.rng_state = torch.get_rng_state()
+            cand.rng_state = rng.get_state(self._device)
             bar.close()
             self.train_seconds += time.perf_counter() - start
 
     def _emit(self, kind: str, info: dict[str, Any]) -> None:
         """Call ``on_event`` without letting it move the global RNG (the active candidate's
         stream while training)."""
-        rng = torch.get_rng_state()
+        state = rng.get_state(self._device)
         try:
             self.on_event(kind, info)
         finally:
-            torch.set_rng_state(rng)
+            rng.set_state(state, self._device)
 
     def _nonfinite_step(self, cand: Candidate, loss: float, grad_norm: float, seen: list[tuple[int, int, Any]]) -> None:
         """Apply the ``on_nonfinite`` policy to a step whose loss or gradient is NaN/inf (it is
@@ -404,11 +407,11 @@ class AdaptiveSearch:
     def _evaluate(self, cand: Candidate, split: str) -> dict[str, float]:
         # Evaluation must not consume the training RNG stream: pause/continue stays exact.
         self._activate(cand)
-        rng = torch.get_rng_state()
+        state = rng.get_state(self._device)
         start = time.perf_counter()
         metrics = self.problem.evaluate(split)
         self.eval_seconds += time.perf_counter() - start
-        torch.set_rng_state(rng)
+        rng.set_state(state, self._device)
         return metrics
 
     def _evaluate_dev(self, cand: Candidate) -> dict[str, float]:

@@ -597,6 +597,34 @@ def bench_ddp_nccl() -> dict:
     return bench_ddp.run_comparison(bench_ddp.settings("full"), "cuda", backend="triton")
 
 
+def check_rng_streams(device: torch.device) -> dict:
+    """A candidate's random stream on ``device`` (:mod:`adtuning.rng`): paused after some draws
+    (dropout masks on the device, and a CPU draw), other draws in between, set back: the next
+    draws are those an uninterrupted stream makes; a stream started twice from one seed draws the
+    same. On CUDA this covers the device generator, which the CPU tests cannot."""
+    from adtuning import rng
+
+    def draws() -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.nn.functional.dropout(torch.ones(4099, device=device), p=0.5, training=True)
+        return mask.cpu(), torch.rand(3)
+
+    rng.set_state(rng.initial_state(11, device), device)
+    first = draws()
+    paused = rng.get_state(device)
+    uninterrupted = draws()
+    rng.set_state(rng.initial_state(12, device), device)
+    draws()  # another candidate's draws
+    rng.set_state(paused, device)
+    resumed = draws()
+    rng.set_state(rng.initial_state(11, device), device)
+    again = draws()
+    same_after_pause = all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
+    same_from_seed = all(torch.equal(a, b) for a, b in zip(first, again))
+    return {"state_bytes": int(paused.numel()), "cpu_state_bytes": rng.CPU_STATE_BYTES,
+            "same_after_pause": same_after_pause, "same_from_seed": same_from_seed,
+            "ok": same_after_pause and same_from_seed and (device.type != "cuda" or paused.numel() > rng.CPU_STATE_BYTES)}
+
+
 # ---- driver -------------------------------------------------------------------------------
 
 def environment() -> dict:
@@ -659,6 +687,10 @@ def _summary(results: dict) -> list[str]:
         lines.append(f"sparse weight gradients: {len(sw) - len(bad)}/{len(sw)} cases ok; worst error "
                      f"{max(r['error'] for r in sw):.2e}")
         lines += [f"  FAIL {r['op']} {r['case']}: {r['error']:.3e} > {r['tolerance']:.0e}" for r in bad]
+    streams = results.get("rng_streams")
+    if isinstance(streams, dict) and "ok" in streams:
+        lines.append(f"random streams ({streams['state_bytes']} B state): pause/resume {'ok' if streams['same_after_pause'] else 'FAIL'}, "
+                     f"from seed {'ok' if streams['same_from_seed'] else 'FAIL'}")
     sg = results.get("sparse_weight_grad")
     if isinstance(sg, dict) and "crossover" in sg:
         lines.append("SDDMM vs dense GEMM + gather, crossover P per shape: "
@@ -694,7 +726,9 @@ def _correctness_ok(results: dict) -> bool:
     pass_ok = isinstance(fp, dict) and (fp.get("ok", False) or "skipped" in fp)
     sparse_ok = isinstance(sparse, list) and all(r["ok"] for r in sparse) or (
         isinstance(sparse, dict) and "skipped" in sparse)
-    return kernels_ok and pass_ok and sparse_ok
+    streams = results.get("rng_streams")
+    streams_ok = isinstance(streams, dict) and streams.get("ok", False)
+    return kernels_ok and pass_ok and sparse_ok and streams_ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -732,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     _section(results, "kernel_correctness", lambda: check_kernels(tb, device), started)
     _section(results, "fisher_pass_correctness", lambda: check_fisher_pass(adtuning, device), started)
     _section(results, "sparse_weight_grad_correctness", lambda: check_sparse_weight_grad(tb, device), started)
+    _section(results, "rng_streams", lambda: check_rng_streams(device), started)
     if not args.quick:
         # Most important figures first: later sections are skipped if the time budget runs out.
         pass_kwargs = {"batch": 2, "seconds": 0.25, "config": _tiny_wav2vec2_config()} if DRY_RUN else {}

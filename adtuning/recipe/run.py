@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from adtuning import rng
 from adtuning.atomic import atomic_write
 from adtuning.backends import BackendUnavailableError, get_backend, resolve_backend_name
 from adtuning.checkpoint import weights_fingerprint
@@ -154,7 +155,7 @@ class Recipe:
         dtype = torch.bfloat16 if up.bf16 else torch.float32
         with self.phases.phase("load"):
             self.upstream = build_upstream(up.upstream, dtype=dtype, gradient_checkpointing=up.gradient_checkpointing,
-                                           seed=cfg.engine.seed)
+                                           seed=cfg.engine.seed, progress=self.progress)
             self.base_fingerprint = weights_fingerprint(dict(self.upstream.named_parameters()))
             self.upstream_entries = sum(p.numel() for p in self.upstream.parameters())
             self.scored_names = list(self.upstream.default_scored_parameters())
@@ -486,12 +487,12 @@ class Recipe:
     # 5. evaluate ----------------------------------------------------------------------------
     def evaluate(self) -> None:
         self.searcher.apply(self.best)
-        rng = torch.get_rng_state()
+        state = rng.get_state(self.device)
         with self.phases.phase("evaluate"):
             self.final = {"dev": self.problem.evaluate("dev")}
             if self.problem.has_split("test"):
                 self.final["test"] = self.problem.evaluate("test")
-        torch.set_rng_state(rng)
+        rng.set_state(state, self.device)
         for split, metrics in self.final.items():
             log.info("final %s (P=%g): %s", split, self.best.p, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
