@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -297,9 +298,31 @@ def _from_pretrained_by_reads(model_class, files: list[Path], config, dtype: tor
         return model_class.from_pretrained(None, config=config, state_dict=tensors, **_load_dtype_kwargs(dtype))
 
 
-def _load_pretrained(source: str, config, dtype: torch.dtype, local_files_only: bool) -> nn.Module:
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars (its "Loading weights" bar) on or off inside the block,
+    as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_pretrained(source: str, config, dtype: torch.dtype, local_files_only: bool, progress: bool = True) -> nn.Module:
     """The base model of ``source`` in ``dtype``: read tensor by tensor from a local safetensors
-    folder, else through ``AutoModel.from_pretrained`` (hub cache, ``.bin``)."""
+    folder, else through ``AutoModel.from_pretrained`` (hub cache, ``.bin``); ``progress``:
+    transformers' loading bar."""
+    with _transformers_progress(progress):
+        return _load_base_model(source, config, dtype, local_files_only)
+
+
+def _load_base_model(source: str, config, dtype: torch.dtype, local_files_only: bool) -> nn.Module:
     from transformers import MODEL_MAPPING, AutoModel
 
     files = _local_safetensors(source)
@@ -341,6 +364,7 @@ def build_upstream(
     normalize_waveform: bool | None = None,
     seed: int = 0,
     local_files_only: bool = True,
+    progress: bool = True,
 ) -> Upstream:
     """Build or load an upstream.
 
@@ -357,6 +381,7 @@ def build_upstream(
         seed: initialisation seed of the tiny models.
         local_files_only: never touch the network (hub ids resolve from the local cache only,
             which is all an offline machine can do). Set False where downloads are possible.
+        progress: show transformers' progress bar while the weights load.
 
     Raises:
         UpstreamLoadError: the model cannot be found or loaded, or is not wav2vec2/HuBERT/WavLM.
@@ -372,7 +397,7 @@ def build_upstream(
                        name=name_or_path, normalize_waveform=normalize_waveform)
     if name_or_path in EMBEDDED_UPSTREAMS:
         folder = str(embedded_upstream_dir(name_or_path))
-        model = _load_pretrained(folder, AutoConfig.from_pretrained(folder, local_files_only=True), dtype, True)
+        model = _load_pretrained(folder, AutoConfig.from_pretrained(folder, local_files_only=True), dtype, True, progress)
         return _finish(model, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                        name=name_or_path, normalize_waveform=normalize_waveform)
     if name_or_path.startswith("tiny-"):
@@ -393,7 +418,7 @@ def build_upstream(
         )
     _disable_training_noise(config)
     try:
-        model = _load_pretrained(source, config, dtype, local_files_only)
+        model = _load_pretrained(source, config, dtype, local_files_only, progress)
     except Exception as exc:
         raise UpstreamLoadError(f"cannot load the weights of upstream {name_or_path!r}: {exc}.{offline}") from exc
     return _finish(model, dtype=dtype, gradient_checkpointing=gradient_checkpointing,

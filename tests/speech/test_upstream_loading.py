@@ -81,3 +81,16 @@ def test_bf16_load_of_an_fp32_checkpoint_holds_no_fp32_copy(tmp_path):
     weights = sum(p.numel() * p.element_size() for p in upstream.parameters())
     assert weights > 80_000_000
     assert load.rss_peak_bytes - load.rss_start_bytes < 1.8 * weights
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_false_silences_transformers_loading_bar_and_leaves_it_as_it_was(tmp_path, capfd, progress):
+    from transformers.utils import logging as hf_logging
+
+    folder = _save(tmp_path, "plain")
+    assert hf_logging.is_progress_bar_enabled()
+    build_upstream(str(folder), progress=progress)
+    err = capfd.readouterr().err
+    # The oracle: transformers' own bar, named "Loading weights", is there unless progress is off.
+    assert ("Loading weights" in err) == progress, err[-2000:]
+    assert hf_logging.is_progress_bar_enabled()
