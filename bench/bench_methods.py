@@ -14,7 +14,8 @@ Rows (each in its own fresh process, so that its peak memory is its own):
   with ``torch.optim.AdamW``;
 * ``child-tuning P=0.01`` -- CHILD-TUNING through the e2e workload's public path
   (``ChildNetwork.from_scores`` on random scores over the encoder layers, :class:`SparseAdamW`
-  with the chosen backend), as ``bench_e2e.py`` measures it.
+  with the chosen backend, weight gradients as the CLI's default ``--weight-grad auto``), as
+  ``bench_e2e.py`` measures it.
 
 Figures per row: median step time (``--rounds`` timed steps after one warm-up step that also
 allocates the optimizer state), peak memory over the warm-up and the timed steps (``bench/memory.py``:
@@ -65,7 +66,9 @@ def rows() -> list[dict]:
     """The configurations, baseline first."""
     out = [dict(name=BASELINE, kind="full"), dict(name="weighted-sum", kind="head"), dict(name="frozen", kind="frozen")]
     out += [dict(name=m, kind="method", method=m) for m in METHOD_ROWS]
-    out.append(dict(name=f"child-tuning P={CHILD_P}", kind="child", p=CHILD_P))
+    # The CLI's default weight-gradient mode (``auto``: the SDDMM where the child is sparse enough
+    # for the backend), not the e2e workload's default (dense GEMM then gather).
+    out.append(dict(name=f"child-tuning P={CHILD_P}", kind="child", p=CHILD_P, weight_grad="auto"))
     return out
 
 
