@@ -18,7 +18,7 @@ import pytest
 from tests import op_cases
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("kernel_correctness", "fisher_pass_correctness", "fisher_pass", "bandwidth",
+SECTIONS = ("kernel_correctness", "fisher_pass_correctness", "rng_streams", "fisher_pass", "bandwidth",
             "sparse_adamw", "sparse_adamw_model", "fisher_kernel")
 
 
