@@ -382,13 +382,23 @@ class ChildNetwork:
 
     # ---- values of the child entries ----------------------------------------------------
 
-    def gather(self, named_params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def gather(self, named_params: Mapping[str, torch.Tensor], *, alias: bool = False) -> dict[str, torch.Tensor]:
         """Current values of the child entries: ``{name: 1-D tensor}`` in the parameter's
-        dtype and device (a copy, independent of later updates)."""
-        return {
-            name: named_params[name].detach().reshape(-1).index_select(0, idx.to(named_params[name].device).long())
-            for name, idx in self.indices.items()
-        }
+        dtype and device (a copy, independent of later updates).
+
+        With ``alias``, a tensor whose child holds every entry (FT's) comes back as a flat view
+        of the parameter instead of a copy: valid only until the parameter changes (for a file
+        written at once)."""
+        out = {}
+        for name, idx in self.indices.items():
+            flat = named_params[name].detach().reshape(-1)
+            out[name] = flat if alias and self.holds_all(name) else flat.index_select(0, idx.to(flat.device).long())
+        return out
+
+    def holds_all(self, name: str) -> bool:
+        """Whether the child holds every entry of tensor ``name`` (sorted unique indices as many
+        as the entries: all of them, in order)."""
+        return self.indices[name].numel() == math.prod(self.shapes[name])
 
     @torch.no_grad()
     def scatter_(self, named_params: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> None:

@@ -223,21 +223,27 @@ class AdaptiveSearch:
         # the paused copy too would double its optimizer state in memory.
         cand.values, cand.head, cand.optimizer_state = {}, {}, None
 
-    def _capture(self, cand: Candidate, *, keep_live: bool = True, offload: bool = False) -> None:
+    def _capture(self, cand: Candidate, *, keep_live: bool = True, offload: bool = False, alias: bool = False) -> None:
         """Copy the live state of the active candidate into ``cand`` (model left as is).
 
         With ``keep_live=False`` (the optimizer is about to be discarded) its state tensors are
         taken over rather than cloned, so swapping out never holds the moments twice. With
         ``offload`` the copy goes to host memory tensor by tensor (checkpoints, and baselines,
-        whose "full" state is as large as the scored upstream).
+        whose "full" state is as large as the scored upstream). With ``alias`` (a checkpoint,
+        written and dropped before anything trains again) tensors already in host memory are
+        not copied at all: the head, the moments and FT's whole-tensor values are the live ones.
         """
         upstream, head = self.problem.upstream_params, self.problem.head_params
         device = "cpu" if offload else None
-        cand.values = gather_to(cand.child, upstream, device=device)
-        cand.head = {n: p.detach().clone() for n, p in head.items()}
+        cand.values = gather_to(cand.child, upstream, device=device, alias=alias)
+        on_host = alias and offload
+        cand.head = {n: (p.detach() if on_host and p.device.type == "cpu" else p.detach().clone()) for n, p in head.items()}
         opt, sched = self._live()
         state = opt.state_dict()
-        cand.optimizer_state = clone_state_dict(state, device=device, copy=keep_live) if keep_live or offload else state
+        if keep_live or offload:
+            cand.optimizer_state = clone_state_dict(state, device=device, copy=keep_live and not on_host)
+        else:
+            cand.optimizer_state = state
         cand.scheduler_state = dict(sched.state_dict())
         # cand.rng_state is current: _train hands the stream back to the candidate when it stops.
 
@@ -570,7 +576,8 @@ class AdaptiveSearch:
             if not self.dp.is_main:
                 return None
         if self.active is not None:
-            self._capture(self.active, offload=True)
+            # Written at once and dropped below: host-memory tensors go in without a copy.
+            self._capture(self.active, offload=True, alias=True)
         tensors: dict[str, torch.Tensor] = {}
         everyone = self.candidates + self.baselines
         records = {id(cand): candidate_record(cand, checkpoint_prefix(cand), tensors) for cand in everyone}

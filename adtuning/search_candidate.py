@@ -92,14 +92,21 @@ def baseline_child(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> ChildNet
 
 
 def gather_to(child: ChildNetwork, named_params: Mapping[str, torch.Tensor],
-              device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+              device: str | torch.device | None = None, *, alias: bool = False) -> dict[str, torch.Tensor]:
     """:meth:`ChildNetwork.gather`, moving each tensor to ``device`` before the next is taken
-    (so a large child never has two copies on the accelerator)."""
+    (so a large child never has two copies on the accelerator).
+
+    With ``alias``, a tensor whose child holds every entry (FT's) is returned as a flat view of
+    the parameter itself when it is already on ``device``: no copy, so the result is valid only
+    until the parameter changes (a checkpoint written at once)."""
     if device is None:
         return child.gather(named_params)
     out = {}
     for name, idx in child.indices.items():
         flat = named_params[name].detach().reshape(-1)
+        if alias and child.holds_all(name) and flat.device == torch.device(device):
+            out[name] = flat
+            continue
         out[name] = flat.index_select(0, idx.to(flat.device).long()).to(device)
     return out
 

@@ -452,3 +452,40 @@ def test_a_baseline_trains_the_same_alone_after_a_search_and_after_a_resume(tmp_
         for name, value in alone[0].items():
             assert torch.equal(value, weights[name]), name
         assert losses == alone[1] and curve == alone[2] and final == alone[3]
+
+
+def test_a_checkpoint_on_the_cpu_writes_the_live_tensors_without_copying_them(tmp_path, monkeypatch):
+    """Memory: the checkpoint of an active candidate (here FT, whose child is every entry) is
+    written from the live parameters, head and moments, not from copies of them (on the CPU a
+    copy would hold FT's whole state twice while the file is written). The oracle is storage
+    identity; the resume tests above show the file is still exact."""
+    import adtuning.search as search_module
+
+    problem = ToyProblem()
+    cfg = config(total_steps=6, rungs=(), keep=(), checkpoint_interval=3)
+    search = AdaptiveSearch(problem, children_for(problem, ps=(0.1,)), cfg, progress=False, baselines=("full",),
+                            checkpoint_dir=tmp_path)
+    seen: list[tuple[dict, dict]] = []
+    write = search_module.write_checkpoint
+
+    def spy(directory, meta, tensors):
+        full = search.baselines[0]
+        if search.active is full:
+            opt = search._live()[0]
+            live = {t.untyped_storage().data_ptr() for t in problem.upstream_params.values()}
+            live |= {t.untyped_storage().data_ptr() for t in problem.head_params.values()}
+            live |= {v.untyped_storage().data_ptr() for s in opt.state_dict()["state"].values() for v in s.values()
+                     if isinstance(v, torch.Tensor) and v.numel() > 1}
+            seen.append(({k: t.untyped_storage().data_ptr() for k, t in tensors.items()}, {"live": live}))
+        return write(directory, meta, tensors)
+
+    monkeypatch.setattr(search_module, "write_checkpoint", spy)
+    search.run_baselines()
+    assert seen, "no checkpoint was written while FT trained"
+    for pointers, live in seen:
+        # The full baseline's values, head and moments: every tensor but the RNG states and the
+        # scalar step counts (and the paused single candidate's, which is not live).
+        big = {k: ptr for k, ptr in pointers.items() if "rng" not in k and "baseline" in k and not k.endswith(".step")}
+        assert big, pointers
+        copied = [k for k, ptr in big.items() if ptr not in live["live"]]
+        assert not copied, copied
