@@ -12,10 +12,14 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 # JSON artifacts are configs and metadata; a file this large is not one of ours (and would be
 # read into memory whole).
@@ -189,6 +193,34 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> Path:
 def sha256_hex(data: bytes) -> str:
     """``"sha256:<hex digest>"`` of ``data`` (the checksum format stored in JSON artifacts)."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def save_safetensors_file(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, straight from the tensors (no in-memory copy of the file),
+    with the library's I/O failures raised as :class:`OSError` (its errno kept), so that
+    :func:`atomic_write` and :func:`atomic_write_files` report a full disk as a
+    :class:`WriteError` naming the file, as they do for every other write. (The library raises its
+    own ``SafetensorError``, ``... I/O error: No space left on device (os error 28)``.)"""
+    try:
+        save_file(dict(tensors), str(path), metadata=None if metadata is None else dict(metadata))
+    except SafetensorError as err:
+        found = _OS_ERROR.search(str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from err
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """:func:`sha256_hex` of a file's bytes, read in chunks (checkpoints and deltas can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
 
 
 def read_json_object(path: str | os.PathLike, error: type[Exception]) -> dict[str, Any]:

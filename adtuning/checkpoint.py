@@ -30,10 +30,18 @@ from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from adtuning.atomic import atomic_write_files, check_fields, read_json_object, remove_stale_temporaries, sha256_hex
+from adtuning.atomic import (
+    atomic_write_files,
+    check_fields,
+    file_sha256,
+    read_json_object,
+    remove_stale_temporaries,
+    save_safetensors_file,
+    sha256_hex,
+    write_bytes,
+)
 from adtuning.child import ChildNetwork, index_set_problem
 
 log = logging.getLogger("adtuning")
@@ -143,7 +151,8 @@ def save_delta(
     if not isinstance(config["base_fingerprint"], str) or not _FINGERPRINT.match(config["base_fingerprint"]):
         raise DeltaError(f"save_delta: base_fingerprint must be 'sha256:<64 hex digits>', got {config['base_fingerprint']!r}")
     tensors: dict[str, torch.Tensor] = {}
-    values = child.gather(upstream_params)
+    # Written at once below: FT's whole tensors go in as views, not copies.
+    values = child.gather(upstream_params, alias=True)
     for name, idx in child.indices.items():
         tensors[f"upstream.{name}.indices"] = idx.cpu().contiguous()
         tensors[f"upstream.{name}.values"] = values[name].cpu().contiguous()
@@ -153,7 +162,6 @@ def save_delta(
         bad = count_nonfinite(tensor)
         if bad:
             raise DeltaError(f"refusing to write {directory / TENSORS_FILE}: tensor {key} has {bad} NaN/inf values")
-    blob = save_safetensors(tensors, metadata={"format": DELTA_FORMAT})
     meta = {
         "format": DELTA_FORMAT,
         "version": DELTA_VERSION,
@@ -163,13 +171,21 @@ def save_delta(
         "n": child.n,
         "child_method": child.method,
         "upstream_shapes": {name: list(shape) for name, shape in child.shapes.items()},
-        "tensors_sha256": sha256_hex(blob),
     }
-    text = json.dumps(meta, indent=2).encode()
+
+    # The tensor file is written straight from the tensors (no in-memory copy of the file: an FT
+    # delta is as large as the upstream), then the JSON with its checksum; both or neither.
+    def write_tensors(tmp: str) -> None:
+        save_safetensors_file(tensors, tmp, metadata={"format": DELTA_FORMAT})
+        meta["tensors_sha256"] = file_sha256(tmp)
+
+    def write_config(tmp: str) -> None:
+        write_bytes(tmp, json.dumps(meta, indent=2).encode())
+
     directory.mkdir(parents=True, exist_ok=True)
     for name in (TENSORS_FILE, CONFIG_FILE):
         remove_stale_temporaries(directory / name)  # left by a writer that was killed
-    atomic_write_files({directory / TENSORS_FILE: blob, directory / CONFIG_FILE: text})
+    atomic_write_files({directory / TENSORS_FILE: write_tensors, directory / CONFIG_FILE: write_config})
     return directory
 
 

@@ -15,7 +15,6 @@ search's business.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,9 +23,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from adtuning.atomic import atomic_write, atomic_write_bytes, check_fields, read_json_object, remove_stale_temporaries
+from adtuning.atomic import (
+    atomic_write,
+    atomic_write_bytes,
+    check_fields,
+    file_sha256,
+    read_json_object,
+    remove_stale_temporaries,
+    save_safetensors_file,
+)
 from adtuning.checkpoint import count_nonfinite
 
 log = logging.getLogger("adtuning")
@@ -172,7 +179,7 @@ def write_checkpoint(directory: Path, meta: dict[str, Any], tensors: Mapping[str
     digest: dict[str, str] = {}
 
     def write_tensors(tmp: str) -> None:
-        save_file(dict(tensors), tmp)
+        save_safetensors_file(tensors, tmp)
         digest["sha256"] = file_sha256(tmp)
 
     # Temporaries left by a writer that was killed (its tensor file had another serial).
@@ -252,15 +259,6 @@ def _read_generation(meta_path: Path, world_size: int) -> tuple[dict[str, Any], 
     except Exception as err:  # safetensors raises its own error types for a corrupt header
         raise _DamagedCheckpoint(f"{meta_path}: {tensor_path.name} is not a readable safetensors file ({err})") from None
     return meta, tensors
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """``"sha256:<hex>"`` of a file, read in chunks (checkpoints can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 def _named_tensors(meta_path: Path) -> str | None:

@@ -5,6 +5,7 @@ the streaming version and before loading in the final dtype, hard-coded here: a 
 then still applies to the base built now; (2) the earlier implementation, inlined below.
 """
 import hashlib
+import json
 
 import pytest
 import torch
@@ -101,3 +102,43 @@ def test_contiguous_cpu_tensors_are_hashed_without_a_copy(monkeypatch):
     assert isinstance(view, memoryview) and view.nbytes == tensor.numel() * 4
     tensor[0] = 42.0  # the hashed buffer is the tensor's own memory
     assert bytes(view[:4]) == torch.tensor([42.0]).numpy().tobytes()
+
+
+def test_an_ft_delta_is_written_from_the_parameters_without_a_copy_and_reads_back(tmp_path, monkeypatch):
+    """Memory: FT's delta (a child holding every entry) is as large as the upstream, so it is
+    written straight from the parameters (views, no gathered copy, no in-memory file); the
+    written file is what safetensors' own reader and apply_delta read back, checksum included."""
+    from safetensors.torch import load_file
+
+    from adtuning.search_candidate import baseline_child
+
+    torch.manual_seed(0)
+    params = {"a.weight": torch.randn(7, 5), "b.bias": torch.randn(17)}
+    child = baseline_child("full", {n: tuple(p.shape) for n, p in params.items()})
+    pointers: dict[str, int] = {}
+    from adtuning import atomic
+
+    write = atomic.save_file
+
+    def spy(tensors, path, metadata=None):
+        pointers.update({k: t.untyped_storage().data_ptr() for k, t in tensors.items()})
+        return write(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(atomic, "save_file", spy)
+    fingerprint = weights_fingerprint(params)
+    save_delta(tmp_path / "d", params, child, {}, {"base_model": "x", "base_fingerprint": fingerprint})
+    for name, param in params.items():
+        assert pointers[f"upstream.{name}.values"] == param.untyped_storage().data_ptr(), name
+    stored = load_file(str(tmp_path / "d" / checkpoint.TENSORS_FILE))
+    for name, param in params.items():
+        assert torch.equal(stored[f"upstream.{name}.values"], param.reshape(-1))
+    meta = json.loads((tmp_path / "d" / checkpoint.CONFIG_FILE).read_text())
+    assert meta["tensors_sha256"] == "sha256:" + hashlib.sha256((tmp_path / "d" / checkpoint.TENSORS_FILE).read_bytes()).hexdigest()
+    fresh = {n: torch.zeros_like(p) for n, p in params.items()}
+    fresh_fingerprint = weights_fingerprint(fresh)
+    assert fresh_fingerprint != fingerprint
+    meta["base_fingerprint"] = fresh_fingerprint  # apply onto other base weights: the values replace them
+    (tmp_path / "d" / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
+    apply_delta(tmp_path / "d", fresh)
+    for name, param in params.items():
+        assert torch.equal(fresh[name], param), name
