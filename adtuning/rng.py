@@ -12,6 +12,9 @@ device part (a checkpoint written on the CPU, resumed on CUDA) leaves the device
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 #: The length of the CPU generator's state (the prefix of every stream state).
@@ -56,3 +59,14 @@ def set_state(state: torch.Tensor, device: torch.device | str | None = None) -> 
     cuda = _on_cuda(device)
     if cuda is not None and state.numel() > CPU_STATE_BYTES:
         torch.cuda.set_rng_state(state[CPU_STATE_BYTES:].clone(), cuda)
+
+
+@contextlib.contextmanager
+def kept(device: torch.device | str | None = None) -> Iterator[None]:
+    """The global generators for a model on ``device`` as they were before the block, after it
+    (what runs inside, an evaluation or a callback, does not move the training stream)."""
+    state = get_state(device)
+    try:
+        yield
+    finally:
+        set_state(state, device)

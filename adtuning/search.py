@@ -384,11 +384,8 @@ class AdaptiveSearch:
     def _emit(self, kind: str, info: dict[str, Any]) -> None:
         """Call ``on_event`` without letting it move the global RNG (the active candidate's
         stream while training)."""
-        state = rng.get_state(self._device)
-        try:
+        with rng.kept(self._device):
             self.on_event(kind, info)
-        finally:
-            rng.set_state(state, self._device)
 
     def _nonfinite_step(self, cand: Candidate, loss: float, grad_norm: float, seen: list[tuple[int, int, Any]]) -> None:
         """Apply the ``on_nonfinite`` policy to a step whose loss or gradient is NaN/inf (it is
@@ -413,11 +410,10 @@ class AdaptiveSearch:
     def _evaluate(self, cand: Candidate, split: str) -> dict[str, float]:
         # Evaluation must not consume the training RNG stream: pause/continue stays exact.
         self._activate(cand)
-        state = rng.get_state(self._device)
         start = time.perf_counter()
-        metrics = self.problem.evaluate(split)
+        with rng.kept(self._device):
+            metrics = self.problem.evaluate(split)
         self.eval_seconds += time.perf_counter() - start
-        rng.set_state(state, self._device)
         return metrics
 
     def _evaluate_dev(self, cand: Candidate) -> dict[str, float]:

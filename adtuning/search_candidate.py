@@ -100,7 +100,7 @@ def gather_to(child: ChildNetwork, named_params: Mapping[str, torch.Tensor],
     the parameter itself when it is already on ``device``: no copy, so the result is valid only
     until the parameter changes (a checkpoint written at once)."""
     if device is None:
-        return child.gather(named_params)
+        return child.gather(named_params, alias=alias)
     out = {}
     for name, idx in child.indices.items():
         flat = named_params[name].detach().reshape(-1)

@@ -82,3 +82,14 @@ def test_a_tensor_that_is_no_stream_state_is_refused(bad):
     with pytest.raises(ValueError, match="not a random-stream state"):
         rng.set_state(bad)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_kept_puts_the_stream_back_after_the_block_even_when_it_raises():
+    rng.set_state(rng.initial_state(4))
+    expected = torch.rand(5, generator=torch.Generator().manual_seed(4))
+    with rng.kept("cpu"):
+        torch.rand(9)  # an evaluation's or a callback's draws
+    with pytest.raises(RuntimeError), rng.kept("cpu"):
+        torch.rand(2)
+        raise RuntimeError("inside")
+    assert torch.equal(torch.rand(5), expected)

@@ -465,7 +465,7 @@ def test_a_checkpoint_on_the_cpu_writes_the_live_tensors_without_copying_them(tm
     cfg = config(total_steps=6, rungs=(), keep=(), checkpoint_interval=3)
     search = AdaptiveSearch(problem, children_for(problem, ps=(0.1,)), cfg, progress=False, baselines=("full",),
                             checkpoint_dir=tmp_path)
-    seen: list[tuple[dict, dict]] = []
+    seen: list[tuple[dict[str, int], set[int]]] = []
     write = search_module.write_checkpoint
 
     def spy(directory, meta, tensors):
@@ -476,7 +476,7 @@ def test_a_checkpoint_on_the_cpu_writes_the_live_tensors_without_copying_them(tm
             live |= {t.untyped_storage().data_ptr() for t in problem.head_params.values()}
             live |= {v.untyped_storage().data_ptr() for s in opt.state_dict()["state"].values() for v in s.values()
                      if isinstance(v, torch.Tensor) and v.numel() > 1}
-            seen.append(({k: t.untyped_storage().data_ptr() for k, t in tensors.items()}, {"live": live}))
+            seen.append(({k: t.untyped_storage().data_ptr() for k, t in tensors.items()}, live))
         return write(directory, meta, tensors)
 
     monkeypatch.setattr(search_module, "write_checkpoint", spy)
@@ -487,5 +487,5 @@ def test_a_checkpoint_on_the_cpu_writes_the_live_tensors_without_copying_them(tm
         # scalar step counts (and the paused single candidate's, which is not live).
         big = {k: ptr for k, ptr in pointers.items() if "rng" not in k and "baseline" in k and not k.endswith(".step")}
         assert big, pointers
-        copied = [k for k, ptr in big.items() if ptr not in live["live"]]
+        copied = [k for k, ptr in big.items() if ptr not in live]
         assert not copied, copied

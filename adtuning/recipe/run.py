@@ -487,12 +487,10 @@ class Recipe:
     # 5. evaluate ----------------------------------------------------------------------------
     def evaluate(self) -> None:
         self.searcher.apply(self.best)
-        state = rng.get_state(self.device)
-        with self.phases.phase("evaluate"):
+        with rng.kept(self.device), self.phases.phase("evaluate"):
             self.final = {"dev": self.problem.evaluate("dev")}
             if self.problem.has_split("test"):
                 self.final["test"] = self.problem.evaluate("test")
-        rng.set_state(state, self.device)
         for split, metrics in self.final.items():
             log.info("final %s (P=%g): %s", split, self.best.p, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 

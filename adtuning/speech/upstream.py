@@ -318,20 +318,16 @@ def _load_pretrained(source: str, config, dtype: torch.dtype, local_files_only: 
     """The base model of ``source`` in ``dtype``: read tensor by tensor from a local safetensors
     folder, else through ``AutoModel.from_pretrained`` (hub cache, ``.bin``); ``progress``:
     transformers' loading bar."""
-    with _transformers_progress(progress):
-        return _load_base_model(source, config, dtype, local_files_only)
-
-
-def _load_base_model(source: str, config, dtype: torch.dtype, local_files_only: bool) -> nn.Module:
     from transformers import MODEL_MAPPING, AutoModel
 
     files = _local_safetensors(source)
     model_class = MODEL_MAPPING.get(type(config), None) if files else None
-    if model_class is not None:
-        model = _from_pretrained_by_reads(model_class, files, config, dtype)
-        if model is not None:
-            return model
-    return AutoModel.from_pretrained(source, config=config, local_files_only=local_files_only, **_load_dtype_kwargs(dtype))
+    with _transformers_progress(progress):
+        if model_class is not None:
+            model = _from_pretrained_by_reads(model_class, files, config, dtype)
+            if model is not None:
+                return model
+        return AutoModel.from_pretrained(source, config=config, local_files_only=local_files_only, **_load_dtype_kwargs(dtype))
 
 
 def _finish(model: nn.Module, *, dtype: torch.dtype, gradient_checkpointing: bool, name: str,
