@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from adtuning import rng
-from adtuning.atomic import atomic_write
+from adtuning.atomic import atomic_write, remove_stale_temporaries
 from adtuning.backends import BackendUnavailableError, get_backend, resolve_backend_name
 from adtuning.checkpoint import weights_fingerprint
 from adtuning.child import ChildNetwork
@@ -283,6 +283,10 @@ class Recipe:
                   "world_size": self.world_size}
         if not self.is_main:
             return
+        # Temporaries of the run folder's own files left by a run that was killed while writing one
+        # (the delta and the checkpoints clean theirs when they write).
+        for name in ("config.json", "segments.json", "summary.json"):
+            remove_stale_temporaries(self.out / name)
         if not self.resuming:
             atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
         self._record_segment(self.resuming)
