@@ -51,7 +51,7 @@ def _model_config(delta_dir: str | Path) -> dict:
 
 
 def load_finetuned(delta_dir: str | Path, base: str | None = None, *, device: str | torch.device = "cpu",
-                   force: bool = False):
+                   force: bool = False, progress: bool = True):
     """Build the base upstream and the task head named by ``delta_dir`` and apply the delta.
 
     Args:
@@ -60,6 +60,7 @@ def load_finetuned(delta_dir: str | Path, base: str | None = None, *, device: st
         device: where the model goes.
         force: apply the delta even if the base weights differ from those it was trained on
             (same names and shapes; a warning is logged).
+        progress: show transformers' progress bar while the base weights load.
 
     Returns:
         A :class:`adtuning.speech.SpeechModel` in eval mode.
@@ -73,7 +74,8 @@ def load_finetuned(delta_dir: str | Path, base: str | None = None, *, device: st
 
     meta = _model_config(delta_dir)
     method = meta.get("method", "ad-tuning")
-    upstream = build_upstream(base or meta["base_model"], dtype=_DTYPES[meta.get("base_dtype", "float32")], seed=meta.get("base_seed", 0))
+    upstream = build_upstream(base or meta["base_model"], dtype=_DTYPES[meta.get("base_dtype", "float32")], seed=meta.get("base_seed", 0),
+                              progress=progress)
     try:
         task = build_task(meta["task"], upstream_dim=upstream.hidden_size, num_layers=upstream.num_layers,
                           **{**meta.get("task_kwargs", {}), **_split_options(meta)[1]})
@@ -163,11 +165,12 @@ def merge_delta(delta_dir: str | Path, out_dir: str | Path, base: str | None = N
 def evaluate_delta(delta_dir: str | Path, data_dir: str | Path, split: str = "test", *, base: str | None = None,
                    batch_size: int = 16, device: str | torch.device = "cpu", progress: bool = True,
                    force: bool = False) -> dict[str, float]:
-    """Metrics of base + delta on ``split`` of the corpus at ``data_dir`` (``force``: see :func:`load_finetuned`)."""
+    """Metrics of base + delta on ``split`` of the corpus at ``data_dir`` (``force``: see :func:`load_finetuned`;
+    ``progress``: the evaluation's bar and transformers' weight-loading bar)."""
     from adtuning.speech import build_dataset, make_loader
 
     meta = _model_config(delta_dir)
-    model = load_finetuned(delta_dir, base, device=device, force=force)
+    model = load_finetuned(delta_dir, base, device=device, force=force, progress=progress)
     dataset = build_dataset(meta["task"], data_dir, split, **_split_options(meta)[0])
     return model.evaluate(make_loader(dataset, batch_size, shuffle=False), progress=progress)
 

@@ -4,8 +4,10 @@ Two KS test sets in the Speech Commands test-set layout (the ten keywords, ``_un
 words, ``_silence_``), each clip a single word at 16 kHz:
 
 - ``festival``: Debian's festival synthesiser (``text2wave``), a synthesiser no training corpus
-  uses; its voices (``kal_diphone`` by default) at several speaking rates (``Duration_Stretch``).
-  Check scripts may need ``apt-get install festival``; the README's set-up never does.
+  uses; its voices (``--festival-voices``, by default two male diphone voices and one female HTS
+  voice) at several speaking rates (``Duration_Stretch``), speaker ``j`` being voice ``j mod V``.
+  Check scripts may need ``apt-get install festival festvox-kdlpc16k festvox-us-slt-hts``; the
+  README's set-up never does.
 - ``espeak-held-out``: espeak-ng voices and variants that no training corpus uses
   (:func:`adtuning.speech.speakers.held_out_speakers`).
 
@@ -15,7 +17,8 @@ in-domain test figure from ``summary.json``::
     python bench/ood_ks.py outputs/adtuning/delta                 # both sets
     python bench/ood_ks.py RUN/delta --sets festival --speakers 6
 
-Results: ``bench/results/<date>-ood-ks.json`` (environment, sets, per-set metrics). Chance is 1/12.
+Results: ``bench/results/<date>-ood-ks-<base model>.json`` (environment, sets, per-set metrics).
+Chance is 1/12.
 Choose recipes on the espeak-only dev sets; report these figures only at the end, never select on them.
 """
 from __future__ import annotations
@@ -35,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 FILLERS = ("bed", "cat", "happy", "house", "tree", "bird")
 SAMPLE_RATE = 16_000
+#: Debian's English festival voices: kal and ked (diphone, male; festvox-kallpc16k, festvox-kdlpc16k)
+#: and slt (HTS, female; festvox-us-slt-hts).
+FESTIVAL_VOICES = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")
 
 
 def _fit(samples, seconds: float = 1.0):
@@ -61,7 +67,11 @@ def _festival(word: str, voice: str, stretch: float) -> "object":
         text, wav = Path(tmp) / "w.txt", Path(tmp) / "w.wav"
         text.write_text(word)
         evals = f"(voice_{voice})(Parameter.set 'Duration_Stretch {stretch})"
-        subprocess.run(["text2wave", "-eval", evals, str(text), "-o", str(wav)], check=True, capture_output=True)
+        done = subprocess.run(["text2wave", "-eval", evals, str(text), "-o", str(wav)], check=True, capture_output=True,
+                              text=True)
+        if not wav.is_file():  # text2wave exits 0 for a voice it does not know, and writes nothing
+            raise SystemExit(f"ood_ks: festival could not use voice {voice!r} (is its festvox package installed?): "
+                             f"{done.stderr.strip() or done.stdout.strip()}")
         x, rate = sf.read(str(wav), dtype="float32")
     if x.ndim > 1:
         x = x.mean(axis=1)
@@ -82,7 +92,18 @@ def _espeak_speakers(n: int):
     return held_out_speakers(n), say
 
 
-def write_test_set(kind: str, folder: Path, speakers: int) -> Path:
+def festival_speakers(voices: tuple[str, ...], speakers: int) -> list[tuple[str, float]]:
+    """``speakers`` (voice, Duration_Stretch) pairs: voice ``j mod V``, the stretches of each voice spread over 0.8-1.2."""
+    per_voice = [sum(1 for j in range(speakers) if j % len(voices) == v) for v in range(len(voices))]
+    out = []
+    for j in range(speakers):
+        v, i = j % len(voices), j // len(voices)
+        out.append((voices[v], 0.8 + 0.4 * i / max(1, per_voice[v] - 1)))
+    return out
+
+
+def write_test_set(kind: str, folder: Path, speakers: int,
+                   festival_voices: tuple[str, ...] = FESTIVAL_VOICES) -> Path:
     """The KS corpus root (``speech_commands_v0.01``, empty) with its test set beside it."""
     import numpy as np
     import soundfile as sf
@@ -96,8 +117,7 @@ def write_test_set(kind: str, folder: Path, speakers: int) -> Path:
     if kind == "festival":
         if shutil.which("text2wave") is None:
             raise SystemExit("ood_ks: festival's text2wave is not installed (apt-get install festival)")
-        stretches = [0.8 + 0.4 * i / max(1, speakers - 1) for i in range(speakers)]
-        voices = [("kal_diphone", s) for s in stretches]
+        voices = festival_speakers(festival_voices, speakers)
 
         def say(word, speaker):
             return _festival(word, *speaker)
@@ -124,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("delta_dir", type=Path, help="a KS delta (RUN/delta) written by python -m adtuning.train")
     parser.add_argument("--sets", default="festival,espeak-held-out", help="comma-separated: festival, espeak-held-out")
-    parser.add_argument("--speakers", type=int, default=8, help="speakers (voices x rates) per set")
+    parser.add_argument("--speakers", type=int, default=12, help="speakers (voices x rates) per set")
+    parser.add_argument("--festival-voices", default=",".join(FESTIVAL_VOICES),
+                        help="comma-separated festival voices (speaker j is voice j mod V)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "adtuning-ood-ks")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -135,20 +157,27 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in sets if s not in ("festival", "espeak-held-out")]
     if bad:
         parser.error(f"--sets: unknown {', '.join(bad)}")
+    festival_voices = tuple(v for v in args.festival_voices.split(",") if v)
+    if not festival_voices:
+        parser.error("--festival-voices: give at least one voice")
+    if args.speakers < 1:
+        parser.error(f"--speakers: must be at least 1, got {args.speakers}")
     run_summary = args.delta_dir.parent / "summary.json"
     in_domain = json.loads(run_summary.read_text())["final"].get("test") if run_summary.is_file() else None
     meta = json.loads((args.delta_dir / "delta.json").read_text())
     results = {}
     for kind in sets:
-        root = write_test_set(kind, args.work / f"{kind}-{args.speakers}", args.speakers)
+        name = f"{kind}-{args.speakers}" + ("-" + "-".join(festival_voices) if kind == "festival" else "")
+        root = write_test_set(kind, args.work / name, args.speakers, festival_voices)
         metrics = evaluate_delta(args.delta_dir, root, "test", progress=False)
         results[kind] = {"metrics": metrics, "clips": sum(1 for _ in (root.parent / "speech_commands_test_set_v0.01").rglob("*.wav"))}
         print(f"ood_ks: {kind}: accuracy {metrics['accuracy']:.4f} on {results[kind]['clips']} clips (chance 0.0833)")
     doc = {"environment": environment(), "delta": str(args.delta_dir), "base_model": meta["base_model"], "method": meta.get("method"),
-           "in_domain_test": in_domain, "sets": results, "speakers": args.speakers, "chance": 1 / 12}
+           "in_domain_test": in_domain, "sets": results, "speakers": args.speakers,
+           "festival_voices": list(festival_voices), "chance": 1 / 12}
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"{date}-ood-ks.json"
+    path = args.results_dir / f"{date}-ood-ks-{Path(str(meta['base_model'])).name}.json"
     path.write_text(json.dumps(doc, indent=2))
     print(f"ood_ks: in-domain test {in_domain}; wrote {path}")
     return 0

@@ -303,3 +303,23 @@ def test_fisher_groups_give_the_same_run(finished_run, tmp_path, corpus_cache):
     assert ours["summary"] == theirs["summary"]
     phases = json.loads((out / "summary.json").read_text())["peak_memory"]["phases"]
     assert {"load", "fisher", "search", "compare", "evaluate", "write"} <= set(phases)  # selection is folded into fisher
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_evaluate_delta_passes_progress_to_the_upstream_load(finished_run, monkeypatch, progress):
+    # build_upstream's own test holds that progress=False silences transformers' "Loading weights" bar;
+    # here: evaluate_delta hands its progress switch to that load.
+    import adtuning.speech as speech
+    from adtuning.export import evaluate_delta
+
+    seen = []
+    real = speech.build_upstream
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("progress", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(speech, "build_upstream", spy)
+    data_dir = json.loads((finished_run / "config.json").read_text())["data_dir"]
+    evaluate_delta(finished_run / "delta", data_dir, "test", progress=progress)
+    assert seen == [progress]
