@@ -186,11 +186,11 @@ def upstream_slug(upstream: str | None) -> str:
     return "-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def run(cmd: list[str], out: Path, log: list[dict]) -> dict | None:
+def run(cmd: list[str], out: Path, log: list[dict], who: str = "mini_superb") -> dict | None:
     """Run (or reuse, or resume) one CLI run; return its summary (None if the run failed).
 
     The run's stdout and stderr go to ``out/run.log`` (appended, so a resumed run keeps both
-    parts), which holds the CLI's printout of the search.
+    parts), which holds the CLI's printout of the search. ``who`` starts the lines it prints.
     """
     summary = out / "summary.json"
     entry = {"command": shlex.join(cmd), "output_dir": str(out)}
@@ -198,7 +198,7 @@ def run(cmd: list[str], out: Path, log: list[dict]) -> dict | None:
         entry["reused"] = True
     else:
         full = cmd + (["--resume"] if (out / "config.json").is_file() else [])
-        print(f"mini_superb: start {shlex.join(full)}", flush=True)
+        print(f"{who}: start {shlex.join(full)}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with open(out / "run.log", "a") as sink:
@@ -206,12 +206,12 @@ def run(cmd: list[str], out: Path, log: list[dict]) -> dict | None:
         entry["wall_seconds"] = time.perf_counter() - start
         if proc.returncode != 0:
             # One failed run must not cost the others (or the results of those that finished).
-            print(f"mini_superb: the run in {out} failed with exit status {proc.returncode} "
+            print(f"{who}: the run in {out} failed with exit status {proc.returncode} "
                   f"(its output: {out / 'run.log'}): {shlex.join(full)}", flush=True)
             entry["failed"] = proc.returncode
             log.append(entry)
             return None
-        print(f"mini_superb: done in {entry['wall_seconds']:.0f} s: {out}", flush=True)
+        print(f"{who}: done in {entry['wall_seconds']:.0f} s: {out}", flush=True)
     result = json.loads(summary.read_text())
     # When, how long and at which commit the run itself ran (a reused run ran before this invocation).
     entry.update(run_date=result.get("date"), run_wall_seconds=result.get("wall_seconds"), commit=run_commit(result))
