@@ -181,7 +181,8 @@ def markdown(result: dict) -> str:
             cells = []
             for x in scales:
                 cell = r["per_rate"].get(f"{x:g}")  # None for the head-only row's single run (its rate is the head's)
-                cells.append("-" if cell is None else f"{_fmt(cell['dev'])} / {_fmt(cell['test'])}")
+                short = "" if cell is None or cell["seeds"] == len(result["seeds"]) else f" ({cell['seeds']} seed(s))"
+                cells.append("-" if cell is None else f"{_fmt(cell['dev'])} / {_fmt(cell['test'])}{short}")
             params = next(iter(r["per_rate"].values()))["trainable_upstream"]
             rate = "head only" if r["best_rate"] == "-" else f"x{r['best_rate']}"
             lines.append(f"| {row} | {params:,} | " + " | ".join(cells) + f" | {rate}: {_fmt(r['dev'])} / {_fmt(r['test'])} |")

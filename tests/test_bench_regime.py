@@ -57,10 +57,17 @@ def test_table_keeps_each_rows_best_dev_rate_and_reads_the_setting(tmp_path):
     assert setting["winner"] == "P=0.001" and setting["best_child"] == "P=0.001"
     assert setting["children_rise_with_p"] is False
     assert setting["ft_minus_head_only_test"] == pytest.approx(0.85 - 0.60)
-    assert "P=0.001" in regime.markdown({"table": {"metric": "accuracy", "higher_is_better": True, "settings": {"s": setting}},
+    text = regime.markdown({"table": {"metric": "accuracy", "higher_is_better": True, "settings": {"s": setting}},
                                          "task": "ks", "upstream": None, "date": "d", "seeds": [0], "lr": 0.005,
                                          "scale_head_lr": False, "lr_scales": [1.0, 3.0], "missing_runs": [], "commits": {},
                                          "environment": {"device": "cpu", "cores": 2, "versions": {"torch": "x"}}})
+    assert "P=0.001" in text and "seed(s)" not in text
+    # A cell with fewer finished seeds than the study's says so.
+    text = regime.markdown({"table": {"metric": "accuracy", "higher_is_better": True, "settings": {"s": setting}},
+                            "task": "ks", "upstream": None, "date": "d", "seeds": [0, 1], "lr": 0.005,
+                            "scale_head_lr": False, "lr_scales": [1.0, 3.0], "missing_runs": [], "commits": {},
+                            "environment": {"device": "cpu", "cores": 2, "versions": {"torch": "x"}}})
+    assert "0.800 / 0.750 (1 seed(s))" in text
 
 
 @pytest.mark.parametrize("flags, message", [(["--p", "0.1,1"], "--p"), (["--lr-scales", "0"], "--lr-scales"),
