@@ -135,12 +135,12 @@ def commits_of_runs(runs: list[dict]) -> dict[str, list[str]]:
     return {label: sorted(dirs) for label, dirs in sorted(out.items())}
 
 
-def mixed_commits_error(commits: dict[str, list[str]], what: str) -> str | None:
-    """The refusal message when ``commits`` (label -> run folders) holds more than one commit,
-    or a run resumed across commits; ``None`` when every run ran at one commit."""
+def mixed_commits_error(commits: dict[str, list[str]], what: str, who: str = "mini_superb") -> str | None:
+    """The refusal message (its lines started by ``who``) when ``commits`` (label -> run folders)
+    holds more than one commit, or a run resumed across commits; ``None`` when every run ran at one commit."""
     if len(commits) <= 1 and not any(" -> " in label for label in commits):
         return None
-    lines = [f"mini_superb: {what} span {len(commits)} commit(s); refusing to table them together "
+    lines = [f"{who}: {what} span {len(commits)} commit(s); refusing to table them together "
              "(re-run the rows at one commit, or pass --allow-mixed-commits to table them with their commits):"]
     for label, dirs in commits.items():
         lines.append(f"  {label}: {len(dirs)} run(s): " + ", ".join(dirs))
@@ -217,6 +217,18 @@ def run(cmd: list[str], out: Path, log: list[dict], who: str = "mini_superb") ->
     entry.update(run_date=result.get("date"), run_wall_seconds=result.get("wall_seconds"), commit=run_commit(result))
     log.append(entry)
     return result
+
+
+def write_results(stem: Path, result: dict, text: str, who: str = "mini_superb") -> None:
+    """Write ``stem.json`` (``result``) and ``stem.md`` (``text``) together, all or nothing
+    (:func:`adtuning.atomic.atomic_write_files`), print the tables and say where they went."""
+    from adtuning.atomic import atomic_write_files
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_files({stem.with_suffix(".json"): (json.dumps(result, indent=1) + "\n").encode(),
+                        stem.with_suffix(".md"): text.encode()})
+    print(text)
+    print(f"{who}: wrote {stem}.json and {stem}.md")
 
 
 def _per_step(summary: dict) -> float:
@@ -611,14 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         result["low_resource"] = low_resource(summaries, sweep_task, seeds, sweep_hours)
     result["runs"].sort(key=lambda r: r["output_dir"])
     result["wall_seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{date}-mini-superb{'-quick' if args.quick else ''}{upstream_slug(args.upstream)}"
-    for path, text in ((stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n"), (stem.with_suffix(".md"), markdown(result))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    print(markdown(result))
-    print(f"mini_superb: wrote {stem}.json and {stem}.md")
+    write_results(stem, result, markdown(result))
     if result["failed_runs"]:
         print(f"mini_superb: {len(result['failed_runs'])} run(s) failed (see their run.log): "
               + ", ".join(result["failed_runs"]), file=sys.stderr)

@@ -94,11 +94,11 @@ def _espeak_speakers(n: int):
 
 def festival_speakers(voices: tuple[str, ...], speakers: int) -> list[tuple[str, float]]:
     """``speakers`` (voice, Duration_Stretch) pairs: voice ``j mod V``, the stretches of each voice spread over 0.8-1.2."""
-    per_voice = [sum(1 for j in range(speakers) if j % len(voices) == v) for v in range(len(voices))]
     out = []
     for j in range(speakers):
         v, i = j % len(voices), j // len(voices)
-        out.append((voices[v], 0.8 + 0.4 * i / max(1, per_voice[v] - 1)))
+        of_voice = len(range(v, speakers, len(voices)))  # speakers of voice v
+        out.append((voices[v], 0.8 + 0.4 * i / max(1, of_voice - 1)))
     return out
 
 

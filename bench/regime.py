@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import os
 import shlex
 import sys
 import time
@@ -54,6 +52,7 @@ from mini_superb import (  # noqa: E402
     mixed_commits_error,
     run,
     upstream_slug,
+    write_results,
 )
 
 from adtuning.embedded import EMBEDDED_CORPORA  # noqa: E402
@@ -79,6 +78,12 @@ def row_name(p: float) -> str:
     return WEIGHTED_SUM if p == 0 else FT if p == 1 else f"P={p:g}"
 
 
+def rates(args: argparse.Namespace, p: float) -> list[float | None]:
+    """The learning-rate scales a row is trained at: Weighted-sum has one run (``None``, the head's
+    rate) unless ``--scale-head-lr``; every other row has one per ``--lr-scales``."""
+    return [None] if p == 0 and not args.scale_head_lr else list(args.lr_scales)
+
+
 def plan(args: argparse.Namespace, task: str) -> dict[tuple, tuple[list[str], Path, int]]:
     """Every run of the study: ``(seed, size, steps scale, p, lr scale) -> (command, folder, steps)``.
 
@@ -93,8 +98,7 @@ def plan(args: argparse.Namespace, task: str) -> dict[tuple, tuple[list[str], Pa
                 steps = max(1, round(defaults.steps * s_scale))
                 setting = base / f"seed{seed}" / f"hours-{size}" / f"steps-x{s_scale:g}"
                 for p in [0.0, *args.p, 1.0]:
-                    scales = [None] if p == 0 and not args.scale_head_lr else args.lr_scales
-                    for scale in scales:
+                    for scale in rates(args, p):
                         lr = args.lr * (1.0 if scale is None else scale)
                         extra = ["--lr", f"{lr:g}", "--head-lr", f"{lr if args.scale_head_lr else args.lr:g}"]
                         if p == 0:
@@ -123,7 +127,7 @@ def table(args: argparse.Namespace, summaries: dict) -> dict:
             rows = {}
             for p in [0.0, *args.p, 1.0]:
                 per_rate = {}
-                for scale in ([None] if p == 0 and not args.scale_head_lr else args.lr_scales):
+                for scale in rates(args, p):
                     made = [summaries[(seed, size, s_scale, p, scale)] for seed in args.seeds]
                     made = [m for m in made if m is not None]
                     if not made:
@@ -262,22 +266,16 @@ def main(argv: list[str] | None = None) -> int:
             futures = {k: pool.submit(run, jobs[k][0], jobs[k][1], result["runs"], who="regime") for k in order}
             summaries = {k: f.result() for k, f in futures.items()}
     result["commits"] = commits_of_runs(result["runs"])
-    message = None if args.allow_mixed_commits else mixed_commits_error(result["commits"], "the runs to table")
+    message = None if args.allow_mixed_commits else mixed_commits_error(result["commits"], "the runs to table", who="regime")
     if message:
-        print(message.replace("mini_superb:", "regime:"), file=sys.stderr)
+        print(message, file=sys.stderr)
         return 2
     result["missing_runs"] = sorted(str(jobs[k][1]) for k in order if summaries[k] is None)
     result["table"] = table(args, summaries)
     result["runs"].sort(key=lambda r: r["output_dir"])
     result["wall_seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{result['date']}-regime-{args.task}{upstream_slug(args.upstream)}"
-    for path, text in ((stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n"), (stem.with_suffix(".md"), markdown(result))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    print(markdown(result))
-    print(f"regime: wrote {stem}.json and {stem}.md")
+    write_results(stem, result, markdown(result), who="regime")
     return 0
 
 
