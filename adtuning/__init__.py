@@ -10,11 +10,15 @@ Core API:
 * :func:`get_backend` — ``reference`` / ``native`` (C++ CPU) / ``triton`` (CUDA); ``fused``
   picks the fast one for the device.
 """
-from adtuning.backends import BackendUnavailableError, get_backend
-from adtuning.child import ChildNetwork
-from adtuning.fisher import estimate_fisher
-from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup, linear_warmup_decay
-from adtuning.sparse_grad import WEIGHT_GRAD_MODES, SparseWeightGrad, install_sparse_weight_grad
+from adtuning.name_clash import prefer_installed_kernels
+
+prefer_installed_kernels()  # before anything imports transformers (see adtuning.name_clash)
+
+from adtuning.backends import BackendUnavailableError, get_backend  # noqa: E402
+from adtuning.child import ChildNetwork  # noqa: E402
+from adtuning.fisher import estimate_fisher  # noqa: E402
+from adtuning.optim import SparseAdamW, get_linear_schedule_with_warmup, linear_warmup_decay  # noqa: E402
+from adtuning.sparse_grad import WEIGHT_GRAD_MODES, SparseWeightGrad, install_sparse_weight_grad  # noqa: E402
 
 __version__ = "0.1.0"
 

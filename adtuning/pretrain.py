@@ -60,6 +60,7 @@ from adtuning.cli_format import DefaultsOnceHelpFormatter
 from adtuning.pretrain_state import (
     checkpoint_progress,
     load_checkpoint,
+    load_iteration1,
     load_tensors,
     save_checkpoint,
     save_tensors,
@@ -359,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="transformer layer of the iteration-1 model whose k-means gives the iteration-2 targets "
                              "(default: two thirds of --layers)")
     parser.add_argument("--iteration2-clusters", type=int, default=200, help="k-means clusters of iteration 2")
+    parser.add_argument("--iteration1-from", type=Path, default=None,
+                        help="an upstream this recipe exported at the end of iteration 1 (its pretraining.json must record the "
+                             "same corpus, model and iteration-1 arguments): start iteration 2 from its weights instead of "
+                             "training iteration 1 (for a run whose state folder was lost)")
     parser.add_argument("--batch-size", type=int, default=24, help="crops per step")
     parser.add_argument("--crop-seconds", type=float, default=1.5, help="longest crop")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear warm-up, then linear decay; per iteration)")
@@ -391,6 +396,8 @@ def _check_args(args) -> str | None:
             return f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}"
     if args.hidden_size % args.heads or args.hidden_size % 16:
         return f"--hidden-size {args.hidden_size} must be a multiple of --heads and of 16"
+    if args.iteration1_from is not None and args.iteration2_steps == 0:
+        return "--iteration1-from needs --iteration2-steps > 0"
     if args.iteration2_steps < 0:
         return f"--iteration2-steps must be >= 0, got {args.iteration2_steps}"
     if args.iteration2_layer is not None and not 1 <= args.iteration2_layer <= args.layers:
@@ -485,6 +492,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             opt = _optimizer(model, args)
         progress = load_checkpoint(ckpt, model, opt)
         log.info("resumed %s: iteration %d, step %d", ckpt, progress["iteration"], progress["step"])
+    elif args.iteration1_from is not None:
+        try:
+            source = load_iteration1(args.iteration1_from, model.hubert, run)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        # The totals include the iteration that made the source (its CPU-hours and curve).
+        progress.update(step=args.steps, cpu_seconds=3600 * source["cpu_hours"], wall_seconds=source["wall_seconds"],
+                        curves={"1": source.pop("curve"), "2": []}, iteration1_from=source)
+        log.info("iteration 1 from %s (held-out accuracy %s): iteration 2 starts from it", args.iteration1_from,
+                 source["held_out_masked_accuracy"])
     clock = {"cpu": cpu_started - progress["cpu_seconds"], "wall": started - progress["wall_seconds"], "steps": 0}
 
     # iteration 1 targets
@@ -658,6 +676,7 @@ def _export(args, argv, model: MaskedPredictor, progress: dict, corpus_dir: Path
         "targets": {"1": {"features": "MFCC 13 + deltas + delta-deltas, standardised", "clusters": args.clusters},
                     "2": ({"features": f"layer {args.iteration2_layer or max(1, round(2 * args.layers / 3))} of the iteration-1 model, "
                                        "standardised", "clusters": args.iteration2_clusters} if args.iteration2_steps else None)},
+        "iteration1_from": progress.get("iteration1_from"),
         "kmeans_iterations": args.kmeans_iterations, "augment": args.augment,
         "final_held_out_masked_accuracy": final,
         "uniform_accuracy": 1.0 / (args.iteration2_clusters if progress["iteration"] == 2 else args.clusters), "curves": curves,

@@ -14,7 +14,7 @@ from torch import nn
 from adtuning.atomic import atomic_write_bytes
 
 __all__ = ["STATE_FORMAT", "step_seed", "save_checkpoint", "load_checkpoint", "checkpoint_progress", "save_tensors",
-           "load_tensors", "split_targets"]
+           "load_tensors", "split_targets", "ITERATION1_ARGS", "load_iteration1"]
 
 STATE_FORMAT = 1
 
@@ -95,3 +95,46 @@ def checkpoint_progress(path: Path) -> dict:
     if "adtuning_pretrain" not in meta:
         raise ValueError(f"{path} is not a pre-training checkpoint (no adtuning_pretrain metadata)")
     return json.loads(meta["adtuning_pretrain"])
+
+
+#: The arguments an exported iteration-1 upstream must share with a run that starts iteration 2 from it
+#: (corpus, targets, model and the iteration-1 schedule: what made those weights).
+ITERATION1_ARGS = ("corpus", "speakers", "sentences_per_speaker", "held_out_speakers", "max_seconds", "clusters", "kmeans_iterations",
+                   "hidden_size", "layers", "heads", "steps", "batch_size", "crop_seconds", "lr", "warmup_steps", "weight_decay",
+                   "mask_prob", "mask_length", "augment", "rooms", "seed")
+
+
+def load_iteration1(directory: Path, hubert: nn.Module, run: dict) -> dict:
+    """Load an exported upstream of this recipe at the end of iteration 1 (``config.json``,
+    ``model.safetensors``, ``pretraining.json`` in ``directory``) into ``hubert`` (float32; the
+    mask embedding, which exports drop, keeps its fresh initialisation) so that iteration 2 can
+    start from it when the run's own state is gone. ``run`` holds this run's arguments; those of
+    :data:`ITERATION1_ARGS` must equal the ones ``pretraining.json`` records, and the export must be
+    iteration 1 at its last step. Returns what the record keeps of the source (path, SHA-256,
+    CPU-hours, wall seconds, held-out accuracy, curve). Raises ``ValueError`` naming the file and
+    what differs."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    record_file, weights = directory / "pretraining.json", directory / "model.safetensors"
+    for f in (record_file, weights):
+        if not f.is_file():
+            raise ValueError(f"--iteration1-from: {f} does not exist (an exported upstream of adtuning.pretrain is needed)")
+    record = json.loads(record_file.read_text())
+    if (record.get("iteration"), record.get("step")) != (1, run["steps"]):
+        raise ValueError(f"--iteration1-from: {record_file} records iteration {record.get('iteration')} step {record.get('step')}, "
+                         f"not the end of iteration 1 (step --steps={run['steps']})")
+    saved = record.get("args", {})
+    changed = [k for k in ITERATION1_ARGS if saved.get(k) != run.get(k)]
+    if changed:
+        raise ValueError(f"--iteration1-from: {record_file} was made with other arguments: "
+                         + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {run.get(k)!r})" for k in changed))
+    tensors = {k: v.float() for k, v in load_file(str(weights)).items()}
+    missing, unexpected = hubert.load_state_dict(tensors, strict=False)
+    if set(missing) - {"masked_spec_embed"} or unexpected:
+        raise ValueError(f"--iteration1-from: {weights} does not fit the model of this run "
+                         f"(missing {sorted(set(missing) - {'masked_spec_embed'})}, unexpected {sorted(unexpected)})")
+    return {"path": str(directory), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "dtype": record.get("dtype"),
+            "cpu_hours": record.get("cpu_hours", 0.0), "wall_seconds": record.get("wall_seconds", 0.0),
+            "held_out_masked_accuracy": record.get("final_held_out_masked_accuracy"),
+            "curve": record.get("curves", {}).get("1", [])}

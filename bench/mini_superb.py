@@ -53,7 +53,9 @@ rows came from which commit (a commit column and a per-run list).
 Results: ``bench/results/<date>-mini-superb.json`` (environment, commands, every run's figures)
 and ``.md`` (the tables); with ``--quick`` the stem ends in ``-quick``. Runs are kept under ``--work``
 (default ``mini-superb-runs`` beside the corpus cache); a run whose ``summary.json`` exists is reused, an interrupted one is resumed, so
-the script can be stopped and started again.
+the script can be stopped and started again. Run folders do not outlast the machine: with the default
+``--work``, every finished run's summary is also kept in ``bench/results/runs/mini-superb/`` (``--keep``),
+committed with the results and restored into the run folders when the study starts again elsewhere.
 """
 from __future__ import annotations
 
@@ -88,6 +90,12 @@ ROWS = ("FT", "Baseline", "Houlsby", "AdapterBias", "LoRA", "Prefix", "CNN adapt
 #: The methods of the low-resource sweep beside AD-TUNING's children (the paper's Fig. 6); FT is ``full``.
 SWEEP_METHODS = ("lora", "houlsby", "full")
 
+
+#: Where finished runs' ``summary.json`` files are kept inside the repository (``<study>/<run folder
+#: relative to --work>/summary.json``, compact JSON), committed with the results: run folders live
+#: outside the checkout and do not outlast a machine, so a study spread over sessions keeps here
+#: what it has run. With the default ``--work`` a study restores them before planning.
+KEEP = ROOT / "bench" / "results" / "runs"
 
 #: The commit label of a run whose summary.json records none (runs made before provenance).
 UNKNOWN_COMMIT = "unknown"
@@ -186,11 +194,41 @@ def upstream_slug(upstream: str | None) -> str:
     return "-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def run(cmd: list[str], out: Path, log: list[dict], who: str = "mini_superb") -> dict | None:
+def kept_summaries(outs, work: Path, keep: Path | None) -> dict[Path, Path]:
+    """Where each run folder of ``outs`` (under ``work``) keeps its summary in ``keep`` ({} without one)."""
+    return {} if keep is None else {out: keep / out.relative_to(work) / "summary.json" for out in outs}
+
+
+def restore_kept(kept: dict[Path, Path], who: str = "mini_superb") -> int:
+    """Copy every kept summary into its run folder when the folder has none (a run finished on
+    another machine or in an earlier session), so that it is reused; returns how many."""
+    from adtuning.atomic import atomic_write_bytes
+
+    restored = 0
+    for out, kept_file in kept.items():
+        if kept_file.is_file() and not (out / "summary.json").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "summary.json", kept_file.read_bytes())
+            restored += 1
+    if restored:
+        print(f"{who}: {restored} finished run(s) restored from {os.path.commonpath([str(k) for k in kept.values()])}", flush=True)
+    return restored
+
+
+def _keep(summary: dict, kept_file: Path | None) -> None:
+    if kept_file is not None and not kept_file.is_file():
+        from adtuning.atomic import atomic_write_bytes
+
+        kept_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(kept_file, (json.dumps(summary, separators=(",", ":")) + "\n").encode())
+
+
+def run(cmd: list[str], out: Path, log: list[dict], who: str = "mini_superb", keep: Path | None = None) -> dict | None:
     """Run (or reuse, or resume) one CLI run; return its summary (None if the run failed).
 
     The run's stdout and stderr go to ``out/run.log`` (appended, so a resumed run keeps both
     parts), which holds the CLI's printout of the search. ``who`` starts the lines it prints.
+    ``keep``: where the finished run's summary is also kept (:data:`KEEP`; written once).
     """
     summary = out / "summary.json"
     entry = {"command": shlex.join(cmd), "output_dir": str(out)}
@@ -213,6 +251,7 @@ def run(cmd: list[str], out: Path, log: list[dict], who: str = "mini_superb") ->
             return None
         print(f"{who}: done in {entry['wall_seconds']:.0f} s: {out}", flush=True)
     result = json.loads(summary.read_text())
+    _keep(result, keep)
     # When, how long and at which commit the run itself ran (a reused run ran before this invocation).
     entry.update(run_date=result.get("date"), run_wall_seconds=result.get("wall_seconds"), commit=run_commit(result))
     log.append(entry)
@@ -506,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
                              "Weighted-sum), child-tuning-f, " + ", ".join(METHOD_RUNS))
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads threads; 2 x --threads 1 suits 2 cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="where finished runs' summaries are kept and restored from (default: bench/results/runs/mini-superb "
+                             "with the default --work, none with a --work of your own)")
     parser.add_argument("--upstream", default=None,
                         help="--upstream of every run (a registered name such as adtuning-hubert-small, a directory "
                              "or a hub id; default: the CLI's). The runs go to their own folders and the results "
@@ -526,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         args.corpus_cache = DEFAULT_CORPUS_CACHE
     if args.work is None:
         args.work = args.corpus_cache.parent / "mini-superb-runs"
+        args.keep = KEEP / "mini-superb" if args.keep is None else args.keep
     date = _dt.date.today().isoformat()
     mode = ("quick" if args.quick else "full") + upstream_slug(args.upstream)
     result = {"date": date, "quick": args.quick, "seeds": seeds, "p_f": args.p_f, "upstream": args.upstream, "environment": environment(),
@@ -583,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
             return (1, steps, task, seed, kind)
         return (3, task not in begun, -cost, task, seed, kind)
 
+    kept = kept_summaries([out for _, out, _ in jobs.values()], args.work, args.keep)
+    restore_kept(kept)
     order = sorted(jobs, key=priority)
     if not args.allow_mixed_commits:
         message = _mixed_before_running(jobs, args.collect_only)
@@ -590,12 +635,12 @@ def main(argv: list[str] | None = None) -> int:
             print(message, file=sys.stderr)
             return 2
     if args.collect_only:
-        summaries = {key: run(jobs[key][0], jobs[key][1], result["runs"]) if (jobs[key][1] / "summary.json").is_file() else None
-                     for key in order}
+        summaries = {key: run(jobs[key][0], jobs[key][1], result["runs"], keep=kept.get(jobs[key][1]))
+                     if (jobs[key][1] / "summary.json").is_file() else None for key in order}
     else:
         print(f"mini_superb: {len(order)} runs on {args.jobs} worker(s) under {args.work / mode}", flush=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {key: pool.submit(run, jobs[key][0], jobs[key][1], result["runs"]) for key in order}
+            futures = {key: pool.submit(run, jobs[key][0], jobs[key][1], result["runs"], keep=kept.get(jobs[key][1])) for key in order}
             summaries = {key: future.result() for key, future in futures.items()}
     result["commits"] = commits_of_runs(result["runs"])
     message = None if args.allow_mixed_commits else mixed_commits_error(result["commits"], "the runs to table")

@@ -27,7 +27,9 @@ reading: the winning row, the best child P, whether the children's best dev metr
 and the head-only to FT gap on test (issue 24's target: within 0.10 on KS).
 
 Runs are kept under ``--work`` (default ``regime-runs`` beside the corpus cache), reused when
-finished and resumed when interrupted (as ``bench/mini_superb.py`` does, whose runner this is);
+finished and resumed when interrupted (as ``bench/mini_superb.py`` does, whose runner this is; with the
+default ``--work`` finished runs' summaries are kept in ``bench/results/runs/regime/``, ``--keep``, and
+restored from there on another machine);
 runs made at different commits are refused unless ``--allow-mixed-commits``. Results:
 ``bench/results/<date>-regime-<task>[-<upstream>].{json,md}``.
 """
@@ -46,10 +48,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from mini_superb import (  # noqa: E402
+    KEEP,
     cli_command,
     commits_of_runs,
     environment,
+    kept_summaries,
     mixed_commits_error,
+    restore_kept,
     run,
     upstream_slug,
     write_results,
@@ -218,6 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--corpus-cache", type=Path, default=None, help="--corpus-cache of every run (default: the CLI's)")
     parser.add_argument("--work", type=Path, default=None, help="run folders (default: regime-runs beside the corpus cache)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="where finished runs' summaries are kept and restored from (default: bench/results/runs/regime "
+                             "with the default --work, none with a --work of your own)")
     parser.add_argument("--collect-only", action="store_true", help="start no run; table what has finished")
     parser.add_argument("--allow-mixed-commits", action="store_true", help="table runs made at different commits")
     args = parser.parse_args(argv)
@@ -244,6 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.corpus_cache = DEFAULT_CORPUS_CACHE
     if args.work is None:
         args.work = args.corpus_cache.parent / "regime-runs"
+        args.keep = KEEP / "regime" if args.keep is None else args.keep
     return args
 
 
@@ -258,12 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(args, args.task)
     # Longest first (FT, then the children, at the longest steps), so two workers end together.
     order = sorted(jobs, key=lambda k: (-jobs[k][2], -k[3], str(k)))
+    kept = kept_summaries([out for _, out, _ in jobs.values()], args.work, args.keep)
+    restore_kept(kept, who="regime")
     if args.collect_only:
-        summaries = {k: run(*jobs[k][:2], result["runs"], who="regime") if (jobs[k][1] / "summary.json").is_file() else None for k in order}
+        summaries = {k: run(*jobs[k][:2], result["runs"], who="regime", keep=kept.get(jobs[k][1]))
+                     if (jobs[k][1] / "summary.json").is_file() else None for k in order}
     else:
         print(f"regime: {len(order)} runs on {args.jobs} worker(s) under {args.work}", flush=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {k: pool.submit(run, jobs[k][0], jobs[k][1], result["runs"], who="regime") for k in order}
+            futures = {k: pool.submit(run, jobs[k][0], jobs[k][1], result["runs"], who="regime", keep=kept.get(jobs[k][1]))
+                       for k in order}
             summaries = {k: f.result() for k, f in futures.items()}
     result["commits"] = commits_of_runs(result["runs"])
     message = None if args.allow_mixed_commits else mixed_commits_error(result["commits"], "the runs to table", who="regime")

@@ -5,6 +5,10 @@ import os
 import pytest
 import torch
 
+from adtuning.name_clash import prefer_installed_kernels
+
+prefer_installed_kernels()  # the checkout's kernels/ must not hide the PyPI package transformers imports
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

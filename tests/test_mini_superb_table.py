@@ -213,3 +213,20 @@ def test_a_study_on_another_upstream_has_its_own_runs_and_results(mini_superb, t
     args = type("Args", (), {"corpus_cache": tmp_path / "corpora", "threads": 1, "upstream": "adtuning-hubert-small"})()
     cmd = mini_superb.cli_command("ks", tmp_path / "run", 0, 10, [], args)
     assert cmd[-2:] == ["--upstream", "adtuning-hubert-small"]
+
+
+def test_finished_runs_are_kept_and_restored_on_another_machine(mini_superb, tmp_path):
+    """--keep: a finished run's summary is kept once (compact JSON, equal content); a study with
+    fresh run folders (another machine) restores it and tables the same figures as the original."""
+    keep, out1, out2 = tmp_path / "keep", tmp_path / "out1", tmp_path / "out2"
+    _make_runs(tmp_path / "work", {(0, "adtuning"): A, (0, "f"): A})
+    common = ["--collect-only", "--tasks", "ks", "--seeds", "0", "--low-resource-task", "", "--methods", "ad-tuning,child-tuning-f",
+              "--corpus-cache", str(tmp_path / "corpora"), "--keep", str(keep)]
+    assert mini_superb.main([*common, "--work", str(tmp_path / "work"), "--out", str(out1)]) == 0
+    kept = keep / "full" / "ks" / "seed0" / "adtuning" / "summary.json"
+    assert json.loads(kept.read_text()) == json.loads((tmp_path / "work" / "full" / "ks" / "seed0" / "adtuning" / "summary.json").read_text())
+    assert (keep / "full" / "ks" / "seed0" / "child-tuning-f" / "summary.json").is_file()
+    assert mini_superb.main([*common, "--work", str(tmp_path / "fresh"), "--out", str(out2)]) == 0
+    (first,), (second,) = out1.glob("*.json"), out2.glob("*.json")
+    assert json.loads(first.read_text())["tasks"] == json.loads(second.read_text())["tasks"] != {}
+    assert (tmp_path / "fresh" / "full" / "ks" / "seed0" / "adtuning" / "summary.json").is_file()

@@ -184,6 +184,37 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_v2, tmp_path):
     assert load_file(str(tmp_path / "out_parts" / "model.safetensors"))["feature_projection.projection.weight"].dtype == torch.bfloat16
 
 
+def test_iteration2_can_start_from_an_exported_iteration1(tiny_v2, tmp_path, capsys):
+    """A run whose state is lost starts iteration 2 from the iteration-1 export: exported in float32,
+    its iteration-2 targets equal those of the run that went on from iteration 1 itself (oracle),
+    the record names the source, and an export made with other arguments is refused by flag."""
+    common = ["--corpus", "v2", "--corpus-dir", str(tiny_v2), "--speakers", "4", "--sentences-per-speaker", "3",
+              "--held-out-speakers", "1", "--max-seconds", "2.0", "--clusters", "6", "--iteration2-clusters", "5",
+              "--iteration2-layer", "1", "--hidden-size", "32", "--layers", "2", "--heads", "2", "--steps", "3",
+              "--batch-size", "3", "--eval-interval", "2", "--warmup-steps", "1", "--augment", "1.0", "--rooms", "1",
+              "--threads", "1", "--no-progress", "--save-dtype", "float32"]
+    it1 = tmp_path / "iteration1"
+    assert pretrain.main(["--output-dir", str(it1), "--state-dir", str(tmp_path / "s1")] + common) == 0
+    assert pretrain.main(["--output-dir", str(tmp_path / "o2"), "--state-dir", str(tmp_path / "whole"), "--iteration2-steps", "2"]
+                         + common) == 0
+    assert pretrain.main(["--output-dir", str(tmp_path / "o3"), "--state-dir", str(tmp_path / "from"), "--iteration2-steps", "2",
+                          "--iteration1-from", str(it1)] + common) == 0
+    a = load_file(str(tmp_path / "whole" / "targets_iteration2.safetensors"))
+    b = load_file(str(tmp_path / "from" / "targets_iteration2.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((tmp_path / "o3" / "pretraining.json").read_text())
+    first = json.loads((it1 / "pretraining.json").read_text())
+    assert record["complete"] and record["iteration"] == 2 and record["iteration1_from"]["path"] == str(it1)
+    assert record["curves"]["1"] == first["curves"]["1"] and record["cpu_hours"] >= first["cpu_hours"]
+    # other iteration-1 arguments, or an export that is not the end of iteration 1: refused, naming why
+    assert pretrain.main(["--output-dir", str(tmp_path / "o4"), "--state-dir", str(tmp_path / "bad"), "--iteration2-steps", "2",
+                          "--iteration1-from", str(it1), *common[:-2], "--save-dtype", "float32", "--lr", "0.01"]) == 2
+    assert "--lr" in capsys.readouterr().err
+    assert pretrain.main(["--output-dir", str(tmp_path / "o5"), "--state-dir", str(tmp_path / "bad2"), "--iteration2-steps", "2",
+                          "--iteration1-from", str(tmp_path / "o3")] + common) == 2
+    assert "not the end of iteration 1" in capsys.readouterr().err
+
+
 def test_a_state_dir_refuses_other_arguments(tiny_v2, tmp_path, capsys):
     args = ["--output-dir", str(tmp_path / "o"), "--state-dir", str(tmp_path / "s"), "--corpus", "v2", "--corpus-dir", str(tiny_v2),
             "--speakers", "4", "--sentences-per-speaker", "3", "--held-out-speakers", "1", "--max-seconds", "2.0",
