@@ -422,8 +422,9 @@ def markdown(result: dict) -> str:
     lines = [f"# mini-SUPERB ({result['date']})", "",
              f"{env['device']}, {env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}; 1-min load at start "
              f"{env['load_average_1min_at_start']:.2f}. Mode: {'quick' if result['quick'] else 'full'}; seeds "
-             f"{', '.join(map(str, result['seeds']))}; CHILD-TUNING_F at P_F = {result['p_f']:g}. Upstream: the "
-             "embedded adtuning-hubert-mini; corpora: the embedded generated ones (adtuning/embedded.py).", ""]
+             f"{', '.join(map(str, result['seeds']))}; CHILD-TUNING_F at P_F = {result['p_f']:g}. Upstream: "
+             f"{result.get('upstream') or 'adtuning-hubert-mini (the CLI default)'}; corpora: the embedded generated "
+             "ones (adtuning/embedded.py); '-': a row not run (see --methods).", ""]
     tasks = [t for t in TASKS if t in result["tasks"]]
     commits = result.get("commits", {})
     mixed = len(commits) > 1 or any(" -> " in label for label in commits)
