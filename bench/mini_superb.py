@@ -75,6 +75,7 @@ sys.path.insert(0, str(ROOT))
 
 from adtuning.embedded import EMBEDDED_CORPORA  # noqa: E402
 from adtuning.speech.registry import TASK_NAMES  # noqa: E402
+from adtuning.speech.upstream import DEFAULT_UPSTREAM  # noqa: E402
 
 TASKS = TASK_NAMES
 CANDIDATES = (0.001, 0.01, 0.1)
@@ -423,7 +424,7 @@ def markdown(result: dict) -> str:
              f"{env['device']}, {env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}; 1-min load at start "
              f"{env['load_average_1min_at_start']:.2f}. Mode: {'quick' if result['quick'] else 'full'}; seeds "
              f"{', '.join(map(str, result['seeds']))}; CHILD-TUNING_F at P_F = {result['p_f']:g}. Upstream: "
-             f"{result.get('upstream') or 'adtuning-hubert-mini (the CLI default)'}; corpora: the embedded generated "
+             f"{result.get('upstream') or DEFAULT_UPSTREAM + ' (the CLI default)'}; corpora: the embedded generated "
              "ones (adtuning/embedded.py); '-': a row not run (see --methods).", ""]
     tasks = [t for t in TASKS if t in result["tasks"]]
     commits = result.get("commits", {})

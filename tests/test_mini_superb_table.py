@@ -210,6 +210,8 @@ def test_a_study_on_another_upstream_has_its_own_runs_and_results(mini_superb, t
     result = json.loads(json_path.read_text())
     assert result["upstream"] == "adtuning-hubert-small" and result["tasks"] == {}
     assert str(work / "full-adtuning-hubert-small" / "ks" / "seed0" / "adtuning") in result["missing_runs"]
+    (md_path,) = out.glob("*-mini-superb-adtuning-hubert-small.md")
+    assert "Upstream: adtuning-hubert-small;" in md_path.read_text()  # the study's upstream, not the default
     args = type("Args", (), {"corpus_cache": tmp_path / "corpora", "threads": 1, "upstream": "adtuning-hubert-small"})()
     cmd = mini_superb.cli_command("ks", tmp_path / "run", 0, 10, [], args)
     assert cmd[-2:] == ["--upstream", "adtuning-hubert-small"]
