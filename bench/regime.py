@@ -31,7 +31,9 @@ finished and resumed when interrupted (as ``bench/mini_superb.py`` does, whose r
 default ``--work`` finished runs' summaries are kept in ``bench/results/runs/regime/``, ``--keep``, and
 restored from there on another machine);
 runs made at different commits are refused unless ``--allow-mixed-commits``. Results:
-``bench/results/<date>-regime-<task>[-<upstream>].{json,md}``.
+``bench/results/<date>-regime-<task>[-<upstream>][-<grid>].{json,md}``, where ``<grid>`` names every
+flag of the grid that differs from its default (:func:`grid_slug`), so a run of part of a grid never
+overwrites the results of another grid made the same day.
 """
 from __future__ import annotations
 
@@ -117,6 +119,26 @@ def plan(args: argparse.Namespace, task: str) -> dict[tuple, tuple[list[str], Pa
                         folder = setting / (f"{row_name(p)}" + ("" if scale is None else f"-lr-x{scale:g}"))
                         jobs[(seed, size, s_scale, p, scale)] = (cli_command(task, folder, seed, steps, extra, args), folder, steps)
     return jobs
+
+
+#: The grid's flags and their defaults, in the order :func:`grid_slug` names them.
+GRID_DEFAULTS = {"seeds": [0], "p": [0.001, 0.01, 0.1], "lr_scales": [0.1, 0.3, 1.0, 3.0], "hours": ["full", "0.05"],
+                 "steps_scales": [1.0]}
+
+
+def grid_slug(args: argparse.Namespace) -> str:
+    """``""`` for the default grid, else ``-`` and each grid flag that differs from its default
+    (``-hours-0.05-steps-x1_3``): the results file of one grid is never another's."""
+    names = {"seeds": "seeds", "p": "p", "lr_scales": "lr-x", "hours": "hours", "steps_scales": "steps-x"}
+    parts = []
+    for field, default in GRID_DEFAULTS.items():
+        value = getattr(args, field)
+        if value != default:
+            parts.append(names[field] + ("" if names[field].endswith("x") else "-") + "_".join(f"{v:g}" if isinstance(v, float)
+                                                                                               else str(v) for v in value))
+    parts += ["head-lr-scaled"] if args.scale_head_lr else []
+    parts += [f"lr-{args.lr:g}"] if args.lr != EMBEDDED_CORPORA[args.task].run_defaults.lr else []
+    return "".join("-" + part for part in parts)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -287,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     result["table"] = table(args, summaries)
     result["runs"].sort(key=lambda r: r["output_dir"])
     result["wall_seconds"] = time.perf_counter() - started
-    stem = args.out / f"{result['date']}-regime-{args.task}{upstream_slug(args.upstream)}"
+    stem = args.out / f"{result['date']}-regime-{args.task}{upstream_slug(args.upstream)}{grid_slug(args)}"
     write_results(stem, result, markdown(result), who="regime")
     return 0
 

@@ -76,3 +76,18 @@ def test_bad_flags_name_the_flag(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as err:
         _args(tmp_path, *flags)
     assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_results_file_is_named_after_the_grid(tmp_path, monkeypatch):
+    """Two grids of one day write two files: a run of part of a grid cannot overwrite another's results."""
+    assert regime.grid_slug(_args(tmp_path)) == ""
+    assert regime.grid_slug(_args(tmp_path, "--hours", "0.05", "--steps-scales", "1,3")) == "-hours-0.05-steps-x1_3"
+    assert regime.grid_slug(_args(tmp_path, "--lr-scales", "0.3,1,3,10", "--seeds", "0,1")) == "-seeds-0_1-lr-x0.3_1_3_10"
+    assert regime.grid_slug(_args(tmp_path, "--p", "0.01", "--scale-head-lr")) == "-p-0.01-head-lr-scaled"
+    assert regime.grid_slug(_args(tmp_path, "--lr", "0.123")) == "-lr-0.123"
+    # main() writes under that name.
+    written = []
+    monkeypatch.setattr(regime, "write_results", lambda stem, *a, **k: written.append(stem.name))
+    assert regime.main(["--work", str(tmp_path), "--corpus-cache", str(tmp_path / "c"), "--out", str(tmp_path),
+                        "--collect-only", "--hours", "0.05"]) == 0
+    assert written and written[0].endswith("-regime-ks-hours-0.05")
