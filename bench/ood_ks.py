@@ -1,7 +1,9 @@
 """Out-of-domain keyword spotting: a KS delta trained on the espeak-ng corpus, tested on speech it never heard.
 
 Two KS test sets in the Speech Commands test-set layout (the ten keywords, ``_unknown_`` filler
-words, ``_silence_``), each clip a single word at 16 kHz:
+words, ``_silence_``), each clip a single word at 16 kHz, placed as the embedded training corpus
+places its words (``adtuning.speech.synth.place_word``: a random offset in 1 s, a peak drawn from
+0.25-0.8, a noise floor 28-42 dB below it), so that only the speech is new:
 
 - ``festival``: Debian's festival synthesiser (``text2wave``), a synthesiser no training corpus
   uses; its voices (``--festival-voices``, by default two male diphone voices and one female HTS
@@ -38,24 +40,34 @@ sys.path.insert(0, str(ROOT))
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 FILLERS = ("bed", "cat", "happy", "house", "tree", "bird")
 SAMPLE_RATE = 16_000
+#: Bumped when the written clips change (2: words placed as the training corpus places them, through
+#: ``adtuning.speech.synth.place_word``, and festival's speaking rates applied); names the cached sets.
+SET_FORMAT = 2
 #: Debian's English festival voices: kal and ked (diphone, male; festvox-kallpc16k, festvox-kdlpc16k)
 #: and slt (HTS, female; festvox-us-slt-hts).
 FESTIVAL_VOICES = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")
 
 
-def _fit(samples, seconds: float = 1.0):
-    """Trim leading/trailing silence, scale to a fixed peak, pad or cut to ``seconds``."""
+def _trim(x, threshold: float = 0.02):
+    """Leading and trailing silence (below ``threshold`` times the peak) cut, 20 ms kept around the
+    speech (the last kept sample 19.9 ms after the speech), at most 0.99 s: what ``trim_and_resample``
+    does to espeak-ng's output for the training corpus."""
     import numpy as np
 
-    x = np.asarray(samples, dtype=np.float32)
-    loud = np.flatnonzero(np.abs(x) > 0.02 * max(float(np.abs(x).max(initial=0.0)), 1e-9))
+    x = np.asarray(x, dtype=np.float64)
+    loud = np.flatnonzero(np.abs(x) > threshold * max(float(np.abs(x).max(initial=0.0)), 1e-9))
     if loud.size:
-        x = x[loud[0]:loud[-1] + 1]
-    x = x[: int(seconds * SAMPLE_RATE)] / max(float(np.abs(x).max(initial=0.0)), 1e-9) * 0.5
-    out = np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
-    start = (len(out) - len(x)) // 2
-    out[start:start + len(x)] = x
-    return out
+        pad = int(0.02 * SAMPLE_RATE)
+        x = x[max(0, loud[0] - pad): loud[-1] + pad]
+    return x[: SAMPLE_RATE - 160]
+
+
+def festival_eval(voice: str, stretch: float) -> str:
+    """The ``text2wave -eval`` expression selecting ``voice`` at speaking-rate ``stretch``.
+
+    One expression: text2wave evaluates only the first of several written side by side, so
+    ``(voice_x)(Parameter.set ...)`` would silently drop the stretch."""
+    return f"(begin (voice_{voice}) (Parameter.set 'Duration_Stretch {stretch:g}))"
 
 
 def _festival(word: str, voice: str, stretch: float) -> "object":
@@ -66,8 +78,7 @@ def _festival(word: str, voice: str, stretch: float) -> "object":
     with tempfile.TemporaryDirectory() as tmp:
         text, wav = Path(tmp) / "w.txt", Path(tmp) / "w.wav"
         text.write_text(word)
-        evals = f"(voice_{voice})(Parameter.set 'Duration_Stretch {stretch})"
-        done = subprocess.run(["text2wave", "-eval", evals, str(text), "-o", str(wav)], check=True, capture_output=True,
+        done = subprocess.run(["text2wave", "-eval", festival_eval(voice, stretch), str(text), "-o", str(wav)], check=True, capture_output=True,
                               text=True)
         if not wav.is_file():  # text2wave exits 0 for a voice it does not know, and writes nothing
             raise SystemExit(f"ood_ks: festival could not use voice {voice!r} (is its festvox package installed?): "
@@ -75,7 +86,7 @@ def _festival(word: str, voice: str, stretch: float) -> "object":
         x, rate = sf.read(str(wav), dtype="float32")
     if x.ndim > 1:
         x = x.mean(axis=1)
-    return AF.resample(torch.from_numpy(x)[None], rate, SAMPLE_RATE)[0].numpy()
+    return _trim(AF.resample(torch.from_numpy(x)[None], rate, SAMPLE_RATE)[0].numpy())
 
 
 def _espeak_speakers(n: int):
@@ -87,7 +98,7 @@ def _espeak_speakers(n: int):
 
     def say(word: str, speaker):
         voice, rate, pitch = speaker
-        return trim_and_resample(synth.synthesize(word, voice, rate, pitch))
+        return trim_and_resample(synth.synthesize(word, voice, rate, pitch), SAMPLE_RATE - 160)
 
     return held_out_speakers(n), say
 
@@ -107,6 +118,9 @@ def write_test_set(kind: str, folder: Path, speakers: int,
     """The KS corpus root (``speech_commands_v0.01``, empty) with its test set beside it."""
     import numpy as np
     import soundfile as sf
+
+    from adtuning.speech.synth import place_word
+    from adtuning.speech.synthesis import rng
 
     root = folder / "speech_commands_v0.01"
     test = folder / "speech_commands_test_set_v0.01"
@@ -129,7 +143,7 @@ def write_test_set(kind: str, folder: Path, speakers: int,
             label = word if word in KEYWORDS else "_unknown_"
             path = staging / test.name / label / f"{word}_{j:02d}{kind[:4]}_nohash_0.wav"
             path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(str(path), _fit(say(word, speaker)), SAMPLE_RATE, subtype="PCM_16")
+            sf.write(str(path), place_word(say(word, speaker), rng("ood-ks", kind, j, word)), SAMPLE_RATE, subtype="PCM_16")
     noise = np.random.default_rng(0)
     for j in range(len(voices)):
         path = staging / test.name / "_silence_" / f"silence_{j:02d}.wav"
@@ -167,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((args.delta_dir / "delta.json").read_text())
     results = {}
     for kind in sets:
-        name = f"{kind}-{args.speakers}" + ("-" + "-".join(festival_voices) if kind == "festival" else "")
+        name = f"v{SET_FORMAT}-{kind}-{args.speakers}" + ("-" + "-".join(festival_voices) if kind == "festival" else "")
         root = write_test_set(kind, args.work / name, args.speakers, festival_voices)
         metrics = evaluate_delta(args.delta_dir, root, "test", progress=False)
         results[kind] = {"metrics": metrics, "clips": sum(1 for _ in (root.parent / "speech_commands_test_set_v0.01").rglob("*.wav"))}

@@ -96,6 +96,7 @@ __all__ = [
     "generate_speech_commands",
     "synthesise_corpus",
     "trim_and_resample",
+    "place_word",
     "render_utterance",
     "jitter",
 ]
@@ -124,11 +125,18 @@ _CLIP = SAMPLE_RATE  # 1 s clips
 
 
 def _place(pcm: bytes, rng):
-    """Trim espeak's silences, resample to 16 kHz, put at a random offset in 1 s, add a
-    little noise, quantise. Returns int16 of length 16000."""
+    """Trim espeak's silences, resample to 16 kHz and :func:`place_word` the word."""
+    return place_word(trim_and_resample(pcm, _CLIP - 160), rng)  # at most 0.99 s of speech
+
+
+def place_word(y, rng):
+    """A trimmed 16 kHz word (float samples, at most 1 s) as a KS clip of this corpus: scaled to
+    a peak drawn from 0.25-0.8, put at a random offset in 1 s, a noise floor 28-42 dB below the
+    peak added, quantised. Returns int16 of length 16000. Out-of-domain check sets render their
+    words through it too, so that only the speech differs from the training clips."""
     import numpy as np
 
-    y = trim_and_resample(pcm, _CLIP - 160)  # at most 0.99 s of speech
+    y = np.array(y, dtype=np.float64)[:_CLIP]
     peak = float(np.abs(y).max(initial=0.0))
     if peak > 0:
         y *= rng.uniform(0.25, 0.8) / peak
