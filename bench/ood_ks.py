@@ -19,7 +19,7 @@ in-domain test figure from ``summary.json``::
     python bench/ood_ks.py outputs/adtuning/delta                 # both sets
     python bench/ood_ks.py RUN/delta --sets festival --speakers 6
 
-Results: ``bench/results/<date>-ood-ks-<base model>.json`` (environment, sets, per-set metrics).
+Results: ``bench/results/<date>-ood-ks-<base model>-<method>.json`` (environment, sets, per-set metrics).
 Chance is 1/12.
 Choose recipes on the espeak-only dev sets; report these figures only at the end, never select on them.
 """
@@ -126,8 +126,6 @@ def write_test_set(kind: str, folder: Path, speakers: int,
     test = folder / "speech_commands_test_set_v0.01"
     if test.is_dir():
         return root
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     if kind == "festival":
         if shutil.which("text2wave") is None:
             raise SystemExit("ood_ks: festival's text2wave is not installed (apt-get install festival)")
@@ -137,20 +135,30 @@ def write_test_set(kind: str, folder: Path, speakers: int,
             return _festival(word, *speaker)
     else:
         voices, say = _espeak_speakers(speakers)
-    (staging / root.name).mkdir(parents=True)
-    for j, speaker in enumerate(voices):
-        for word in KEYWORDS + FILLERS:
-            label = word if word in KEYWORDS else "_unknown_"
-            path = staging / test.name / label / f"{word}_{j:02d}{kind[:4]}_nohash_0.wav"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))  # one per writer
+    try:
+        (staging / root.name).mkdir()
+        for j, speaker in enumerate(voices):
+            for word in KEYWORDS + FILLERS:
+                label = word if word in KEYWORDS else "_unknown_"
+                path = staging / test.name / label / f"{word}_{j:02d}{kind[:4]}_nohash_0.wav"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sf.write(str(path), place_word(say(word, speaker), rng("ood-ks", kind, j, word)), SAMPLE_RATE, subtype="PCM_16")
+        noise = np.random.default_rng(0)
+        for j in range(len(voices)):
+            path = staging / test.name / "_silence_" / f"silence_{j:02d}{kind[:4]}_nohash_0.wav"
             path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(str(path), place_word(say(word, speaker), rng("ood-ks", kind, j, word)), SAMPLE_RATE, subtype="PCM_16")
-    noise = np.random.default_rng(0)
-    for j in range(len(voices)):
-        path = staging / test.name / "_silence_" / f"silence_{j:02d}.wav"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(path), (0.01 * noise.standard_normal(SAMPLE_RATE)).astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+            sf.write(str(path), (0.01 * noise.standard_normal(SAMPLE_RATE)).astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
+        raise
+    try:
+        staging.rename(folder)
+    except OSError:  # another writer finished the same set first (theirs is complete too), or a stray folder
+        shutil.rmtree(staging, ignore_errors=True)
+        if not test.is_dir():
+            raise SystemExit(f"ood_ks: {folder} exists but holds no {test.name}: remove it and run again") from None
     return root
 
 
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
            "festival_voices": list(festival_voices), "chance": 1 / 12}
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"{date}-ood-ks-{Path(str(meta['base_model'])).name}.json"
+    path = args.results_dir / f"{date}-ood-ks-{Path(str(meta['base_model'])).name}-{meta.get('method') or 'ad-tuning'}.json"
     path.write_text(json.dumps(doc, indent=2))
     print(f"ood_ks: in-domain test {in_domain}; wrote {path}")
     return 0
