@@ -173,6 +173,36 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, corpus_ca
         assert torch.equal(expected[key], got[key]), key
 
 
+def test_augmented_run_resumes_bit_for_bit_and_differs_from_the_clean_run(tmp_path, corpus_cache, finished_run, monkeypatch):
+    """``--augment``: the degradations are drawn per item from the loader's seeded generator, so an
+    interrupted augmented run resumes to the delta of an uninterrupted one; and they change training
+    (the delta is not the clean run's)."""
+    whole = tmp_path / "whole"
+    assert run_cli(whole, corpus_cache, "--augment", "1") == 0
+    original = AdaptiveSearch._train
+    calls = {"n": 0}
+
+    def interrupted(self, cand, until):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            original(self, cand, until - 1)
+            raise KeyboardInterrupt
+        return original(self, cand, until)
+
+    monkeypatch.setattr(AdaptiveSearch, "_train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(tmp_path / "cut", corpus_cache, "--augment", "1")
+    monkeypatch.setattr(AdaptiveSearch, "_train", original)
+    assert run_cli(tmp_path / "cut", corpus_cache, "--augment", "1", "--resume") == 0
+    expected = load_file(str(whole / "delta" / "delta.safetensors"))
+    got = load_file(str(tmp_path / "cut" / "delta" / "delta.safetensors"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    clean = load_file(str(finished_run / "delta" / "delta.safetensors"))
+    assert any(not torch.equal(clean[k], expected[k]) for k in clean if k in expected)
+    # Resuming without the flag is refused by name.
+    assert run_cli(whole, corpus_cache, "--resume") == 2
+
+
 def test_export_merge_gives_the_same_outputs_as_base_plus_delta(finished_run, tmp_path):
     from adtuning.speech import build_upstream
 
@@ -217,6 +247,7 @@ def test_export_evaluates_with_the_run_data(finished_run, capsys):
         (["--baselines", "foo"], "--baselines: unknown baseline 'foo' (choose from full, frozen, weighted-sum, lora"),
         (["--baselines", "full,head-only,full"], "--baselines: duplicate"),
         (["--max-nonfinite-skips", "0"], "--max-nonfinite-skips: must be >= 1, got 0"),
+        (["--augment", "1.5"], "--augment: must be in [0, 1], got 1.5"),
     ],
 )
 def test_bad_flags_give_clear_errors(tmp_path, capsys, flags, message):

@@ -65,6 +65,8 @@ class DataConfig:
         "metavar": "KEY=VALUE", "action": "extend"})
     max_train_hours: float | None = flag(None, "train on a fixed random subset of this many hours (low-resource runs)")
     num_workers: int = flag(0, "data loader worker processes")
+    augment: float = flag(0.0, "probability scale of on-the-fly augmentation of the training clips, the v2 upstream's "
+                               "pre-training pipeline (noise, babble, simulated rooms, speed, pitch, band-limiting, gain); 0: off")
 
     def __post_init__(self) -> None:
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
@@ -77,6 +79,8 @@ class DataConfig:
         _at_least("--num-workers", self.num_workers, 0)
         if self.max_train_hours is not None and not self.max_train_hours > 0:
             raise _bad("--max-train-hours", f"must be > 0, got {self.max_train_hours}")
+        if not 0.0 <= self.augment <= 1.0:
+            raise _bad("--augment", f"must be in [0, 1], got {self.augment}")
 
     def task_options(self) -> dict[str, Any]:
         """``--task-option KEY=VALUE`` pairs, values parsed as JSON when they are JSON."""

@@ -146,6 +146,12 @@ class Recipe:
             log.info("task options: %s", ", ".join(f"{k}={v!r}" for k, v in self.task_options.items()) or "none")
         dataset_options, self.head_options = split_task_options(task_name, self.task_options)
         self.train_set = build_dataset(task_name, data_dir, "train", **dataset_options)
+        if data.augment > 0:
+            from adtuning.speech.augmented import augmented_training_set
+
+            self.train_set = augmented_training_set(self.train_set, data.augment, cfg.engine.seed,
+                                                    Path(data.corpus_cache) / "downstream-rooms")
+            log.info("augment: training clips degraded on the fly at probability scale %g", data.augment)
         self.dev_set = build_dataset(task_name, data_dir, "dev", **dataset_options)
         self.test_set = optional_split(build_dataset, task_name, data_dir, dataset_options)
         log.info("data: %s train / %s dev / %s test utterances from %s", len(self.train_set), len(self.dev_set),

@@ -84,14 +84,17 @@ class PretrainingAugmenter:
         seed: with each call's ``key``, seeds everything drawn.
         p: probability scale of the degradations (1.0: the probabilities listed in the module
             docstring; 0: identity).
+        speed: whether the speed perturbation (which changes the length) is among them; off for
+            audio whose labels are frames.
     """
 
-    def __init__(self, babble: Sequence[str | Path], rooms: Sequence[str | Path], seed: int, p: float = 1.0):
+    def __init__(self, babble: Sequence[str | Path], rooms: Sequence[str | Path], seed: int, p: float = 1.0,
+                 speed: bool = True):
         import audiomentations as A
 
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"augmentation probability scale must be in [0, 1], got {p}")
-        self.seed, self.p = int(seed), float(p)
+        self.seed, self.p, self.speed = int(seed), float(p), bool(speed)
         stages = [A.PitchShift(min_semitones=-3.0, max_semitones=3.0, p=0.2 * p)]
         if rooms:
             stages.append(A.ApplyImpulseResponse(ir_path=[str(x) for x in rooms], p=0.3 * p, leave_length_unchanged=True))
@@ -119,7 +122,7 @@ class PretrainingAugmenter:
             random.seed(s[0] ^ (s[1] << 32))
             np.random.seed(s[2])
             x = np.asarray(wav, dtype=np.float32)
-            if random.random() < 0.5 * self.p:
+            if random.random() < 0.5 * self.p and self.speed:
                 import torch
                 import torchaudio.functional as AF
 
