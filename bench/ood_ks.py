@@ -162,46 +162,68 @@ def write_test_set(kind: str, folder: Path, speakers: int,
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("delta_dir", type=Path, help="a KS delta (RUN/delta) written by python -m adtuning.train")
+def set_folder(work: Path, kind: str, speakers: int, festival_voices: tuple[str, ...]) -> Path:
+    """Where a set is written (and found again): named after its format, kind, speakers and voices."""
+    return work / (f"v{SET_FORMAT}-{kind}-{speakers}" + ("-" + "-".join(festival_voices) if kind == "festival" else ""))
+
+
+def add_set_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose and place the out-of-domain sets (shared with ``bench/ood_probe.py``)."""
     parser.add_argument("--sets", default="festival,espeak-held-out", help="comma-separated: festival, espeak-held-out")
     parser.add_argument("--speakers", type=int, default=12, help="speakers (voices x rates) per set")
     parser.add_argument("--festival-voices", default=",".join(FESTIVAL_VOICES),
                         help="comma-separated festival voices (speaker j is voice j mod V)")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "adtuning-ood-ks")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "adtuning-ood-ks",
+                        help="where the sets are written and kept")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+
+
+def checked_sets(parser: argparse.ArgumentParser, args: argparse.Namespace, min_speakers: int) -> tuple[list[str], tuple[str, ...]]:
+    """``(sets, festival voices)`` from :func:`add_set_arguments`' flags; a bad value exits naming its flag."""
+    sets = [s for s in args.sets.split(",") if s]
+    bad = [s for s in sets if s not in ("festival", "espeak-held-out")]
+    if bad or not sets:
+        parser.error(f"--sets: unknown {', '.join(bad)}" if bad else "--sets: give at least one set")
+    festival_voices = tuple(v for v in args.festival_voices.split(",") if v)
+    if not festival_voices:
+        parser.error("--festival-voices: give at least one voice")
+    if args.speakers < min_speakers:
+        parser.error(f"--speakers: must be at least {min_speakers}, got {args.speakers}")
+    return sets, festival_voices
+
+
+def write_result(results_dir: Path, name: str, doc: dict, who: str) -> Path:
+    """Write ``doc`` as ``results_dir/<UTC date>-<name>.json`` and say so."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}-{name}.json"
+    path.write_text(json.dumps(doc, indent=2))
+    print(f"{who}: wrote {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("delta_dir", type=Path, help="a KS delta (RUN/delta) written by python -m adtuning.train")
+    add_set_arguments(parser)
     args = parser.parse_args(argv)
     from adtuning.environment import environment
     from adtuning.export import evaluate_delta
 
-    sets = [s for s in args.sets.split(",") if s]
-    bad = [s for s in sets if s not in ("festival", "espeak-held-out")]
-    if bad:
-        parser.error(f"--sets: unknown {', '.join(bad)}")
-    festival_voices = tuple(v for v in args.festival_voices.split(",") if v)
-    if not festival_voices:
-        parser.error("--festival-voices: give at least one voice")
-    if args.speakers < 1:
-        parser.error(f"--speakers: must be at least 1, got {args.speakers}")
+    sets, festival_voices = checked_sets(parser, args, min_speakers=1)
     run_summary = args.delta_dir.parent / "summary.json"
     in_domain = json.loads(run_summary.read_text())["final"].get("test") if run_summary.is_file() else None
     meta = json.loads((args.delta_dir / "delta.json").read_text())
     results = {}
     for kind in sets:
-        name = f"v{SET_FORMAT}-{kind}-{args.speakers}" + ("-" + "-".join(festival_voices) if kind == "festival" else "")
-        root = write_test_set(kind, args.work / name, args.speakers, festival_voices)
+        root = write_test_set(kind, set_folder(args.work, kind, args.speakers, festival_voices), args.speakers, festival_voices)
         metrics = evaluate_delta(args.delta_dir, root, "test", progress=False)
         results[kind] = {"metrics": metrics, "clips": sum(1 for _ in (root.parent / "speech_commands_test_set_v0.01").rglob("*.wav"))}
         print(f"ood_ks: {kind}: accuracy {metrics['accuracy']:.4f} on {results[kind]['clips']} clips (chance 0.0833)")
     doc = {"environment": environment(), "delta": str(args.delta_dir), "base_model": meta["base_model"], "method": meta.get("method"),
            "in_domain_test": in_domain, "sets": results, "speakers": args.speakers,
            "festival_voices": list(festival_voices), "chance": 1 / 12}
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"{date}-ood-ks-{Path(str(meta['base_model'])).name}-{meta.get('method') or 'ad-tuning'}.json"
-    path.write_text(json.dumps(doc, indent=2))
-    print(f"ood_ks: in-domain test {in_domain}; wrote {path}")
+    print(f"ood_ks: in-domain test {in_domain}")
+    write_result(args.results_dir, f"ood-ks-{Path(str(meta['base_model'])).name}-{meta.get('method') or 'ad-tuning'}", doc, "ood_ks")
     return 0
 
 

@@ -30,10 +30,7 @@ Figures of out-of-domain sets are for reporting, never for choosing a recipe.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -133,33 +130,26 @@ def leave_one_speaker_out(x: np.ndarray, labels: list[str], speakers: list[str])
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", default="adtuning-hubert-small", help="the frozen upstream to probe")
-    parser.add_argument("--sets", default="festival,espeak-held-out", help="comma-separated: festival, espeak-held-out")
-    parser.add_argument("--speakers", type=int, default=12, help="speakers per out-of-domain set")
     parser.add_argument("--corpus-cache", type=Path, default=None, help="the embedded corpora (default: the CLI's)")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "adtuning-ood-ks")
-    parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    ood_ks.add_set_arguments(parser)
     args = parser.parse_args(argv)
     from adtuning.embedded import DEFAULT_CORPUS_CACHE, embedded_corpus
     from adtuning.environment import environment
     from adtuning.speech import build_upstream
 
-    sets = [s for s in args.sets.split(",") if s]
-    bad = [s for s in sets if s not in ("festival", "espeak-held-out")]
-    if bad:
-        parser.error(f"--sets: unknown {', '.join(bad)}")
-    if args.speakers < 2:
-        parser.error(f"--speakers: leave-one-speaker-out needs at least 2, got {args.speakers}")
+    # leave-one-speaker-out needs two speakers
+    sets, festival_voices = ood_ks.checked_sets(parser, args, min_speakers=2)
     root = embedded_corpus("ks").generate(args.corpus_cache or DEFAULT_CORPUS_CACHE, progress=False)
     dirs = {"espeak-in-domain": root.parent / TEST_DIR}
     for kind in sets:
-        name = f"v{ood_ks.SET_FORMAT}-{kind}-{args.speakers}" + ("-" + "-".join(ood_ks.FESTIVAL_VOICES) if kind == "festival" else "")
-        dirs[kind] = ood_ks.write_test_set(kind, args.work / name, args.speakers).parent / TEST_DIR
+        folder = ood_ks.set_folder(args.work, kind, args.speakers, festival_voices)
+        dirs[kind] = ood_ks.write_test_set(kind, folder, args.speakers, festival_voices).parent / TEST_DIR
     upstream = build_upstream(args.upstream, progress=False).eval()
     data, control = {}, {}
     for kind, folder in dirs.items():
         paths, labels, speakers = clips(folder)
         if kind == "festival":  # speaker j is voice j mod V at some rate: hold out whole voices
-            speakers = [f"voice{int(s[:2]) % len(ood_ks.FESTIVAL_VOICES)}" for s in speakers]
+            speakers = [f"voice{int(s[:2]) % len(festival_voices)}" for s in speakers]
         data[kind] = (features(upstream, paths), labels, speakers)
         control[kind] = (mfcc_features(paths), labels, speakers)
     results, controls = probe(data, "espeak-in-domain"), probe(control, "espeak-in-domain")
@@ -170,12 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                  f", from espeak-ng {r['best_from_espeak']:.3f} (MFCC {c['best_from_espeak']:.3f})")
               + f"; best of {len(r['layers'])} layers, {r['clips']} clips, chance 0.083")
     doc = {"environment": environment(), "upstream": args.upstream, "sets": results, "mfcc_control": controls, "speakers": args.speakers,
-           "festival_voices": list(ood_ks.FESTIVAL_VOICES), "chance": 1 / 12, "command": " ".join([sys.executable, *sys.argv])}
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"{date}-ood-probe-{Path(args.upstream).name}.json"
-    path.write_text(json.dumps(doc, indent=2))
-    print(f"ood_probe: wrote {path}")
+           "festival_voices": list(festival_voices), "chance": 1 / 12, "command": " ".join([sys.executable, *sys.argv])}
+    ood_ks.write_result(args.results_dir, f"ood-probe-{Path(args.upstream).name}", doc, "ood_probe")
     return 0
 
 

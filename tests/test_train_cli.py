@@ -149,21 +149,26 @@ def test_triton_backend_run_matches_the_reference_run(finished_run, tmp_path, co
             torch.testing.assert_close(delta[key], value, rtol=1e-5, atol=1e-5 * value.abs().max().item())
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, corpus_cache, finished_run, monkeypatch):
+def run_interrupted(monkeypatch, out, corpus_cache, *extra):
+    """Run the CLI and stop it (KeyboardInterrupt) in the middle of the second segment of the plan."""
     original = AdaptiveSearch._train
     calls = {"n": 0}
 
     def interrupted(self, cand, until):
         calls["n"] += 1
-        if calls["n"] == 3:  # in the middle of the second segment of the plan
+        if calls["n"] == 3:
             original(self, cand, until - 1)
             raise KeyboardInterrupt
         return original(self, cand, until)
 
     monkeypatch.setattr(AdaptiveSearch, "_train", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_cli(tmp_path, corpus_cache)
+        run_cli(out, corpus_cache, *extra)
     monkeypatch.setattr(AdaptiveSearch, "_train", original)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, corpus_cache, finished_run, monkeypatch):
+    run_interrupted(monkeypatch, tmp_path, corpus_cache)
     assert not (tmp_path / "summary.json").exists()
     assert run_cli(tmp_path, corpus_cache, "--resume") == 0
     expected = load_file(str(finished_run / "delta" / "delta.safetensors"))
@@ -179,20 +184,7 @@ def test_augmented_run_resumes_bit_for_bit_and_differs_from_the_clean_run(tmp_pa
     (the delta is not the clean run's)."""
     whole = tmp_path / "whole"
     assert run_cli(whole, corpus_cache, "--augment", "1") == 0
-    original = AdaptiveSearch._train
-    calls = {"n": 0}
-
-    def interrupted(self, cand, until):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            original(self, cand, until - 1)
-            raise KeyboardInterrupt
-        return original(self, cand, until)
-
-    monkeypatch.setattr(AdaptiveSearch, "_train", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_cli(tmp_path / "cut", corpus_cache, "--augment", "1")
-    monkeypatch.setattr(AdaptiveSearch, "_train", original)
+    run_interrupted(monkeypatch, tmp_path / "cut", corpus_cache, "--augment", "1")
     assert run_cli(tmp_path / "cut", corpus_cache, "--augment", "1", "--resume") == 0
     expected = load_file(str(whole / "delta" / "delta.safetensors"))
     got = load_file(str(tmp_path / "cut" / "delta" / "delta.safetensors"))
