@@ -19,7 +19,7 @@ in-domain test figure from ``summary.json``::
     python bench/ood_ks.py outputs/adtuning/delta                 # both sets
     python bench/ood_ks.py RUN/delta --sets festival --speakers 6
 
-Results: ``bench/results/<date>-ood-ks-<base model>-<method>.json`` (environment, sets, per-set metrics).
+Results: ``bench/results/<date>-ood-ks-<base model>-<method>[-augment-<P>].json`` (environment, sets, per-set metrics).
 Chance is 1/12.
 Choose recipes on the espeak-only dev sets; report these figures only at the end, never select on them.
 """
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     run_summary = args.delta_dir.parent / "summary.json"
     in_domain = json.loads(run_summary.read_text())["final"].get("test") if run_summary.is_file() else None
     meta = json.loads((args.delta_dir / "delta.json").read_text())
+    run_config = args.delta_dir.parent / "config.json"  # the run's flags, when the delta sits in its run folder
+    augment = json.loads(run_config.read_text())["args"].get("augment", 0.0) if run_config.is_file() else 0.0
     results = {}
     for kind in sets:
         root = write_test_set(kind, set_folder(args.work, kind, args.speakers, festival_voices), args.speakers, festival_voices)
@@ -220,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         results[kind] = {"metrics": metrics, "clips": sum(1 for _ in (root.parent / "speech_commands_test_set_v0.01").rglob("*.wav"))}
         print(f"ood_ks: {kind}: accuracy {metrics['accuracy']:.4f} on {results[kind]['clips']} clips (chance 0.0833)")
     doc = {"environment": environment(), "delta": str(args.delta_dir), "base_model": meta["base_model"], "method": meta.get("method"),
-           "in_domain_test": in_domain, "sets": results, "speakers": args.speakers,
+           "augment": augment, "in_domain_test": in_domain, "sets": results, "speakers": args.speakers,
            "festival_voices": list(festival_voices), "chance": 1 / 12}
     print(f"ood_ks: in-domain test {in_domain}")
-    write_result(args.results_dir, f"ood-ks-{Path(str(meta['base_model'])).name}-{meta.get('method') or 'ad-tuning'}", doc, "ood_ks")
+    name = f"ood-ks-{Path(str(meta['base_model'])).name}-{meta.get('method') or 'ad-tuning'}" + (f"-augment-{augment:g}" if augment else "")
+    write_result(args.results_dir, name, doc, "ood_ks")
     return 0
 
 
