@@ -211,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sets, festival_voices = checked_sets(parser, args, min_speakers=1)
     run_summary = args.delta_dir.parent / "summary.json"
-    in_domain = json.loads(run_summary.read_text())["final"].get("test") if run_summary.is_file() else None
+    summary = json.loads(run_summary.read_text()) if run_summary.is_file() else {}
+    in_domain = summary.get("final", {}).get("test")
     meta = json.loads((args.delta_dir / "delta.json").read_text())
     run_config = args.delta_dir.parent / "config.json"  # the run's flags, when the delta sits in its run folder
-    augment = json.loads(run_config.read_text())["args"].get("augment", 0.0) if run_config.is_file() else 0.0
+    flags = json.loads(run_config.read_text())["args"] if run_config.is_file() else {}
+    augment = flags.get("augment", 0.0)
     results = {}
     for kind in sets:
         root = write_test_set(kind, set_folder(args.work, kind, args.speakers, festival_voices), args.speakers, festival_voices)
@@ -222,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         results[kind] = {"metrics": metrics, "clips": sum(1 for _ in (root.parent / "speech_commands_test_set_v0.01").rglob("*.wav"))}
         print(f"ood_ks: {kind}: accuracy {metrics['accuracy']:.4f} on {results[kind]['clips']} clips (chance 0.0833)")
     doc = {"environment": environment(), "delta": str(args.delta_dir), "base_model": meta["base_model"], "method": meta.get("method"),
-           "augment": augment, "in_domain_test": in_domain, "sets": results, "speakers": args.speakers,
+           "augment": augment, "in_domain_test": in_domain,
+           # how the delta was made: its run's flags and the commits its segments ran at
+           "run": {"flags": flags, "commits": summary.get("commits")}, "sets": results, "speakers": args.speakers,
            "festival_voices": list(festival_voices), "chance": 1 / 12}
     print(f"ood_ks: in-domain test {in_domain}")
     name = f"ood-ks-{Path(str(meta['base_model'])).name}-{meta.get('method') or 'ad-tuning'}" + (f"-augment-{augment:g}" if augment else "")
