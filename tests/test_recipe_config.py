@@ -45,14 +45,15 @@ def test_every_flag_of_before_keeps_its_name_destination_and_default():
         assert actions[flag].dest == dest, flag
         if default is not None:
             assert defaults[dest] == default, flag
-    # What was added: the method switch, its options, --fisher-groups and --config (plus the
+    # What was added: the method switch, its options, --fisher-groups, --config and --augment (plus the
     # underscore spellings HfArgumentParser accepts for every hyphenated flag).
     added = {o for o in actions if "_" not in o} - set(FLAGS_BEFORE) - {"-h", "--help"}
     from adtuning.methods import method_option_fields
 
     method_flags = {f.flag for fields in method_option_fields().values() for f in fields}
     assert {"--lora-rank", "--lora-targets", "--houlsby-bottleneck", "--prefix-length"} <= method_flags
-    assert added == {"--method", "--fisher-groups", "--config"} | method_flags
+    assert added == {"--method", "--fisher-groups", "--config", "--augment"} | method_flags
+    assert defaults["augment"] == 0.0  # off unless asked for
     assert tuple(actions["--method"].choices) == METHOD_NAMES
 
 
