@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augment", type=float, default=0.0,
                         help="scale of the on-the-fly augmentation probabilities (0: none, 1: adtuning.speech.augment's)")
     parser.add_argument("--rooms", type=int, default=64, help="simulated rooms (impulse responses) of the augmentation")
+    parser.add_argument("--augment-colour", action="store_true", help="add spectral-colour degradations (EQ, distortion, "
+                        "bit crushing) to --augment (adtuning.speech.augment)")
     parser.add_argument("--finetune-dropout", type=float, default=0.0,
                         help="dropout written into the shipped config (pre-training uses 0.1): a 1M-parameter model fine-tuned for a few "
                              "hundred steps learns faster without it")
@@ -404,6 +406,8 @@ def _check_args(args) -> str | None:
         return f"--iteration2-layer must be in [1, --layers={args.layers}], got {args.iteration2_layer}"
     if not 0.0 <= args.augment <= 1.0:
         return f"--augment must be in [0, 1], got {args.augment}"
+    if args.augment_colour and args.augment == 0:
+        return "--augment-colour needs --augment > 0"
     if (args.export_only or args.stop_after) and args.state_dir is None:
         return "--export-only and --stop-after need --state-dir"
     if args.stop_after < 0:
@@ -429,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from adtuning.embedded import DEFAULT_CORPUS_CACHE
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     problem = _check_args(args)
     if problem:
@@ -447,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_file = state / "run.json"
         if run_file.is_file():
             before = json.loads(run_file.read_text())
+            before = {k: before.get(k, parser.get_default(k)) for k in run} | before  # a flag added since: its default
             changed = sorted(k for k in set(before) | set(run) if before.get(k) != run.get(k))
             if changed:
                 print(f"error: {state} was made with other arguments ({', '.join('--' + k.replace('_', '-') for k in changed)}); "
@@ -480,7 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from adtuning.speech.augment import PretrainingAugmenter, simulate_rooms
 
         rooms = simulate_rooms((state or corpus_dir.parent) / f"rooms_seed{args.seed}", args.rooms, args.seed)
-        augment = PretrainingAugmenter([p for p, _ in items["train"]], rooms, seed=args.seed, p=args.augment)
+        augment = PretrainingAugmenter([p for p, _ in items["train"]], rooms, seed=args.seed, p=args.augment,
+                                       colour=args.augment_colour)
 
     progress = {"iteration": 1, "step": 0, "curves": {"1": [], "2": []}, "train_loss": [], "cpu_seconds": 0.0, "wall_seconds": 0.0}
     torch.manual_seed(args.seed)

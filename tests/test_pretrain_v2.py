@@ -118,6 +118,21 @@ def test_augmentation_is_deterministic_under_a_seed_and_changes_the_audio(augmen
     assert np.array_equal(PretrainingAugmenter([], [], seed=0, p=0.0)(x, 1, 0), x)
 
 
+def test_colour_degradations_are_added_only_when_asked_and_stay_seeded(augmenter):
+    """``colour=True`` adds EQ, distortion and bit crushing (by name) and draws reproducibly; without it
+    the pipeline is the plain one, stage for stage (so the v2 pre-training stream is unchanged)."""
+    plain = PretrainingAugmenter([], [], seed=0)
+    coloured = PretrainingAugmenter([], [], seed=0, colour=True)
+    names = [type(t).__name__ for t in coloured.stages.transforms]
+    assert [type(t).__name__ for t in plain.stages.transforms] == [n for n in names
+                                                                  if n not in ("SevenBandParametricEQ", "TanhDistortion", "BitCrush")]
+    assert {"SevenBandParametricEQ", "TanhDistortion", "BitCrush"} <= set(names)
+    x = (0.3 * np.sin(np.arange(16000) / 7.0)).astype(np.float32)
+    outs = [coloured(x, 2, k) for k in range(8)]
+    assert all(np.array_equal(o, coloured(x, 2, k)) for k, o in enumerate(outs))
+    assert any(o.shape != plain(x, 2, k).shape or not np.array_equal(o, plain(x, 2, k)) for k, o in enumerate(outs))
+
+
 def test_warp_targets_follows_the_time_scaling():
     t = torch.arange(10)
     assert warp_targets(t, 10).tolist() == t.tolist()
@@ -223,6 +238,16 @@ def test_a_state_dir_refuses_other_arguments(tiny_v2, tmp_path, capsys):
     assert pretrain.main(args) == 0
     assert pretrain.main(args[:-1] + ["--lr", "0.01", "--no-progress"]) == 2
     assert "--lr" in capsys.readouterr().err
+    # A state made before a flag existed (its run.json lacks it) resumes when the flag is at its default.
+    run_file = tmp_path / "s" / "run.json"
+    saved = json.loads(run_file.read_text())
+    del saved["augment_colour"]
+    run_file.write_text(json.dumps(saved))
+    assert pretrain.main(args) == 0
+    assert pretrain.main(args[:-1] + ["--augment", "0.5", "--augment-colour", "--no-progress"]) == 2
+    assert "--augment" in capsys.readouterr().err
+    assert pretrain.main(args[:-1] + ["--augment-colour", "--no-progress"]) == 2
+    assert "--augment-colour needs --augment > 0" in capsys.readouterr().err
 
 
 def test_v2_corpus_resumes_a_killed_synthesis(tiny_v2, tmp_path, monkeypatch):

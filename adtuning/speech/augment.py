@@ -17,6 +17,15 @@
   (2-6 kHz) or a high-pass (100-400 Hz);
 * **gain** — ``Gain`` of -12 to +6 dB.
 
+With ``colour=True`` (``python -m adtuning.pretrain --augment-colour``), three more degradations
+change the spectral colour and fine structure of the voice rather than its surroundings, so that a
+model trained on one synthesiser cannot lean on that synthesiser's spectral detail (issue 24: the v2
+upstream's features carry over to new espeak-ng voices but not to another synthesiser):
+
+* **equalisation** — ``SevenBandParametricEQ`` of -12 to +12 dB per band;
+* **distortion** — ``TanhDistortion`` (0.01-0.3);
+* **bit crushing** — ``BitCrush`` to 6-10 bits.
+
 audiomentations draws from Python's ``random`` and numpy's global generator; every call seeds
 both from its ``key`` (and restores them afterwards), so one ``(seed, key)`` always gives the
 same output: a resumed pre-training run sees the same stream as an uninterrupted one.
@@ -86,10 +95,12 @@ class PretrainingAugmenter:
             docstring; 0: identity).
         speed: whether the speed perturbation (which changes the length) is among them; off for
             audio whose labels are frames.
+        colour: add the spectral-colour degradations (module docstring); off, the pipeline and
+            its random stream are exactly those without the option.
     """
 
     def __init__(self, babble: Sequence[str | Path], rooms: Sequence[str | Path], seed: int, p: float = 1.0,
-                 speed: bool = True):
+                 speed: bool = True, colour: bool = False):
         import audiomentations as A
 
         if not 0.0 <= p <= 1.0:
@@ -108,6 +119,10 @@ class PretrainingAugmenter:
             A.LowPassFilter(min_cutoff_freq=2000.0, max_cutoff_freq=6000.0, p=1.0),
             A.HighPassFilter(min_cutoff_freq=100.0, max_cutoff_freq=400.0, p=1.0),
         ], p=0.25 * p))
+        if colour:
+            stages += [A.SevenBandParametricEQ(min_gain_db=-12.0, max_gain_db=12.0, p=0.4 * p),
+                       A.TanhDistortion(min_distortion=0.01, max_distortion=0.3, p=0.15 * p),
+                       A.BitCrush(min_bit_depth=6, max_bit_depth=10, p=0.1 * p)]
         stages.append(A.Gain(min_gain_db=-12.0, max_gain_db=6.0, p=0.5 * p))
         self.stages = A.Compose(stages, p=1.0)
 
