@@ -4,7 +4,7 @@
 loads through :class:`~adtuning.speech.augment.PretrainingAugmenter`, the audiomentations pipeline
 the v2 upstream was pre-trained with (noise, babble from other training clips, simulated rooms,
 speed and pitch perturbation, band-limiting, gain), at probability scale ``P``. Dev and test are
-never augmented.
+never augmented; the Fisher pass reads the training split, so it scores augmented clips.
 
 Each item's degradation is drawn from the loader's per-item generator (seeded by the run's seed,
 the epoch and the item's position), so a resumed run sees the very clips an uninterrupted one
