@@ -49,17 +49,13 @@ FESTIVAL_VOICES = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")
 
 
 def _trim(x, threshold: float = 0.02):
-    """Leading and trailing silence (below ``threshold`` times the peak) cut, 20 ms kept around the
-    speech (the last kept sample 19.9 ms after the speech), at most 0.99 s: what ``trim_and_resample``
-    does to espeak-ng's output for the training corpus."""
+    """Leading and trailing silence cut as ``trim_and_resample`` cuts espeak-ng's output for the
+    training corpus (``adtuning.speech.synthesis.trim_silence``), at most 0.99 s."""
     import numpy as np
 
-    x = np.asarray(x, dtype=np.float64)
-    loud = np.flatnonzero(np.abs(x) > threshold * max(float(np.abs(x).max(initial=0.0)), 1e-9))
-    if loud.size:
-        pad = int(0.02 * SAMPLE_RATE)
-        x = x[max(0, loud[0] - pad): loud[-1] + pad]
-    return x[: SAMPLE_RATE - 160]
+    from adtuning.speech.synthesis import trim_silence
+
+    return trim_silence(np.asarray(x, dtype=np.float64), SAMPLE_RATE, threshold)[: SAMPLE_RATE - 160]
 
 
 def festival_eval(voice: str, stretch: float) -> str:
@@ -119,11 +115,12 @@ def write_test_set(kind: str, folder: Path, speakers: int,
     import numpy as np
     import soundfile as sf
 
-    from adtuning.speech.synth import place_word
+    from adtuning.atomic import replace_dir
+    from adtuning.speech.synth import place_word, speech_commands_test_root
     from adtuning.speech.synthesis import rng
 
     root = folder / "speech_commands_v0.01"
-    test = folder / "speech_commands_test_set_v0.01"
+    test = speech_commands_test_root(root)
     if test.is_dir():
         return root
     if kind == "festival":
@@ -153,12 +150,7 @@ def write_test_set(kind: str, folder: Path, speakers: int,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
         raise
-    try:
-        staging.rename(folder)
-    except OSError:  # another writer finished the same set first (theirs is complete too), or a stray folder
-        shutil.rmtree(staging, ignore_errors=True)
-        if not test.is_dir():
-            raise SystemExit(f"ood_ks: {folder} exists but holds no {test.name}: remove it and run again") from None
+    replace_dir(staging, folder)  # a set another writer finished meanwhile is the same set; a stray folder goes
     return root
 
 
@@ -208,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from adtuning.environment import environment
     from adtuning.export import evaluate_delta
+    from adtuning.speech.synth import speech_commands_test_root
 
     sets, festival_voices = checked_sets(parser, args, min_speakers=1)
     run_summary = args.delta_dir.parent / "summary.json"
@@ -221,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in sets:
         root = write_test_set(kind, set_folder(args.work, kind, args.speakers, festival_voices), args.speakers, festival_voices)
         metrics = evaluate_delta(args.delta_dir, root, "test", progress=False)
-        results[kind] = {"metrics": metrics, "clips": sum(1 for _ in (root.parent / "speech_commands_test_set_v0.01").rglob("*.wav"))}
+        results[kind] = {"metrics": metrics, "clips": sum(1 for _ in speech_commands_test_root(root).rglob("*.wav"))}
         print(f"ood_ks: {kind}: accuracy {metrics['accuracy']:.4f} on {results[kind]['clips']} clips (chance 0.0833)")
     doc = {"environment": environment(), "delta": str(args.delta_dir), "base_model": meta["base_model"], "method": meta.get("method"),
            "augment": augment, "in_domain_test": in_domain,

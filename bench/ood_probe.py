@@ -41,8 +41,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ood_ks  # noqa: E402
 
-TEST_DIR = "speech_commands_test_set_v0.01"
-
 
 def clips(test_dir: Path) -> tuple[list[Path], list[str], list[str]]:
     """The set's wav files, their class (folder: keyword, ``_unknown_`` or ``_silence_``) and speaker
@@ -60,15 +58,13 @@ def features(upstream, paths: list[Path], batch: int = 16) -> np.ndarray:
     import soundfile as sf
     import torch
 
+    from adtuning.speech.data import collate
+
     out = []
     with torch.no_grad():
         for i in range(0, len(paths), batch):
-            wavs = [sf.read(str(p), dtype="float32")[0] for p in paths[i:i + batch]]
-            lengths = torch.tensor([len(w) for w in wavs])
-            wav = torch.zeros(len(wavs), int(lengths.max()))
-            for j, w in enumerate(wavs):
-                wav[j, :len(w)] = torch.from_numpy(w)
-            hidden, frames = upstream(wav, lengths)
+            padded = collate([{"wav": sf.read(str(p), dtype="float32")[0], "id": str(p)} for p in paths[i:i + batch]])
+            hidden, frames = upstream(padded["wav"], padded["wav_lengths"])
             mask = (torch.arange(hidden[0].shape[1])[None] < frames[:, None]).float()[..., None]
             pooled = torch.stack([(h.float() * mask).sum(1) / mask.sum(1) for h in hidden], 1)
             out.append(pooled.numpy())
@@ -136,14 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     from adtuning.embedded import DEFAULT_CORPUS_CACHE, embedded_corpus
     from adtuning.environment import environment
     from adtuning.speech import build_upstream
+    from adtuning.speech.synth import speech_commands_test_root
 
     # leave-one-speaker-out needs two speakers
     sets, festival_voices = ood_ks.checked_sets(parser, args, min_speakers=2)
     root = embedded_corpus("ks").generate(args.corpus_cache or DEFAULT_CORPUS_CACHE, progress=False)
-    dirs = {"espeak-in-domain": root.parent / TEST_DIR}
+    dirs = {"espeak-in-domain": speech_commands_test_root(root)}
     for kind in sets:
         folder = ood_ks.set_folder(args.work, kind, args.speakers, festival_voices)
-        dirs[kind] = ood_ks.write_test_set(kind, folder, args.speakers, festival_voices).parent / TEST_DIR
+        dirs[kind] = speech_commands_test_root(ood_ks.write_test_set(kind, folder, args.speakers, festival_voices))
     upstream = build_upstream(args.upstream, progress=False).eval()
     data, control = {}, {}
     for kind, folder in dirs.items():

@@ -4,7 +4,7 @@ one generation loop.
 
 * :func:`rng` — a numpy Generator seeded by any printable parts (``rng("jitter", seed, i)``),
   so that every random choice of a corpus has its own stable stream.
-* rendering — :func:`trim_and_resample`, :func:`render_utterance`, :func:`jitter`,
+* rendering — :func:`trim_silence`, :func:`trim_and_resample`, :func:`render_utterance`, :func:`jitter`,
   :func:`noise`, :func:`quantise`, :func:`write_wav`.
 * folders — a corpus folder is complete when its manifest (:data:`MANIFEST_NAME`, written
   last, atomically through :mod:`adtuning.atomic`) holds the generator's cache key
@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 from adtuning.atomic import atomic_write_bytes
 from adtuning.speech.espeak import ESPEAK_RATE_HZ, EspeakSynthesizer, Item, run_worker, synthesizer
 
-__all__ = ["SAMPLE_RATE", "MANIFEST_NAME", "NOISE_KINDS", "OWNER_MARKER", "seed_ints", "rng", "trim_and_resample",
+__all__ = ["SAMPLE_RATE", "MANIFEST_NAME", "NOISE_KINDS", "OWNER_MARKER", "seed_ints", "rng", "trim_silence", "trim_and_resample",
            "render_utterance", "jitter", "quantise", "noise", "write_wav", "read_manifest", "write_manifest",
            "is_ours_or_empty", "move_into_place", "check_words", "run_plans", "synthesise_corpus"]
 
@@ -59,6 +59,18 @@ def rng(*parts: object):
     return np.random.default_rng(np.random.SeedSequence(seed_ints(*parts)))
 
 
+def trim_silence(x, rate: int, threshold: float = 0.02):
+    """``x`` without its leading and trailing silence (what stays below ``threshold`` times the
+    peak), 20 ms at ``rate`` kept around the speech (the last kept sample 20 ms less one after it)."""
+    import numpy as np
+
+    loud = np.flatnonzero(np.abs(x) > threshold * max(float(np.abs(x).max(initial=0.0)), 1e-9))
+    if loud.size:
+        pad = int(0.02 * rate)
+        x = x[max(0, loud[0] - pad) : loud[-1] + pad]
+    return x
+
+
 def trim_and_resample(pcm: bytes, max_samples: int | None = None, threshold: float = 0.02):
     """espeak-ng int16 bytes at 22.05 kHz -> float64 numpy samples at 16 kHz with the leading
     and trailing silence trimmed (20 ms kept around the speech), at most ``max_samples``.
@@ -69,11 +81,7 @@ def trim_and_resample(pcm: bytes, max_samples: int | None = None, threshold: flo
     import torch
     import torchaudio.functional as AF
 
-    x = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
-    loud = np.flatnonzero(np.abs(x) > threshold * max(float(np.abs(x).max(initial=0.0)), 1e-9))
-    if loud.size:
-        pad = int(0.02 * ESPEAK_RATE_HZ)  # keep 20 ms around the speech
-        x = x[max(0, loud[0] - pad) : loud[-1] + pad]
+    x = trim_silence(np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0, ESPEAK_RATE_HZ, threshold)
     y = AF.resample(torch.from_numpy(np.ascontiguousarray(x))[None], ESPEAK_RATE_HZ, SAMPLE_RATE)
     return y[0].numpy().astype(np.float64)[:max_samples]
 
